@@ -1,0 +1,82 @@
+"""Configs: YAML in configs/ (the one source of defaults) -> typed pydantic models.
+
+Overrides are dotted keys (`seed.scale=5`); errors name the key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from fibreflow.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def project_root() -> Path:
+    """The project folder: $FIBREFLOW_HOME, else the checkout this package runs from, else the cwd."""
+    if home := os.environ.get("FIBREFLOW_HOME"):
+        return Path(home).resolve()
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "configs").is_dir():
+        return checkout
+    return Path.cwd()
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Relative config paths are relative to the project root."""
+    p = Path(path)
+    return p if p.is_absolute() else project_root() / p
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["a.b=3", "c=x"]` -> `{"a.b": 3, "c": "x"}`; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load_config(
+    model: type[M], name: str, overrides: dict[str, Any] | None = None, path: str | Path | None = None
+) -> M:
+    """Read `configs/<name>.yaml` (or `path`), apply dotted overrides, validate into `model`."""
+    file = resolve_path(path) if path else project_root() / "configs" / f"{name}.yaml"
+    if not file.is_file():
+        raise ConfigError(f"config file {file} not found")
+    tree = yaml.safe_load(file.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{file}: top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{file.name}: {problems}") from None
