@@ -1,0 +1,145 @@
+"""The `fibreflow` command line. Commands only parse arguments and call a stage's `main`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fibreflow.errors import FibreFlowError
+
+app = typer.Typer(help="FibreFlow LLMOps: data -> fine-tune -> evaluate -> register -> serve.", no_args_is_help=True)
+db_app = typer.Typer(help="The FibreFlow database: embedded server, migrations, demo data.", no_args_is_help=True)
+data_app = typer.Typer(help="Versioned datasets built from the database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(data_app, name="data")
+
+F = TypeVar("F", bound=Callable[..., Any])
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")]
+
+
+def friendly(fn: F) -> F:
+    """Print FibreFlowError messages without a traceback and exit 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FibreFlowError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _overrides(items: list[str] | None, **flags: Any) -> dict[str, Any]:
+    from fibreflow.config import parse_overrides
+
+    out = parse_overrides(items or [])
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out
+
+
+def _print(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@db_app.command("up")
+@friendly
+def db_up() -> None:
+    """Start the embedded PostgreSQL + pgvector (data under the project) and print its URL."""
+    from fibreflow.db import embedded_up, load_db_config, redact
+
+    typer.echo(redact(embedded_up(load_db_config())))
+
+
+@db_app.command("down")
+@friendly
+def db_down() -> None:
+    """Stop the embedded database (its data stays)."""
+    from fibreflow.db import embedded_down, load_db_config
+
+    typer.echo("stopped" if embedded_down(load_db_config()) else "not running")
+
+
+@db_app.command("status")
+@friendly
+def db_status() -> None:
+    """Where the database is, its schema version and row counts."""
+    from fibreflow.db import database_url, latest_version, load_db_config, redact, schema_version, table_counts
+
+    cfg = load_db_config()
+    url = database_url(cfg)
+    from fibreflow.db import connect
+
+    with connect(url, timeout_s=cfg.connect_timeout_s) as conn:
+        version = schema_version(conn)
+        status: dict[str, Any] = {"url": redact(url), "schema_version": version, "latest_version": latest_version()}
+        if version is not None:
+            status["rows"] = table_counts(conn)
+        _print(status)
+
+
+@db_app.command("migrate")
+@friendly
+def db_migrate(set_: Overrides = None) -> None:
+    """Apply pending schema migrations (idempotent)."""
+    from fibreflow.db import migrate, open_db
+
+    with open_db(_overrides(set_)) as conn:
+        applied = migrate(conn)
+    typer.echo("\n".join(f"applied {m.version:04d}_{m.name}" for m in applied) or "schema is up to date")
+
+
+@db_app.command("seed")
+@friendly
+def db_seed(
+    scale: Annotated[int | None, typer.Option(help="Size: 10 projects (~10k rows) per unit.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    set_: Overrides = None,
+) -> None:
+    """Replace the data with deterministic demo FibreFlow data (COPY, one transaction)."""
+    from fibreflow.db import open_db
+    from fibreflow.seed import load_seed_config
+    from fibreflow.seed import seed as run_seed
+
+    cfg = load_seed_config(_overrides(set_, scale=scale, seed=seed))
+    with open_db() as conn:
+        _print(run_seed(conn, cfg))
+
+
+@data_app.command("build")
+@friendly
+def data_build(set_: Overrides = None) -> None:
+    """Build the terminology, grounded-QA and accuracy-test datasets (versioned by content hash)."""
+    from fibreflow.datasets.build import main
+
+    _print(main(_overrides(set_)))
+
+
+@app.command("embed")
+@friendly
+def embed(set_: Overrides = None) -> None:
+    """Embed changed records into pgvector with the self-hosted embedding model."""
+    from fibreflow.datasets.embed import main
+
+    _print(main(_overrides(set_)))
+
+
+@app.command("main")
+@friendly
+def main_job(
+    scale: Annotated[int | None, typer.Option(help="Demo data scale.")] = None,
+) -> None:
+    """The whole pipeline on embedded defaults: database -> demo data -> datasets -> embeddings."""
+    from fibreflow.pipeline import main
+
+    _print(main(scale=scale))
+
+
+if __name__ == "__main__":
+    app()
