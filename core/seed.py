@@ -254,22 +254,33 @@ def pole_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, ...]
                rng.choice(POLE_TYPES), status, rng.choice(STREETS), planted, _stamp(planted or p.start))
 
 
+# Which activities run in which part of a build (fraction of the way from start to target end).
+STAGE_ACTIVITIES = (
+    (0.35, ("trenching", "micro_trenching", "duct_installation", "pole_planting")),
+    (0.65, ("trenching", "duct_installation", "pole_planting", "cable_blowing", "splicing")),
+    (1.01, ("cable_blowing", "splicing", "home_connections", "duct_installation")),
+)
+
+
 def progress_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, ...]]:
     rng = random.Random(f"{seed}:{p.index}:daily_progress")
     if p.progress <= 0:
         return
-    activities = [a for a in ACTIVITIES if not (p.build_method == "underground" and a == "pole_planting")
-                  and not (p.build_method == "aerial" and a in ("trenching", "micro_trenching"))]
+    excluded = {"underground": {"pole_planting"}, "aerial": {"trenching", "micro_trenching"}}.get(p.build_method, set())
+    span = max(1, (p.end - p.start).days)
     last = min(as_of, p.end)
     day, j = p.start + dt.timedelta(days=7), 0
     while day <= last and j < 9990:
         if day.weekday() < 5 or (day.weekday() == 5 and rng.random() < 0.3):  # weekdays, some Saturdays
-            for activity in rng.sample(activities, k=min(len(activities), rng.randint(4, 6))):
-                unit, lo, hi = ACTIVITIES[activity]
-                qty = round(rng.uniform(lo, hi), 1) if unit == "m" else float(rng.randint(int(lo), int(hi)))
-                yield (p.index * 10000 + j, p.id, day, rng.choice(CREWS), activity, qty, unit,
-                       rng.choice(NOTES), _stamp(day))
-                j += 1
+            stage = next(acts for upto, acts in STAGE_ACTIVITIES if (day - p.start).days / span < upto)
+            activities = [a for a in stage if a not in excluded]
+            crews = rng.sample(CREWS, k=rng.randint(1, 2))
+            for activity in activities:
+                for crew in crews if rng.random() < 0.65 else crews[:1]:
+                    unit, lo, hi = ACTIVITIES[activity]
+                    qty = round(rng.uniform(lo, hi), 1) if unit == "m" else float(rng.randint(int(lo), int(hi)))
+                    yield (p.index * 10000 + j, p.id, day, crew, activity, qty, unit, rng.choice(NOTES), _stamp(day))
+                    j += 1
         day += dt.timedelta(days=1)
 
 
