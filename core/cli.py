@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from fibreflow.errors import FibreFlowError
+from fibreflow.core.errors import FibreFlowError
 
 app = typer.Typer(help="FibreFlow LLMOps: data -> fine-tune -> evaluate -> register -> serve.", no_args_is_help=True)
 db_app = typer.Typer(help="The FibreFlow database: embedded server, migrations, demo data.", no_args_is_help=True)
@@ -37,7 +37,7 @@ def friendly(fn: F) -> F:
 
 
 def _overrides(items: list[str] | None, **flags: Any) -> dict[str, Any]:
-    from fibreflow.config import parse_overrides
+    from fibreflow.core.config import parse_overrides
 
     out = parse_overrides(items or [])
     out.update({k: v for k, v in flags.items() if v is not None})
@@ -52,7 +52,7 @@ def _print(obj: Any) -> None:
 @friendly
 def db_up() -> None:
     """Start the embedded PostgreSQL + pgvector (data under the project) and print its URL."""
-    from fibreflow.db import embedded_up, load_db_config, redact
+    from fibreflow.core.db import embedded_up, load_db_config, redact
 
     typer.echo(redact(embedded_up(load_db_config())))
 
@@ -61,7 +61,7 @@ def db_up() -> None:
 @friendly
 def db_down() -> None:
     """Stop the embedded database (its data stays)."""
-    from fibreflow.db import embedded_down, load_db_config
+    from fibreflow.core.db import embedded_down, load_db_config
 
     typer.echo("stopped" if embedded_down(load_db_config()) else "not running")
 
@@ -70,11 +70,11 @@ def db_down() -> None:
 @friendly
 def db_status() -> None:
     """Where the database is, its schema version and row counts."""
-    from fibreflow.db import database_url, latest_version, load_db_config, redact, schema_version, table_counts
+    from fibreflow.core.db import database_url, latest_version, load_db_config, redact, schema_version, table_counts
 
     cfg = load_db_config()
     url = database_url(cfg)
-    from fibreflow.db import connect
+    from fibreflow.core.db import connect
 
     with connect(url, timeout_s=cfg.connect_timeout_s) as conn:
         version = schema_version(conn)
@@ -88,7 +88,7 @@ def db_status() -> None:
 @friendly
 def db_migrate(set_: Overrides = None) -> None:
     """Apply pending schema migrations (idempotent)."""
-    from fibreflow.db import migrate, open_db
+    from fibreflow.core.db import migrate, open_db
 
     with open_db(_overrides(set_)) as conn:
         applied = migrate(conn)
@@ -103,9 +103,9 @@ def db_seed(
     set_: Overrides = None,
 ) -> None:
     """Replace the data with deterministic demo FibreFlow data (COPY, one transaction)."""
-    from fibreflow.db import open_db
-    from fibreflow.seed import load_seed_config
-    from fibreflow.seed import seed as run_seed
+    from fibreflow.core.db import open_db
+    from fibreflow.core.seed import load_seed_config
+    from fibreflow.core.seed import seed as run_seed
 
     cfg = load_seed_config(_overrides(set_, scale=scale, seed=seed))
     with open_db() as conn:
@@ -136,7 +136,7 @@ def main_job(
     scale: Annotated[int | None, typer.Option(help="Demo data scale.")] = None,
 ) -> None:
     """The whole pipeline on embedded defaults: database -> demo data -> datasets -> embeddings."""
-    from fibreflow.pipeline import main
+    from fibreflow.core.pipeline import main
 
     _print(main(scale=scale))
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fibreflow.errors import ConfigError
+from fibreflow.core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 

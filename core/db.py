@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 
-from fibreflow.config import Strict, load_config, resolve_path
-from fibreflow.errors import (
+from fibreflow.core.config import Strict, load_config, resolve_path
+from fibreflow.core.errors import (
     DatabaseUnreachable,
     FibreFlowError,
     PgvectorMissing,
@@ -124,7 +124,7 @@ class Migration:
 def migrations() -> list[Migration]:
     """The packaged migrations, ordered by version (`NNNN_name.sql`)."""
     out = []
-    for entry in resources.files("fibreflow").joinpath("migrations").iterdir():
+    for entry in resources.files("fibreflow.core").joinpath("migrations").iterdir():
         m = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if m:
             out.append(Migration(int(m.group(1)), m.group(2), entry.read_text()))

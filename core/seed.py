@@ -18,9 +18,9 @@ import psycopg
 import yaml
 from tqdm import tqdm
 
-from fibreflow.config import Strict, load_config
-from fibreflow.db import check_schema
-from fibreflow.errors import ConfigError
+from fibreflow.core.config import Strict, load_config
+from fibreflow.core.db import check_schema
+from fibreflow.core.errors import ConfigError
 
 # town -> (province, municipality, latitude, longitude)
 TOWNS: dict[str, tuple[str, str, float, float]] = {
@@ -138,7 +138,7 @@ def load_seed_config(overrides: dict[str, Any] | None = None) -> SeedConfig:
 
 def glossary_terms() -> list[dict[str, Any]]:
     """The demo glossary shipped with the package (186 FibreFlow terms)."""
-    text = resources.files("fibreflow").joinpath("demo/glossary.yaml").read_text()
+    text = resources.files("fibreflow.core").joinpath("demo/glossary.yaml").read_text()
     return yaml.safe_load(text)["terms"]
 
 

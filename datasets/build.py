@@ -1,0 +1,280 @@
+"""`fibreflow data build`: stream the database into versioned datasets.
+
+One REPEATABLE READ snapshot; rows come through server-side cursors and leave in Parquet batches, so memory is
+flat in the number of rows. Output goes to a staging folder that is renamed into place only when complete:
+an interrupted build leaves nothing behind. The version is a hash of the content and the build config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from psycopg.rows import dict_row
+from tqdm import tqdm
+
+from fibreflow.core.config import Strict, load_config, resolve_path
+from fibreflow.datasets import grounded_qa as qa
+from fibreflow.datasets import terminology as term
+from fibreflow.core.db import check_schema, open_db, redact, schema_version, table_counts
+from fibreflow.core.errors import DatasetBuildError
+
+TERM_SPLITS = ("train", "validation", "test")
+QA_SPLITS = ("train", "test")
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SCHEMAS = {
+    "terminology": pa.schema([("id", pa.string()), ("term", pa.string()), ("category", pa.string()),
+                              ("known", pa.bool_()), ("question", pa.string()), ("answer", pa.string()),
+                              ("messages", MESSAGES)]),
+    "grounded_qa": pa.schema([("id", pa.string()), ("family", pa.string()), ("project_id", pa.string()),
+                              ("question", pa.string()), ("answer", pa.string()), ("reference", pa.string()),
+                              ("kind", pa.string()), ("contexts", pa.list_(pa.string())), ("unit", pa.string()),
+                              ("tolerance", pa.struct([("abs", pa.float64()), ("rel", pa.float64())])),
+                              ("messages", MESSAGES)]),
+}
+GLOSSARY_SQL = "SELECT term, category, definition, aliases FROM glossary ORDER BY term"
+PROJECTS_SQL = "SELECT id FROM projects ORDER BY id"
+TEST_SET = "accuracy_test.jsonl"
+
+
+class DataConfig(Strict):
+    output_dir: str
+    cursor_rows: int
+    system_prompt: str
+    terminology: term.TerminologyConfig
+    grounded_qa: qa.GroundedQAConfig
+
+    def content_config(self) -> dict[str, Any]:
+        """What decides the content (and so the version): everything but where and how fast."""
+        return self.model_dump(mode="json", exclude={"output_dir", "cursor_rows"})
+
+
+def load_data_config(overrides: dict[str, Any] | None = None) -> DataConfig:
+    return load_config(DataConfig, "data", overrides)
+
+
+def canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
+class SplitWriter:
+    """Parquet in batches of `batch_rows`, plus a running sha256 of the canonical rows (the content hash)."""
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.schema, self.batch_rows = path, schema, batch_rows
+        self._writer = pq.ParquetWriter(path, schema)
+        self._buffer: list[dict[str, Any]] = []
+        self._hash = sha256()
+        self.rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._hash.update(canonical(row) + b"\n")
+        self._buffer.append(row)
+        self.rows += 1
+        if len(self._buffer) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
+            self._buffer = []
+
+    def close(self) -> dict[str, Any]:
+        self._flush()
+        self._writer.close()
+        return {"rows": self.rows, "sha256": self._hash.hexdigest(), "file": self.path.name}
+
+
+def stream(conn: psycopg.Connection, sql: str, params: dict[str, Any] | None, cursor_rows: int) -> Iterator[dict]:
+    """Rows of `sql` through a server-side cursor: `cursor_rows` at a time in memory."""
+    with conn.cursor(name=f"ff_{uuid.uuid4().hex[:12]}", row_factory=dict_row) as cur:
+        cur.itersize = cursor_rows
+        cur.execute(sql, params)
+        yield from cur
+
+
+def _snapshot_info(conn: psycopg.Connection) -> dict[str, Any]:
+    meta = conn.execute("SELECT value FROM fibreflow_meta WHERE key = 'data_source'").fetchone()
+    return {
+        "server_version": conn.execute("SHOW server_version").fetchone()[0],
+        "schema_version": schema_version(conn),
+        "snapshot": conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
+        "table_rows": table_counts(conn),
+        "data_source": meta[0] if meta else None,
+    }
+
+
+def _build_terminology(conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any,
+                       progress: bool) -> dict[str, Any]:
+    # Pass 1: how many definitions use each word, so a test row's keywords are its definition's rarest words.
+    df: dict[str, int] = {}
+    for row in stream(conn, GLOSSARY_SQL, None, cfg.cursor_rows):
+        for w in term.tokens(row["definition"]):
+            df[w] = df.get(w, 0) + 1
+    if not df:
+        raise DatasetBuildError("the glossary table is empty: run `fibreflow db seed` (demo) or load the glossary")
+    writers = {s: SplitWriter(out / "terminology" / f"{s}.parquet", SCHEMAS["terminology"], cfg.cursor_rows)
+               for s in TERM_SPLITS}
+    rows = stream(conn, GLOSSARY_SQL, None, cfg.cursor_rows)
+    for i, row in enumerate(tqdm(rows, desc="terminology", unit="term", disable=not progress, leave=False)):
+        for split in TERM_SPLITS:
+            for ex in term.term_examples(cfg.terminology, cfg.system_prompt, i, row, split):
+                writers[split].write(ex)
+                if split == "test":
+                    _write_test_row(test_jsonl, {
+                        "id": ex["id"], "question": ex["question"], "reference": row["definition"], "kind": "open",
+                        "contexts": [], "tags": ["terminology", row["category"]],
+                        "keywords": term.keywords(row["definition"], df)})
+    for split in TERM_SPLITS:
+        for ex in term.unknown_examples(cfg.terminology, cfg.system_prompt, split):
+            writers[split].write(ex)
+            if split == "test":
+                _write_test_row(test_jsonl, {"id": ex["id"], "question": ex["question"], "reference": ex["answer"],
+                                             "kind": "open", "contexts": [], "tags": ["terminology", "unknown_term"]})
+    return {s: w.close() for s, w in writers.items()}
+
+
+def _build_grounded_qa(conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any,
+                       progress: bool) -> tuple[dict[str, Any], list[str]]:
+    project_ids = [r["id"] for r in stream(conn, PROJECTS_SQL, None, cfg.cursor_rows)]
+    if not project_ids:
+        raise DatasetBuildError("the projects table is empty: run `fibreflow db seed` (demo) or sync from Supabase")
+    held_out = qa.test_projects(project_ids, cfg.grounded_qa)
+    writers = {s: SplitWriter(out / "grounded_qa" / f"{s}.parquet", SCHEMAS["grounded_qa"], cfg.cursor_rows)
+               for s in QA_SPLITS}
+    params = qa.params(cfg.grounded_qa)
+    for family in qa.FAMILIES:
+        rows = stream(conn, family.sql, params, cfg.cursor_rows)
+        for row in tqdm(rows, desc=f"grounded_qa {family.name}", unit="row", disable=not progress, leave=False):
+            ex = family.to_example(row)
+            ex["messages"] = qa.rag_messages(cfg.system_prompt, ex["question"], ex["contexts"], ex["answer"])
+            split = "test" if ex["project_id"] in held_out else "train"
+            writers[split].write(ex)
+            if split == "test":
+                test_row = {k: ex[k] for k in ("id", "question", "reference", "kind", "contexts", "unit", "tolerance")}
+                test_row["tags"] = ["grounded_qa", family.name, ex["project_id"]]
+                _write_test_row(test_jsonl, test_row)
+    return {s: w.close() for s, w in writers.items()}, sorted(held_out)
+
+
+def _write_test_row(fh: Any, row: dict[str, Any]) -> None:
+    fh.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
+
+
+def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Build all datasets from one snapshot; return the manifest. Same DB state + config -> same version."""
+    check_schema(conn)
+    root = resolve_path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        conn.commit()  # the snapshot settings below need an idle connection
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction(), open(staging / TEST_SET, "w", encoding="utf-8") as test_jsonl:
+            db_info = _snapshot_info(conn)
+            terminology = _build_terminology(conn, cfg, staging, test_jsonl, progress)
+            grounded, test_projects = _build_grounded_qa(conn, cfg, staging, test_jsonl, progress)
+        splits = {"terminology": terminology, "grounded_qa": grounded}
+        version = sha256(canonical({"config": cfg.content_config(), "splits": {
+            name: {s: v["sha256"] for s, v in parts.items()} for name, parts in splits.items()}})).hexdigest()[:16]
+        manifest = {
+            "version": version,
+            "datasets": splits,
+            "accuracy_test_set": {"file": TEST_SET, "rows": _count_lines(staging / TEST_SET),
+                                  "sha256": sha256((staging / TEST_SET).read_bytes()).hexdigest()},
+            "grounded_qa_test_projects": test_projects,
+            "build_config": cfg.content_config(),
+            "source_queries": {"glossary": GLOSSARY_SQL, "projects": PROJECTS_SQL,
+                               **{f.name: " ".join(f.sql.split()) for f in qa.FAMILIES}},
+            "database": {"url": redact(conn.info.dsn), **db_info},
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
+        final = root / version
+        if not final.exists():
+            os.rename(staging, final)  # atomic: the version folder appears complete or not at all
+        _atomic_write(root / "LATEST", version + "\n")
+        manifest["path"] = str(final)
+        return manifest
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetBuildError(f"database error during the dataset build ({reason}); nothing was written") from exc
+    finally:
+        conn.read_only = False if not conn.closed else conn.read_only
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def version_dir(cfg: DataConfig, version: str | None = None) -> Path:
+    """The folder of a built version (default: the latest build)."""
+    root = resolve_path(cfg.output_dir)
+    if version is None:
+        latest = root / "LATEST"
+        if not latest.is_file():
+            raise DatasetBuildError(f"no datasets built under {root}: run `fibreflow data build`")
+        version = latest.read_text().strip()
+    path = root / version
+    if not (path / "manifest.json").is_file():
+        raise DatasetBuildError(f"dataset version {version} not found under {root}")
+    return path
+
+
+def load_datasets(path: Path) -> dict[str, Any]:
+    """`{"terminology": DatasetDict, "grounded_qa": DatasetDict}` of a built version (Parquet, memory-mapped)."""
+    from datasets import load_dataset
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    return {name: load_dataset("parquet", data_files={s: str(path / name / v["file"]) for s, v in parts.items()})
+            for name, parts in manifest["datasets"].items()}
+
+
+def log_to_mlflow(path: Path) -> None:
+    """Under an active MLflow run: every split as a run input (`mlflow.data`), the manifest as an artifact."""
+    if "mlflow" not in sys.modules and not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name, dsdict in load_datasets(path).items():
+        for split, ds in dsdict.items():
+            info = manifest["datasets"][name][split]
+            dataset = mlflow.data.from_huggingface(ds, path=str(path / name / info["file"]),
+                                                   name=f"fibreflow-{name}-{split}", digest=info["sha256"][:16])
+            mlflow.log_input(dataset, context=split, tags={"dataset_version": manifest["version"]})
+    mlflow.set_tag("dataset_version", manifest["version"])
+    mlflow.log_artifact(str(path / "manifest.json"), artifact_path="datasets")
+    mlflow.log_artifact(str(path / TEST_SET), artifact_path="datasets")
+
+
+def main(overrides: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
+    cfg = load_data_config(overrides)
+    with open_db() as conn:
+        manifest = build(conn, cfg, progress=progress)
+    log_to_mlflow(Path(manifest["path"]))
+    return {"version": manifest["version"], "path": manifest["path"],
+            "rows": {n: {s: v["rows"] for s, v in parts.items()} for n, parts in manifest["datasets"].items()}
+            | {"accuracy_test_set": manifest["accuracy_test_set"]["rows"]}}
