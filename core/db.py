@@ -84,8 +84,11 @@ def _uses_transaction_pooler(url: str) -> bool:
     return ":6543" in url or "pooler.supabase.com" in url
 
 
-def connect(url: str, *, autocommit: bool = False, timeout_s: int = 10) -> psycopg.Connection:
-    """Open a connection, turning connection failures into an actionable `DatabaseUnreachable`."""
+def connect(url: str, *, autocommit: bool = True, timeout_s: int = 10) -> psycopg.Connection:
+    """Open a connection, turning connection failures into an actionable `DatabaseUnreachable`.
+
+    Autocommit by default: atomic work goes in explicit `conn.transaction()` blocks.
+    """
     kwargs: dict[str, Any] = {"autocommit": autocommit, "connect_timeout": timeout_s}
     if _uses_transaction_pooler(url):
         kwargs["prepare_threshold"] = None
@@ -101,7 +104,7 @@ def connect(url: str, *, autocommit: bool = False, timeout_s: int = 10) -> psyco
         raise DatabaseUnreachable(f"cannot connect to {redact(url)}: {reason}; {hint}") from None
 
 
-def open_db(overrides: dict[str, Any] | None = None, *, autocommit: bool = False) -> psycopg.Connection:
+def open_db(overrides: dict[str, Any] | None = None, *, autocommit: bool = True) -> psycopg.Connection:
     """The one way stages get a connection: config -> URL -> connection."""
     cfg = load_db_config(overrides)
     return connect(database_url(cfg), autocommit=autocommit, timeout_s=cfg.connect_timeout_s)

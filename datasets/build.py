@@ -180,7 +180,6 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
-        conn.commit()  # the snapshot settings below need an idle connection
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with conn.transaction(), open(staging / TEST_SET, "w", encoding="utf-8") as test_jsonl:
@@ -212,7 +211,8 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetBuildError(f"database error during the dataset build ({reason}); nothing was written") from exc
     finally:
-        conn.read_only = False if not conn.closed else conn.read_only
+        if not conn.closed:
+            conn.read_only, conn.isolation_level = False, None
         shutil.rmtree(staging, ignore_errors=True)
 
 

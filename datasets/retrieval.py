@@ -1,0 +1,73 @@
+"""Top-k retrieval from pgvector with metadata filters, built from bound parameters only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from fibreflow.datasets.embed import check_space
+from fibreflow.datasets.embedding import Embedder
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Retrieval filters; None means "any". Values travel as bound parameters, never as SQL text."""
+
+    project_id: str | None = None
+    region: str | None = None
+    record_type: str | None = None
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+
+    def where(self) -> tuple[sql.Composable, list[Any]]:
+        clauses: list[sql.Composable] = []
+        params: list[Any] = []
+        for column, op, value in (("project_id", "=", self.project_id), ("region", "=", self.region),
+                                  ("record_type", "=", self.record_type), ("record_date", ">=", self.date_from),
+                                  ("record_date", "<=", self.date_to)):
+            if value is not None:
+                clauses.append(sql.SQL("{} {} %s").format(sql.Identifier(column), sql.SQL(op)))
+                params.append(value)
+        if not clauses:
+            return sql.SQL(""), params
+        return sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses), params
+
+
+@dataclass(frozen=True)
+class Hit:
+    record_id: str
+    record_type: str
+    project_id: str | None
+    content: str
+    score: float  # cosine similarity, 1 = identical
+
+
+class Retriever:
+    """Embeds the query with the same model that built the table (checked once) and searches HNSW."""
+
+    def __init__(self, conn: psycopg.Connection, embedder: Embedder, table: str, ef_search: int = 64) -> None:
+        register_vector(conn)
+        check_space(conn, table, embedder.spec)
+        self.conn, self.embedder, self.table = conn, embedder, table
+        # Filtered HNSW scans keep searching until k rows pass the filter (pgvector >= 0.8).
+        conn.execute(sql.SQL("SET hnsw.iterative_scan = strict_order"))
+        conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef_search)))
+
+    def search(self, query: str, k: int = 5, filters: Filters | None = None) -> list[Hit]:
+        return self.search_vector(self.embedder.encode([query])[0], k, filters)
+
+    def search_vector(self, vector: Any, k: int = 5, filters: Filters | None = None) -> list[Hit]:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        where, params = (filters or Filters()).where()
+        query = sql.SQL(
+            "SELECT record_id, record_type, project_id, content, 1 - (embedding <=> %s) AS score"
+            " FROM {} {} ORDER BY embedding <=> %s LIMIT %s"
+        ).format(sql.Identifier(self.table), where)
+        rows = self.conn.execute(query, [vector, *params, vector, k]).fetchall()
+        return [Hit(r[0], r[1], r[2], r[3], float(r[4])) for r in rows]
