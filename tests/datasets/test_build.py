@@ -1,0 +1,183 @@
+"""Dataset builds against a real database: leakage, hash stability, bad input, lost connection, MLflow."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from fibreflow.core import db
+from fibreflow.core.errors import DatasetBuildError, SchemaMissing
+from fibreflow.datasets import build
+
+pytestmark = pytest.mark.integration
+
+
+def _build(url: str, out: Path, **overrides) -> dict:
+    cfg = build.load_data_config({"output_dir": str(out), **overrides})
+    with db.connect(url) as conn:
+        return build.build(conn, cfg, progress=False)
+
+
+def _rows(manifest: dict, name: str, split: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(manifest["path"]) / name / f"{split}.parquet").to_pylist()
+
+
+def test_grounded_qa_is_split_by_project(seeded_url: str, tmp_path: Path) -> None:
+    m = _build(seeded_url, tmp_path, **{"grounded_qa.test_fraction": 0.5})
+    train, test = _rows(m, "grounded_qa", "train"), _rows(m, "grounded_qa", "test")
+    test_projects = set(m["grounded_qa_test_projects"])
+    assert train and test and test_projects == {r["project_id"] for r in test}
+    train_text = json.dumps(train)
+    for pid in test_projects:
+        assert pid not in train_text  # no test project's records or questions in training
+    families = {r["family"] for r in train + test}
+    assert families == {"project_status", "pole_count", "boq_total", "progress_range", "task_status"}
+
+
+def test_answers_are_computed_in_sql(seeded_url: str, tmp_path: Path) -> None:
+    m = _build(seeded_url, tmp_path)
+    rows = _rows(m, "grounded_qa", "train") + _rows(m, "grounded_qa", "test")
+    with db.connect(seeded_url) as conn:
+        for r in rows:
+            if r["family"] == "boq_total":
+                total = conn.execute("SELECT sum(quantity * rate_zar) FROM boq_items WHERE project_id = %s",
+                                     (r["project_id"],)).fetchone()[0]
+                assert float(r["reference"]) == pytest.approx(float(total), abs=0.005)
+                assert len(r["contexts"]) == 25
+            if r["family"] == "pole_count":
+                status = r["question"].rsplit("status ", 1)[1].rstrip("?").replace(" ", "_")
+                n = conn.execute("SELECT count(*) FROM poles WHERE project_id = %s AND status = %s",
+                                 (r["project_id"], status)).fetchone()[0]
+                assert int(r["reference"]) == n
+            if r["family"] == "progress_range":
+                assert all(r["project_id"] in c for c in r["contexts"])
+
+
+def test_accuracy_test_set_format(seeded_url: str, tmp_path: Path) -> None:
+    m = _build(seeded_url, tmp_path)
+    lines = (Path(m["path"]) / "accuracy_test.jsonl").read_text().splitlines()
+    assert len(lines) == m["accuracy_test_set"]["rows"] > 0
+    kinds = set()
+    for line in lines:
+        row = json.loads(line)
+        assert {"id", "question", "reference", "kind", "contexts", "tags"} <= set(row)
+        kinds.add(row["kind"])
+        if row["kind"] == "numeric":
+            assert "unit" in row and "tolerance" in row
+    assert kinds == {"open", "contains", "numeric"}
+    assert any("unknown_term" in json.loads(x)["tags"] for x in lines)
+
+
+def test_same_state_same_version_and_change_moves_it(seeded_url: str, tmp_path: Path) -> None:
+    a, b = _build(seeded_url, tmp_path / "a"), _build(seeded_url, tmp_path / "b", cursor_rows=7)
+    assert a["version"] == b["version"]  # fetch size and place do not change the content
+    assert (tmp_path / "a" / "LATEST").read_text().strip() == a["version"]
+    with db.connect(seeded_url) as conn:
+        conn.execute("UPDATE boq_items SET rate_zar = rate_zar + 1 WHERE id = (SELECT min(id) FROM boq_items)")
+    assert _build(seeded_url, tmp_path / "a")["version"] != a["version"]
+    assert _build(seeded_url, tmp_path / "a", **{"grounded_qa.split_salt": "other"})["version"] != a["version"]
+
+
+def test_empty_tables_fail_clearly_and_write_nothing(pg_url: str, tmp_path: Path) -> None:
+    with db.connect(pg_url) as conn:
+        db.migrate(conn)
+    with pytest.raises(DatasetBuildError, match="glossary table is empty.*fibreflow db seed"):
+        _build(pg_url, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unmigrated_database_is_refused(pg_url: str, tmp_path: Path) -> None:
+    with pytest.raises(SchemaMissing):
+        _build(pg_url, tmp_path)
+
+
+def test_nulls_and_unicode(seeded_url: str, tmp_path: Path) -> None:
+    with db.connect(seeded_url) as conn:
+        conn.execute("INSERT INTO glossary VALUES ('Ŋgqoko splice ✓', 'splicing_testing', "
+                     "'A splice naïvely named with “quotes”, ünïcödé and emoji 🚧.', '{}')")
+        conn.execute("UPDATE tasks SET assignee = NULL")
+        conn.execute("UPDATE daily_progress SET notes = NULL")
+        conn.execute("UPDATE projects SET name = 'Qumbu Ñandú “Phase” 1' WHERE id = (SELECT min(id) FROM projects)")
+    m = _build(seeded_url, tmp_path)
+    train = _rows(m, "terminology", "train")
+    assert any(r["term"] == "Ŋgqoko splice ✓" and "🚧" in r["answer"] for r in train)
+    qa = _rows(m, "grounded_qa", "train") + _rows(m, "grounded_qa", "test")
+    assert any("Ñandú" in r["question"] for r in qa)
+    assert all("None" not in c for r in qa for c in r["contexts"])
+
+
+def test_database_lost_mid_build_leaves_nothing(seeded_url: str, tmp_path: Path) -> None:
+    """Kill the build's backend while it streams: a clear error, no version folder, no LATEST."""
+    cfg = build.load_data_config({"output_dir": str(tmp_path), "cursor_rows": 1})
+    conn = db.connect(seeded_url)
+    pid = conn.info.backend_pid
+    original = build.SplitWriter.write
+    calls = {"n": 0}
+
+    def slow_write(self, row):  # slow the build down so the kill lands mid-stream
+        calls["n"] += 1
+        if calls["n"] == 50:
+            with psycopg.connect(seeded_url, autocommit=True) as killer:
+                killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            time.sleep(0.2)
+        original(self, row)
+
+    build.SplitWriter.write = slow_write
+    try:
+        with pytest.raises(DatasetBuildError, match="nothing was written"):
+            build.build(conn, cfg, progress=False)
+    finally:
+        build.SplitWriter.write = original
+        conn.close()
+    assert list(tmp_path.iterdir()) == []
+    assert not threading.active_count() > 50
+
+
+def test_builds_on_plain_postgres_by_url(pg15_url: str, tmp_path: Path) -> None:
+    from fibreflow.core.seed import load_seed_config, seed
+
+    with db.connect(pg15_url) as conn:
+        db.migrate(conn)
+        seed(conn, load_seed_config({"scale": 1, "projects_per_scale": 2, "seed": 7}), progress=False)
+    m = _build(pg15_url, tmp_path)
+    assert m["datasets"]["grounded_qa"]["test"]["rows"] > 0
+    assert m["database"]["server_version"].startswith("15")
+
+
+def test_same_data_same_version_on_both_servers(seeded_url: str, pg15_url: str, tmp_path: Path) -> None:
+    from fibreflow.core.seed import load_seed_config, seed
+
+    with db.connect(pg15_url) as conn:
+        db.migrate(conn)
+        seed(conn, load_seed_config({"scale": 1, "projects_per_scale": 2, "seed": 7}), progress=False)
+    assert _build(pg15_url, tmp_path / "a")["version"] == _build(seeded_url, tmp_path / "b")["version"]
+
+
+def test_logged_as_mlflow_inputs_under_an_active_run(seeded_url: str, tmp_path: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = mlflow.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    m = _build(seeded_url, tmp_path / "data")
+    with mlflow.start_run(experiment_id=exp) as run:
+        build.log_to_mlflow(Path(m["path"]))
+    got = mlflow.get_run(run.info.run_id)
+    names = {d.dataset.name for d in got.inputs.dataset_inputs}
+    assert names == {"fibreflow-terminology-train", "fibreflow-terminology-validation", "fibreflow-terminology-test",
+                     "fibreflow-grounded_qa-train", "fibreflow-grounded_qa-test"}
+    assert got.data.tags["dataset_version"] == m["version"]
+    digests = {d.dataset.name: d.dataset.digest for d in got.inputs.dataset_inputs}
+    assert digests["fibreflow-terminology-train"] == m["datasets"]["terminology"]["train"]["sha256"][:16]
+
+
+def test_loads_back_as_hf_datasets(seeded_url: str, tmp_path: Path) -> None:
+    m = _build(seeded_url, tmp_path)
+    ds = build.load_datasets(Path(m["path"]))
+    assert set(ds["terminology"]) == {"train", "validation", "test"}
+    assert ds["terminology"]["train"].num_rows == m["datasets"]["terminology"]["train"]["rows"]
+    assert ds["grounded_qa"]["test"][0]["messages"][-1]["role"] == "assistant"
