@@ -123,3 +123,34 @@ def project_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (root / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")
     monkeypatch.setenv("FIBREFLOW_HOME", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from fibreflow.datasets.embedding import Embedder
+
+    return Embedder("bundled")
+
+
+@pytest.fixture(scope="session")
+def embedded_template(embedded_admin: str, embedder) -> str:
+    """A migrated, seeded (1 project) and embedded database, used as a template for per-test copies."""
+    from fibreflow.core.db import migrate
+    from fibreflow.core.seed import load_seed_config, seed
+    from fibreflow.datasets.embed import embed, load_embed_config
+
+    name = "tpl_embedded"
+    with _admin(embedded_admin) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = _with_db(embedded_admin, name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn)
+        seed(conn, load_seed_config({**SMALL_SEED, "projects_per_scale": 1}), progress=False)
+    embed(load_embed_config(), url, embedder, progress=False)
+    return name
+
+
+@pytest.fixture
+def embedded_url(embedded_admin: str, embedded_template: str) -> Iterator[str]:
+    """A private copy of the small embedded database."""
+    yield from _fresh(embedded_admin, embedded_template)

@@ -1,7 +1,6 @@
 """Dataset builds against a real database: leakage, hash stability, bad input, lost connection, MLflow."""
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -134,8 +133,8 @@ def test_database_lost_mid_build_leaves_nothing(seeded_url: str, tmp_path: Path)
     finally:
         build.SplitWriter.write = original
         conn.close()
+    assert calls["n"] >= 50  # the kill happened mid-stream
     assert list(tmp_path.iterdir()) == []
-    assert not threading.active_count() > 50
 
 
 def test_builds_on_plain_postgres_by_url(pg15_url: str, tmp_path: Path) -> None:
