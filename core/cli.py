@@ -9,7 +9,6 @@ from functools import wraps
 from typing import Annotated, Any, TypeVar
 
 import typer
-
 from fibreflow.core.errors import FibreFlowError
 
 app = typer.Typer(help="FibreFlow LLMOps: data -> fine-tune -> evaluate -> register -> serve.", no_args_is_help=True)
@@ -70,7 +69,14 @@ def db_down() -> None:
 @friendly
 def db_status() -> None:
     """Where the database is, its schema version and row counts."""
-    from fibreflow.core.db import database_url, latest_version, load_db_config, redact, schema_version, table_counts
+    from fibreflow.core.db import (
+        database_url,
+        latest_version,
+        load_db_config,
+        redact,
+        schema_version,
+        table_counts,
+    )
 
     cfg = load_db_config()
     url = database_url(cfg)
@@ -78,7 +84,11 @@ def db_status() -> None:
 
     with connect(url, timeout_s=cfg.connect_timeout_s) as conn:
         version = schema_version(conn)
-        status: dict[str, Any] = {"url": redact(url), "schema_version": version, "latest_version": latest_version()}
+        status: dict[str, Any] = {
+            "url": redact(url),
+            "schema_version": version,
+            "latest_version": latest_version(),
+        }
         if version is not None:
             status["rows"] = table_counts(conn)
         _print(status)

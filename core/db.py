@@ -13,7 +13,6 @@ from importlib import resources
 from typing import Any
 
 import psycopg
-
 from fibreflow.core.config import Strict, load_config, resolve_path
 from fibreflow.core.errors import (
     DatabaseUnreachable,
@@ -152,9 +151,7 @@ def migrate(conn: psycopg.Connection) -> list[Migration]:
     for mig in migrations():
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('fibreflow_migrate'))")
-            row = conn.execute(
-                "SELECT checksum FROM schema_migrations WHERE version = %s", (mig.version,)
-            ).fetchone()
+            row = conn.execute("SELECT checksum FROM schema_migrations WHERE version = %s", (mig.version,)).fetchone()
             if row is not None:
                 if row[0] != mig.checksum:
                     raise FibreFlowError(
@@ -179,9 +176,7 @@ def schema_version(conn: psycopg.Connection) -> int | None:
 
 def check_schema(conn: psycopg.Connection) -> None:
     """Raise `SchemaMissing` / `SchemaBehind` unless the database is migrated to this release."""
-    missing = [
-        t for t in CORE_TABLES if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is None
-    ]
+    missing = [t for t in CORE_TABLES if conn.execute("SELECT to_regclass(%s)", (t,)).fetchone()[0] is None]
     version = schema_version(conn)
     if missing or version is None:
         names = ", ".join(missing) or "schema_migrations"

@@ -16,11 +16,10 @@ from typing import Any
 
 import psycopg
 import yaml
-from tqdm import tqdm
-
 from fibreflow.core.config import Strict, load_config
 from fibreflow.core.db import check_schema
 from fibreflow.core.errors import ConfigError
+from tqdm import tqdm
 
 # town -> (province, municipality, latitude, longitude)
 TOWNS: dict[str, tuple[str, str, float, float]] = {
@@ -48,32 +47,104 @@ TOWNS: dict[str, tuple[str, str, float, float]] = {
     "Potchefstroom": ("North West", "JB Marks Local Municipality", -26.7145, 27.0970),
     "Kimberley": ("Northern Cape", "Sol Plaatje Local Municipality", -28.7282, 24.7499),
 }
-CLIENTS = ("Ubuntu Fibre Networks", "Highveld Lightpath", "Coastal Connect FNO", "Baobab Broadband",
-           "Protea Fibre", "Karoo Open Access")
-MANAGERS = ("Thandi Nkosi", "Johan van der Merwe", "Aisha Patel", "Sipho Dlamini", "Lerato Mokoena",
-            "Pieter Botha", "Nomvula Khumalo", "Ravi Naidoo", "Zanele Mthembu", "Craig Smith")
-STREETS = ("Main Road", "Church Street", "Jacaranda Avenue", "Protea Street", "Mandela Drive", "Station Road",
-           "Oak Avenue", "Voortrekker Road", "Umngeni Road", "Vilakazi Street", "Beach Road", "Kloof Street",
-           "Sisulu Street", "Acacia Crescent", "Market Street", "Hospital Road", "School Lane", "Rivonia Road")
-AREAS = ("North", "South", "East", "West", "Central", "Extension 2", "Extension 5", "Heights", "Park", "Gardens")
+CLIENTS = (
+    "Ubuntu Fibre Networks",
+    "Highveld Lightpath",
+    "Coastal Connect FNO",
+    "Baobab Broadband",
+    "Protea Fibre",
+    "Karoo Open Access",
+)
+MANAGERS = (
+    "Thandi Nkosi",
+    "Johan van der Merwe",
+    "Aisha Patel",
+    "Sipho Dlamini",
+    "Lerato Mokoena",
+    "Pieter Botha",
+    "Nomvula Khumalo",
+    "Ravi Naidoo",
+    "Zanele Mthembu",
+    "Craig Smith",
+)
+STREETS = (
+    "Main Road",
+    "Church Street",
+    "Jacaranda Avenue",
+    "Protea Street",
+    "Mandela Drive",
+    "Station Road",
+    "Oak Avenue",
+    "Voortrekker Road",
+    "Umngeni Road",
+    "Vilakazi Street",
+    "Beach Road",
+    "Kloof Street",
+    "Sisulu Street",
+    "Acacia Crescent",
+    "Market Street",
+    "Hospital Road",
+    "School Lane",
+    "Rivonia Road",
+)
+AREAS = (
+    "North",
+    "South",
+    "East",
+    "West",
+    "Central",
+    "Extension 2",
+    "Extension 5",
+    "Heights",
+    "Park",
+    "Gardens",
+)
 PROJECT_STATUSES = ("planning", "permits", "in_progress", "on_hold", "completed")
 
 # phase -> task title templates
 TASKS: dict[str, tuple[str, ...]] = {
-    "design": ("Desktop survey of {area}", "Site survey walk-out on {street}", "Low-level design for FDH area {n}",
-               "Splice plan for feeder cable {n}"),
-    "permits": ("Submit wayleave application to {municipality}", "Collect pole permissions on {street}",
-                "Traffic management plan for {street} crossing", "Environmental sign-off for route section {n}"),
-    "civils": ("Trench route section {n} along {street}", "Directional drilling under {street}",
-               "Install chambers on route section {n}", "Reinstatement of paving on {street}"),
-    "aerial": ("Plant poles on {street}", "Dress poles on route section {n}", "String ADSS cable along {street}"),
+    "design": (
+        "Desktop survey of {area}",
+        "Site survey walk-out on {street}",
+        "Low-level design for FDH area {n}",
+        "Splice plan for feeder cable {n}",
+    ),
+    "permits": (
+        "Submit wayleave application to {municipality}",
+        "Collect pole permissions on {street}",
+        "Traffic management plan for {street} crossing",
+        "Environmental sign-off for route section {n}",
+    ),
+    "civils": (
+        "Trench route section {n} along {street}",
+        "Directional drilling under {street}",
+        "Install chambers on route section {n}",
+        "Reinstatement of paving on {street}",
+    ),
+    "aerial": (
+        "Plant poles on {street}",
+        "Dress poles on route section {n}",
+        "String ADSS cable along {street}",
+    ),
     "cabling": ("Blow fibre into micro-ducts, section {n}", "Pull feeder cable from POP to FDH {n}"),
-    "splicing": ("Splice closure at chamber {n}", "OTDR testing of feeder {n}", "Install splitters in FDH {n}"),
+    "splicing": (
+        "Splice closure at chamber {n}",
+        "OTDR testing of feeder {n}",
+        "Install splitters in FDH {n}",
+    ),
     "connections": ("Home connections batch {n} on {street}", "Activate ONTs for batch {n}"),
     "close-out": ("Compile as-built for area {n}", "Clear snag list for {street}", "Submit handover pack"),
 }
-CREWS = ("Civils Crew A", "Civils Crew B", "Pole Crew 1", "Pole Crew 2", "Splicing Team 1", "Cabling Team",
-         "Install Team North", "Install Team South")
+CREWS = (
+    "Civils Crew A",
+    "Civils Crew B",
+    "Pole Crew 1",
+    "Pole Crew 2",
+    "Splicing Team 1",
+    "Cabling Team",
+    "Install Team North",
+    "Install Team South",
+)
 
 # item_code, description, unit, rate range (ZAR), quantity per home planned
 BOQ: tuple[tuple[str, str, str, float, float, float], ...] = (
@@ -98,7 +169,14 @@ BOQ: tuple[tuple[str, str, str, float, float, float], ...] = (
     ("SPL-003", "FDP (8-port) supply and install", "each", 1400, 2100, 0.125),
     ("SPL-004", "PON splitter 1:32 in FDH", "each", 900, 1350, 0.03),
     ("TST-001", "OTDR test, bidirectional, per fibre incl. trace", "each", 55, 90, 1.1),
-    ("CON-001", "Home connection: drop cable, wall box, ONT install and light-level test", "each", 1100, 1650, 0.45),
+    (
+        "CON-001",
+        "Home connection: drop cable, wall box, ONT install and light-level test",
+        "each",
+        1100,
+        1650,
+        0.45,
+    ),
     ("CON-002", "Pre-connectorised drop cable 50 m", "each", 280, 390, 0.45),
     ("DOC-001", "As-built documentation per home passed", "each", 12, 22, 1.0),
     ("PM-001", "Site establishment and traffic management", "sum", 18000, 42000, 0.0),
@@ -113,12 +191,23 @@ ACTIVITIES: dict[str, tuple[str, float, float]] = {
     "splicing": ("splices", 24, 140),
     "home_connections": ("homes", 3, 14),
 }
-NOTES = (None, None, None, "Rain stopped work after 14:00.", "TLB breakdown, waited two hours for a replacement.",
-         "Hit unmarked water pipe, municipality notified.", "Waiting on homeowner pole permissions.",
-         "Good progress, ahead of plan.", "Road crossing completed under traffic management.",
-         "Load shedding delayed splicing at the FDH.", "Cable theft reported at chamber, SAPS case opened.",
-         "Quality inspection passed with two snags.", "Rocky ground, switched to jackhammer.",
-         "Short crew: two members off sick.", "Wayleave conditions require hand digging near gas line.")
+NOTES = (
+    None,
+    None,
+    None,
+    "Rain stopped work after 14:00.",
+    "TLB breakdown, waited two hours for a replacement.",
+    "Hit unmarked water pipe, municipality notified.",
+    "Waiting on homeowner pole permissions.",
+    "Good progress, ahead of plan.",
+    "Road crossing completed under traffic management.",
+    "Load shedding delayed splicing at the FDH.",
+    "Cable theft reported at chamber, SAPS case opened.",
+    "Quality inspection passed with two snags.",
+    "Rocky ground, switched to jackhammer.",
+    "Short crew: two members off sick.",
+    "Wayleave conditions require hand digging near gas line.",
+)
 POLE_TYPES = ("wood_7m", "wood_7m", "wood_7m", "wood_9m", "steel_7m")
 
 
@@ -185,11 +274,23 @@ def make_project(seed: int, index: int, as_of: dt.date) -> Project:
     homes = rng.randint(300, 2600) if network_type != "backbone" else rng.randint(0, 40)
     phase = rng.randint(1, 4)
     return Project(
-        index=index, id=f"PRJ-{index + 1:04d}",
+        index=index,
+        id=f"PRJ-{index + 1:04d}",
         name=f"{town} {rng.choice(AREAS)} {network_type} Phase {phase}",
-        client=rng.choice(CLIENTS), town=town, region=region, municipality=municipality, lat=lat, lon=lon,
-        network_type=network_type, build_method=build_method, status=status, manager=rng.choice(MANAGERS),
-        start=start, end=end, homes=homes, budget=round(homes * rng.uniform(5200, 8900) + 250_000, 2),
+        client=rng.choice(CLIENTS),
+        town=town,
+        region=region,
+        municipality=municipality,
+        lat=lat,
+        lon=lon,
+        network_type=network_type,
+        build_method=build_method,
+        status=status,
+        manager=rng.choice(MANAGERS),
+        start=start,
+        end=end,
+        homes=homes,
+        budget=round(homes * rng.uniform(5200, 8900) + 250_000, 2),
         progress=progress,
     )
 
@@ -199,8 +300,23 @@ def _stamp(day: dt.date) -> str:
 
 
 def project_rows(p: Project, as_of: dt.date) -> tuple[Any, ...]:
-    return (p.id, p.name, p.client, p.region, p.municipality, p.town, p.network_type, p.build_method, p.status,
-            p.manager, p.start, p.end, p.homes, p.budget, _stamp(min(as_of, p.end)))
+    return (
+        p.id,
+        p.name,
+        p.client,
+        p.region,
+        p.municipality,
+        p.town,
+        p.network_type,
+        p.build_method,
+        p.status,
+        p.manager,
+        p.start,
+        p.end,
+        p.homes,
+        p.budget,
+        _stamp(min(as_of, p.end)),
+    )
 
 
 def task_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, ...]]:
@@ -209,17 +325,21 @@ def task_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, ...]
     span = (p.end - p.start).days
     for j in range(30):
         phase = phases[min(len(phases) - 1, j * len(phases) // 30)]
-        title = rng.choice(TASKS[phase]).format(area=p.town, street=rng.choice(STREETS), n=rng.randint(1, 12),
-                                                municipality=p.municipality)
+        title = rng.choice(TASKS[phase]).format(
+            area=p.town, street=rng.choice(STREETS), n=rng.randint(1, 12), municipality=p.municipality
+        )
         due = p.start + dt.timedelta(days=int(span * (j + 1) / 31))
         frac = (j + 0.5) / 30
         if frac <= p.progress - 0.05:
             status, done_on = "done", min(as_of, due + dt.timedelta(days=rng.randint(-10, 12)))
         elif frac <= p.progress + 0.1 and p.status in ("in_progress", "on_hold"):
-            status, done_on = ("blocked" if p.status == "on_hold" or rng.random() < 0.15 else "in_progress"), None
+            status, done_on = (
+                ("blocked" if p.status == "on_hold" or rng.random() < 0.15 else "in_progress"),
+                None,
+            )
         else:
             status, done_on = "todo", None
-        assignee = rng.choice(CREWS + (p.manager,)) if status != "todo" or rng.random() < 0.5 else None
+        assignee = rng.choice((*CREWS, p.manager)) if status != "todo" or rng.random() < 0.5 else None
         yield (p.index * 100 + j, p.id, phase, title, status, assignee, due, done_on, _stamp(min(as_of, due)))
 
 
@@ -250,8 +370,18 @@ def pole_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, ...]
         # poles follow streets: walk in 30-50 m spans from the town centre (1 deg lat ~ 111 km)
         lat = p.lat + rng.gauss(0, 0.012)
         lon = p.lon + rng.gauss(0, 0.012)
-        yield (p.index * 1000 + j, p.id, f"{p.id[4:]}-P{j + 1:04d}", round(lat, 6), round(lon, 6),
-               rng.choice(POLE_TYPES), status, rng.choice(STREETS), planted, _stamp(planted or p.start))
+        yield (
+            p.index * 1000 + j,
+            p.id,
+            f"{p.id[4:]}-P{j + 1:04d}",
+            round(lat, 6),
+            round(lon, 6),
+            rng.choice(POLE_TYPES),
+            status,
+            rng.choice(STREETS),
+            planted,
+            _stamp(planted or p.start),
+        )
 
 
 # Which activities run in which part of a build (fraction of the way from start to target end).
@@ -279,21 +409,40 @@ def progress_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, 
                 for crew in crews if rng.random() < 0.65 else crews[:1]:
                     unit, lo, hi = ACTIVITIES[activity]
                     qty = round(rng.uniform(lo, hi), 1) if unit == "m" else float(rng.randint(int(lo), int(hi)))
-                    yield (p.index * 10000 + j, p.id, day, crew, activity, qty, unit, rng.choice(NOTES), _stamp(day))
+                    yield (
+                        p.index * 10000 + j,
+                        p.id,
+                        day,
+                        crew,
+                        activity,
+                        qty,
+                        unit,
+                        rng.choice(NOTES),
+                        _stamp(day),
+                    )
                     j += 1
         day += dt.timedelta(days=1)
 
 
 TABLES = {  # table -> (columns, row generator); COPY order respects foreign keys
-    "tasks": ("id, project_id, phase, title, status, assignee, due_date, completed_on, updated_at", task_rows),
+    "tasks": (
+        "id, project_id, phase, title, status, assignee, due_date, completed_on, updated_at",
+        task_rows,
+    ),
     "boq_items": ("id, project_id, item_code, description, unit, quantity, rate_zar, updated_at", boq_rows),
-    "poles": ("id, project_id, pole_number, latitude, longitude, pole_type, status, street, planted_on,"
-              " updated_at", pole_rows),
-    "daily_progress": ("id, project_id, report_date, crew, activity, quantity, unit, notes, updated_at",
-                       progress_rows),
+    "poles": (
+        "id, project_id, pole_number, latitude, longitude, pole_type, status, street, planted_on, updated_at",
+        pole_rows,
+    ),
+    "daily_progress": (
+        "id, project_id, report_date, crew, activity, quantity, unit, notes, updated_at",
+        progress_rows,
+    ),
 }
-PROJECT_COLUMNS = ("id, name, client, region, municipality, town, network_type, build_method, status,"
-                   " project_manager, start_date, target_end_date, homes_planned, budget_zar, updated_at")
+PROJECT_COLUMNS = (
+    "id, name, client, region, municipality, town, network_type, build_method, status,"
+    " project_manager, start_date, target_end_date, homes_planned, budget_zar, updated_at"
+)
 
 
 def seed(conn: psycopg.Connection, cfg: SeedConfig, *, progress: bool = True) -> dict[str, int]:
@@ -319,8 +468,14 @@ def seed(conn: psycopg.Connection, cfg: SeedConfig, *, progress: bool = True) ->
                         copy.write_row(row)
                         n += 1
             counts[table] = n
-        meta = {"source": "demo-seed", "scale": cfg.scale, "seed": cfg.seed, "as_of": cfg.as_of.isoformat(),
-                "projects_per_scale": cfg.projects_per_scale, "rows": counts}
+        meta = {
+            "source": "demo-seed",
+            "scale": cfg.scale,
+            "seed": cfg.seed,
+            "as_of": cfg.as_of.isoformat(),
+            "projects_per_scale": cfg.projects_per_scale,
+            "rows": counts,
+        }
         cur.execute("INSERT INTO fibreflow_meta (key, value) VALUES ('data_source', %s)", (json.dumps(meta),))
         cur.execute("ANALYZE")
     return counts

@@ -21,27 +21,44 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from psycopg.rows import dict_row
-from tqdm import tqdm
-
 from fibreflow.core.config import Strict, load_config, resolve_path
-from fibreflow.datasets import grounded_qa as qa
-from fibreflow.datasets import terminology as term
 from fibreflow.core.db import check_schema, open_db, redact, schema_version, table_counts
 from fibreflow.core.errors import DatasetBuildError
+from fibreflow.datasets import grounded_qa as qa
+from fibreflow.datasets import terminology as term
+from psycopg.rows import dict_row
+from tqdm import tqdm
 
 TERM_SPLITS = ("train", "validation", "test")
 QA_SPLITS = ("train", "test")
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SCHEMAS = {
-    "terminology": pa.schema([("id", pa.string()), ("term", pa.string()), ("category", pa.string()),
-                              ("known", pa.bool_()), ("question", pa.string()), ("answer", pa.string()),
-                              ("messages", MESSAGES)]),
-    "grounded_qa": pa.schema([("id", pa.string()), ("family", pa.string()), ("project_id", pa.string()),
-                              ("question", pa.string()), ("answer", pa.string()), ("reference", pa.string()),
-                              ("kind", pa.string()), ("contexts", pa.list_(pa.string())), ("unit", pa.string()),
-                              ("tolerance", pa.struct([("abs", pa.float64()), ("rel", pa.float64())])),
-                              ("messages", MESSAGES)]),
+    "terminology": pa.schema(
+        [
+            ("id", pa.string()),
+            ("term", pa.string()),
+            ("category", pa.string()),
+            ("known", pa.bool_()),
+            ("question", pa.string()),
+            ("answer", pa.string()),
+            ("messages", MESSAGES),
+        ]
+    ),
+    "grounded_qa": pa.schema(
+        [
+            ("id", pa.string()),
+            ("family", pa.string()),
+            ("project_id", pa.string()),
+            ("question", pa.string()),
+            ("answer", pa.string()),
+            ("reference", pa.string()),
+            ("kind", pa.string()),
+            ("contexts", pa.list_(pa.string())),
+            ("unit", pa.string()),
+            ("tolerance", pa.struct([("abs", pa.float64()), ("rel", pa.float64())])),
+            ("messages", MESSAGES),
+        ]
+    ),
 }
 GLOSSARY_SQL = "SELECT term, category, definition, aliases FROM glossary ORDER BY term"
 PROJECTS_SQL = "SELECT id FROM projects ORDER BY id"
@@ -116,8 +133,9 @@ def _snapshot_info(conn: psycopg.Connection) -> dict[str, Any]:
     }
 
 
-def _build_terminology(conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any,
-                       progress: bool) -> dict[str, Any]:
+def _build_terminology(
+    conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any, progress: bool
+) -> dict[str, Any]:
     # Pass 1: how many definitions use each word, so a test row's keywords are its definition's rarest words.
     df: dict[str, int] = {}
     for row in stream(conn, GLOSSARY_SQL, None, cfg.cursor_rows):
@@ -125,35 +143,56 @@ def _build_terminology(conn: psycopg.Connection, cfg: DataConfig, out: Path, tes
             df[w] = df.get(w, 0) + 1
     if not df:
         raise DatasetBuildError("the glossary table is empty: run `fibreflow db seed` (demo) or load the glossary")
-    writers = {s: SplitWriter(out / "terminology" / f"{s}.parquet", SCHEMAS["terminology"], cfg.cursor_rows)
-               for s in TERM_SPLITS}
+    writers = {
+        s: SplitWriter(out / "terminology" / f"{s}.parquet", SCHEMAS["terminology"], cfg.cursor_rows)
+        for s in TERM_SPLITS
+    }
     rows = stream(conn, GLOSSARY_SQL, None, cfg.cursor_rows)
     for i, row in enumerate(tqdm(rows, desc="terminology", unit="term", disable=not progress, leave=False)):
         for split in TERM_SPLITS:
             for ex in term.term_examples(cfg.terminology, cfg.system_prompt, i, row, split):
                 writers[split].write(ex)
                 if split == "test":
-                    _write_test_row(test_jsonl, {
-                        "id": ex["id"], "question": ex["question"], "reference": row["definition"], "kind": "open",
-                        "contexts": [], "tags": ["terminology", row["category"]],
-                        "keywords": term.keywords(row["definition"], df)})
+                    _write_test_row(
+                        test_jsonl,
+                        {
+                            "id": ex["id"],
+                            "question": ex["question"],
+                            "reference": row["definition"],
+                            "kind": "open",
+                            "contexts": [],
+                            "tags": ["terminology", row["category"]],
+                            "keywords": term.keywords(row["definition"], df),
+                        },
+                    )
     for split in TERM_SPLITS:
         for ex in term.unknown_examples(cfg.terminology, cfg.system_prompt, split):
             writers[split].write(ex)
             if split == "test":
-                _write_test_row(test_jsonl, {"id": ex["id"], "question": ex["question"], "reference": ex["answer"],
-                                             "kind": "open", "contexts": [], "tags": ["terminology", "unknown_term"]})
+                _write_test_row(
+                    test_jsonl,
+                    {
+                        "id": ex["id"],
+                        "question": ex["question"],
+                        "reference": ex["answer"],
+                        "kind": "open",
+                        "contexts": [],
+                        "tags": ["terminology", "unknown_term"],
+                    },
+                )
     return {s: w.close() for s, w in writers.items()}
 
 
-def _build_grounded_qa(conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any,
-                       progress: bool) -> tuple[dict[str, Any], list[str]]:
+def _build_grounded_qa(
+    conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any, progress: bool
+) -> tuple[dict[str, Any], list[str]]:
     project_ids = [r["id"] for r in stream(conn, PROJECTS_SQL, None, cfg.cursor_rows)]
     if not project_ids:
         raise DatasetBuildError("the projects table is empty: run `fibreflow db seed` (demo) or sync from Supabase")
     held_out = qa.test_projects(project_ids, cfg.grounded_qa)
-    writers = {s: SplitWriter(out / "grounded_qa" / f"{s}.parquet", SCHEMAS["grounded_qa"], cfg.cursor_rows)
-               for s in QA_SPLITS}
+    writers = {
+        s: SplitWriter(out / "grounded_qa" / f"{s}.parquet", SCHEMAS["grounded_qa"], cfg.cursor_rows) for s in QA_SPLITS
+    }
     params = qa.params(cfg.grounded_qa)
     for family in qa.FAMILIES:
         rows = stream(conn, family.sql, params, cfg.cursor_rows)
@@ -187,17 +226,29 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
             terminology = _build_terminology(conn, cfg, staging, test_jsonl, progress)
             grounded, test_projects = _build_grounded_qa(conn, cfg, staging, test_jsonl, progress)
         splits = {"terminology": terminology, "grounded_qa": grounded}
-        version = sha256(canonical({"config": cfg.content_config(), "splits": {
-            name: {s: v["sha256"] for s, v in parts.items()} for name, parts in splits.items()}})).hexdigest()[:16]
+        version = sha256(
+            canonical(
+                {
+                    "config": cfg.content_config(),
+                    "splits": {name: {s: v["sha256"] for s, v in parts.items()} for name, parts in splits.items()},
+                }
+            )
+        ).hexdigest()[:16]
         manifest = {
             "version": version,
             "datasets": splits,
-            "accuracy_test_set": {"file": TEST_SET, "rows": _count_lines(staging / TEST_SET),
-                                  "sha256": sha256((staging / TEST_SET).read_bytes()).hexdigest()},
+            "accuracy_test_set": {
+                "file": TEST_SET,
+                "rows": _count_lines(staging / TEST_SET),
+                "sha256": sha256((staging / TEST_SET).read_bytes()).hexdigest(),
+            },
             "grounded_qa_test_projects": test_projects,
             "build_config": cfg.content_config(),
-            "source_queries": {"glossary": GLOSSARY_SQL, "projects": PROJECTS_SQL,
-                               **{f.name: " ".join(f.sql.split()) for f in qa.FAMILIES}},
+            "source_queries": {
+                "glossary": GLOSSARY_SQL,
+                "projects": PROJECTS_SQL,
+                **{f.name: " ".join(f.sql.split()) for f in qa.FAMILIES},
+            },
             "database": {"url": redact(conn.info.dsn), **db_info},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
@@ -246,8 +297,10 @@ def load_datasets(path: Path) -> dict[str, Any]:
     from datasets import load_dataset
 
     manifest = json.loads((path / "manifest.json").read_text())
-    return {name: load_dataset("parquet", data_files={s: str(path / name / v["file"]) for s, v in parts.items()})
-            for name, parts in manifest["datasets"].items()}
+    return {
+        name: load_dataset("parquet", data_files={s: str(path / name / v["file"]) for s, v in parts.items()})
+        for name, parts in manifest["datasets"].items()
+    }
 
 
 def log_to_mlflow(path: Path) -> None:
@@ -262,8 +315,12 @@ def log_to_mlflow(path: Path) -> None:
     for name, dsdict in load_datasets(path).items():
         for split, ds in dsdict.items():
             info = manifest["datasets"][name][split]
-            dataset = mlflow.data.from_huggingface(ds, path=str(path / name / info["file"]),
-                                                   name=f"fibreflow-{name}-{split}", digest=info["sha256"][:16])
+            dataset = mlflow.data.from_huggingface(
+                ds,
+                path=str(path / name / info["file"]),
+                name=f"fibreflow-{name}-{split}",
+                digest=info["sha256"][:16],
+            )
             mlflow.log_input(dataset, context=split, tags={"dataset_version": manifest["version"]})
     mlflow.set_tag("dataset_version", manifest["version"])
     mlflow.log_artifact(str(path / "manifest.json"), artifact_path="datasets")
@@ -275,6 +332,9 @@ def main(overrides: dict[str, Any] | None = None, *, progress: bool = True) -> d
     with open_db() as conn:
         manifest = build(conn, cfg, progress=progress)
     log_to_mlflow(Path(manifest["path"]))
-    return {"version": manifest["version"], "path": manifest["path"],
-            "rows": {n: {s: v["rows"] for s, v in parts.items()} for n, parts in manifest["datasets"].items()}
-            | {"accuracy_test_set": manifest["accuracy_test_set"]["rows"]}}
+    return {
+        "version": manifest["version"],
+        "path": manifest["path"],
+        "rows": {n: {s: v["rows"] for s, v in parts.items()} for n, parts in manifest["datasets"].items()}
+        | {"accuracy_test_set": manifest["accuracy_test_set"]["rows"]},
+    }

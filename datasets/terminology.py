@@ -9,14 +9,72 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fibreflow.core.config import Strict
 from pydantic import model_validator
 
-from fibreflow.core.config import Strict
-
 STOPWORDS = frozenset(
-    "a an the and or of to in on for by with from at as is are be it its that this which where when each "
-    "one two used use so such than into their they them over per after before all any can may must not "
-    "only other out usually often typically usually what who how also without between".split()
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "to",
+        "in",
+        "on",
+        "for",
+        "by",
+        "with",
+        "from",
+        "at",
+        "as",
+        "is",
+        "are",
+        "be",
+        "it",
+        "its",
+        "that",
+        "this",
+        "which",
+        "where",
+        "when",
+        "each",
+        "one",
+        "two",
+        "used",
+        "use",
+        "so",
+        "such",
+        "than",
+        "into",
+        "their",
+        "they",
+        "them",
+        "over",
+        "per",
+        "after",
+        "before",
+        "all",
+        "any",
+        "can",
+        "may",
+        "must",
+        "not",
+        "only",
+        "other",
+        "out",
+        "usually",
+        "often",
+        "typically",
+        "usually",
+        "what",
+        "who",
+        "how",
+        "also",
+        "without",
+        "between",
+    ]
 )
 
 
@@ -38,8 +96,11 @@ class TerminologyConfig(Strict):
 
     @model_validator(mode="after")
     def _disjoint(self) -> TerminologyConfig:
-        groups = {"train_templates": self.train_templates, "validation_templates": self.validation_templates,
-                  "test_templates": self.test_templates + [self.test_alias_template]}
+        groups = {
+            "train_templates": self.train_templates,
+            "validation_templates": self.validation_templates,
+            "test_templates": [*self.test_templates, self.test_alias_template],
+        }
         seen: dict[str, str] = {}
         for key, templates in groups.items():
             for t in templates:
@@ -74,8 +135,11 @@ def keywords(definition: str, document_frequency: dict[str, int], n: int = 3) ->
 
 
 def _chat(system: str, question: str, answer: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": system}, {"role": "user", "content": question},
-            {"role": "assistant", "content": answer}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def answer_for(cfg: TerminologyConfig, row: dict[str, Any]) -> str:
@@ -100,19 +164,38 @@ def phrasings(cfg: TerminologyConfig, i: int, row: dict[str, Any], split: str) -
 def term_examples(cfg: TerminologyConfig, system: str, i: int, row: dict[str, Any], split: str) -> list[dict[str, Any]]:
     answer = answer_for(cfg, row)
     return [
-        {"id": f"term-{split}-{i:04d}-{j}", "term": row["term"], "category": row["category"], "known": True,
-         "question": q, "answer": answer, "messages": _chat(system, q, answer)}
+        {
+            "id": f"term-{split}-{i:04d}-{j}",
+            "term": row["term"],
+            "category": row["category"],
+            "known": True,
+            "question": q,
+            "answer": answer,
+            "messages": _chat(system, q, answer),
+        }
         for j, q in enumerate(phrasings(cfg, i, row, split))
     ]
 
 
 def unknown_examples(cfg: TerminologyConfig, system: str, split: str) -> list[dict[str, Any]]:
     """Made-up terms with an "I don't know" answer: teaches and measures admitting ignorance."""
-    templates = {"train": cfg.train_templates, "validation": cfg.validation_templates,
-                 "test": cfg.test_templates}[split]
+    templates = {
+        "train": cfg.train_templates,
+        "validation": cfg.validation_templates,
+        "test": cfg.test_templates,
+    }[split]
     out = []
     for i, term in enumerate(getattr(cfg.unknown_terms, split)):
         q, answer = templates[i % len(templates)].format(term=term), cfg.refusal_answer.format(term=term)
-        out.append({"id": f"unknown-{split}-{i:04d}", "term": term, "category": "unknown", "known": False,
-                    "question": q, "answer": answer, "messages": _chat(system, q, answer)})
+        out.append(
+            {
+                "id": f"unknown-{split}-{i:04d}",
+                "term": term,
+                "category": "unknown",
+                "known": False,
+                "question": q,
+                "answer": answer,
+                "messages": _chat(system, q, answer),
+            }
+        )
     return out

@@ -2,7 +2,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fibreflow.core.config import load_config, parse_overrides
 from fibreflow.core.db import DbConfig
 from fibreflow.core.errors import ConfigError
@@ -24,8 +23,8 @@ def test_every_shipped_config_parses() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"scael": 3}, "scael"),                          # unknown key is named
-        ({"scale": "lots"}, "scale"),                     # ill-typed key is named
+        ({"scael": 3}, "scael"),  # unknown key is named
+        ({"scale": "lots"}, "scale"),  # ill-typed key is named
         ({"as_of": "not-a-date"}, "as_of"),
     ],
 )
@@ -40,8 +39,13 @@ def test_nested_unknown_key_is_named() -> None:
 
 
 def test_overrides_parse_yaml_values() -> None:
-    assert parse_overrides(["a.b=3", "c=x", "d=[1, 2]", "e=true"]) == {"a.b": 3, "c": "x", "d": [1, 2], "e": True}
-    with pytest.raises(ConfigError, match="key.path=value"):
+    assert parse_overrides(["a.b=3", "c=x", "d=[1, 2]", "e=true"]) == {
+        "a.b": 3,
+        "c": "x",
+        "d": [1, 2],
+        "e": True,
+    }
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         parse_overrides(["novalue"])
 
 

@@ -4,9 +4,14 @@ import socket
 
 import psycopg
 import pytest
-
 from fibreflow.core import db
-from fibreflow.core.errors import DatabaseUnreachable, FibreFlowError, PgvectorMissing, SchemaBehind, SchemaMissing
+from fibreflow.core.errors import (
+    DatabaseUnreachable,
+    FibreFlowError,
+    PgvectorMissing,
+    SchemaBehind,
+    SchemaMissing,
+)
 
 pytestmark = pytest.mark.integration
 

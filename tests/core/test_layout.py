@@ -5,9 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from fibreflow.core.cli import app
+from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,8 +23,19 @@ def test_datasets_folder_has_no_init() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["db"], ["db", "up"], ["db", "down"], ["db", "status"], ["db", "migrate"], ["db", "seed"],
-     ["data"], ["data", "build"], ["embed"], ["main"]],
+    [
+        [],
+        ["db"],
+        ["db", "up"],
+        ["db", "down"],
+        ["db", "status"],
+        ["db", "migrate"],
+        ["db", "seed"],
+        ["data"],
+        ["data", "build"],
+        ["embed"],
+        ["main"],
+    ],
 )
 def test_help_on_every_command(args: list[str]) -> None:
     result = CliRunner().invoke(app, [*args, "--help"])

@@ -4,10 +4,9 @@ import datetime as dt
 
 import psycopg
 import pytest
-
 from fibreflow.core import db
-from fibreflow.core.seed import glossary_terms, load_seed_config, make_project, seed
 from fibreflow.core.errors import ConfigError
+from fibreflow.core.seed import glossary_terms, load_seed_config, make_project, seed
 
 pytestmark = pytest.mark.integration
 SMALL = {"scale": 1, "projects_per_scale": 2, "seed": 7}
@@ -15,8 +14,10 @@ DIGEST = """SELECT md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {} t"""
 
 
 def _digests(conn: psycopg.Connection) -> dict[str, str]:
-    return {t: conn.execute(DIGEST.format(t)).fetchone()[0]
-            for t in ("projects", "tasks", "boq_items", "poles", "daily_progress", "glossary")}
+    return {
+        t: conn.execute(DIGEST.format(t)).fetchone()[0]
+        for t in ("projects", "tasks", "boq_items", "poles", "daily_progress", "glossary")
+    }
 
 
 def _seeded(url: str, overrides: dict) -> dict[str, str]:
@@ -32,7 +33,7 @@ def test_same_seed_same_data_across_servers(pg_url: str, pg15_url: str) -> None:
 
 def test_reseeding_replaces_data_and_other_seed_differs(pg_url: str) -> None:
     first = _seeded(pg_url, SMALL)
-    assert _seeded(pg_url, SMALL) == first          # idempotent, not appended
+    assert _seeded(pg_url, SMALL) == first  # idempotent, not appended
     other = _seeded(pg_url, {**SMALL, "seed": 8})
     assert other["projects"] != first["projects"]
     assert other["glossary"] == first["glossary"]
@@ -51,12 +52,23 @@ def test_larger_scale_is_a_superset(pg_url: str) -> None:
 def test_seeded_data_is_plausible(seeded_url: str) -> None:
     with db.connect(seeded_url) as conn:
         regions = {r[0] for r in conn.execute("SELECT region FROM projects")}
-        assert regions <= {"Gauteng", "Western Cape", "KwaZulu-Natal", "Eastern Cape", "Free State", "Limpopo",
-                           "Mpumalanga", "North West", "Northern Cape"}
+        assert regions <= {
+            "Gauteng",
+            "Western Cape",
+            "KwaZulu-Natal",
+            "Eastern Cape",
+            "Free State",
+            "Limpopo",
+            "Mpumalanga",
+            "North West",
+            "Northern Cape",
+        }
         lat, lon = conn.execute("SELECT min(latitude), max(longitude) FROM poles").fetchone()
         assert -35 < lat < -22 and 16 < lon < 33  # South Africa
-        bad = conn.execute("SELECT count(*) FROM daily_progress d JOIN projects p ON p.id = d.project_id "
-                           "WHERE d.report_date < p.start_date OR d.report_date > DATE '2026-10-31'").fetchone()[0]
+        bad = conn.execute(
+            "SELECT count(*) FROM daily_progress d JOIN projects p ON p.id = d.project_id "
+            "WHERE d.report_date < p.start_date OR d.report_date > DATE '2026-10-31'"
+        ).fetchone()[0]
         assert bad == 0
         assert conn.execute("SELECT count(*) FROM boq_items WHERE rate_zar <= 0").fetchone()[0] == 0
         units = {r[0] for r in conn.execute("SELECT DISTINCT unit FROM boq_items")}
@@ -66,8 +78,23 @@ def test_seeded_data_is_plausible(seeded_url: str) -> None:
 def test_glossary_has_the_core_terms() -> None:
     terms = {t["term"] for t in glossary_terms()}
     assert len(terms) >= 150
-    for must in ("OTDR", "Splice closure", "Drop cable", "ONT", "OLT", "PON splitter", "FDP", "FDH", "Micro-duct",
-                 "Blown fibre", "Trenching", "Pole permissions", "As-built", "Homes passed", "Homes connected"):
+    for must in (
+        "OTDR",
+        "Splice closure",
+        "Drop cable",
+        "ONT",
+        "OLT",
+        "PON splitter",
+        "FDP",
+        "FDH",
+        "Micro-duct",
+        "Blown fibre",
+        "Trenching",
+        "Pole permissions",
+        "As-built",
+        "Homes passed",
+        "Homes connected",
+    ):
         assert must in terms
     assert all(len(t["definition"]) > 40 for t in glossary_terms())
 
@@ -83,7 +110,17 @@ def test_failed_seed_rolls_back(seeded_url: str, monkeypatch: pytest.MonkeyPatch
     import fibreflow.core.seed as seed_mod
 
     def broken(*args, **kwargs):
-        yield (1, "PRJ-9999", dt.date(2026, 1, 1), "crew", "trenching", -5, "m", None, "2026-01-01")  # violates FK/CHECK
+        yield (
+            1,
+            "PRJ-9999",
+            dt.date(2026, 1, 1),
+            "crew",
+            "trenching",
+            -5,
+            "m",
+            None,
+            "2026-01-01",
+        )  # violates FK/CHECK
 
     monkeypatch.setitem(seed_mod.TABLES, "daily_progress", (seed_mod.TABLES["daily_progress"][0], broken))
     with db.connect(seeded_url) as conn:

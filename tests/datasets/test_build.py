@@ -6,7 +6,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
 from fibreflow.core import db
 from fibreflow.core.errors import DatasetBuildError, SchemaMissing
 from fibreflow.datasets import build
@@ -44,14 +43,17 @@ def test_answers_are_computed_in_sql(seeded_url: str, tmp_path: Path) -> None:
     with db.connect(seeded_url) as conn:
         for r in rows:
             if r["family"] == "boq_total":
-                total = conn.execute("SELECT sum(quantity * rate_zar) FROM boq_items WHERE project_id = %s",
-                                     (r["project_id"],)).fetchone()[0]
+                total = conn.execute(
+                    "SELECT sum(quantity * rate_zar) FROM boq_items WHERE project_id = %s", (r["project_id"],)
+                ).fetchone()[0]
                 assert float(r["reference"]) == pytest.approx(float(total), abs=0.005)
                 assert len(r["contexts"]) == 25
             if r["family"] == "pole_count":
                 status = r["question"].rsplit("status ", 1)[1].rstrip("?").replace(" ", "_")
-                n = conn.execute("SELECT count(*) FROM poles WHERE project_id = %s AND status = %s",
-                                 (r["project_id"], status)).fetchone()[0]
+                n = conn.execute(
+                    "SELECT count(*) FROM poles WHERE project_id = %s AND status = %s",
+                    (r["project_id"], status),
+                ).fetchone()[0]
                 assert int(r["reference"]) == n
             if r["family"] == "progress_range":
                 assert all(r["project_id"] in c for c in r["contexts"])
@@ -85,7 +87,7 @@ def test_same_state_same_version_and_change_moves_it(seeded_url: str, tmp_path: 
 def test_empty_tables_fail_clearly_and_write_nothing(pg_url: str, tmp_path: Path) -> None:
     with db.connect(pg_url) as conn:
         db.migrate(conn)
-    with pytest.raises(DatasetBuildError, match="glossary table is empty.*fibreflow db seed"):
+    with pytest.raises(DatasetBuildError, match=r"glossary table is empty.*fibreflow db seed"):
         _build(pg_url, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -97,8 +99,10 @@ def test_unmigrated_database_is_refused(pg_url: str, tmp_path: Path) -> None:
 
 def test_nulls_and_unicode(seeded_url: str, tmp_path: Path) -> None:
     with db.connect(seeded_url) as conn:
-        conn.execute("INSERT INTO glossary VALUES ('Ŋgqoko splice ✓', 'splicing_testing', "
-                     "'A splice naïvely named with “quotes”, ünïcödé and emoji 🚧.', '{}')")
+        conn.execute(
+            "INSERT INTO glossary VALUES ('Ŋgqoko splice ✓', 'splicing_testing', "
+            "'A splice naïvely named with “quotes”, ünïcödé and emoji 🚧.', '{}')"
+        )
         conn.execute("UPDATE tasks SET assignee = NULL")
         conn.execute("UPDATE daily_progress SET notes = NULL")
         conn.execute("UPDATE projects SET name = 'Qumbu Ñandú “Phase” 1' WHERE id = (SELECT min(id) FROM projects)")
@@ -167,8 +171,13 @@ def test_logged_as_mlflow_inputs_under_an_active_run(seeded_url: str, tmp_path: 
         build.log_to_mlflow(Path(m["path"]))
     got = mlflow.get_run(run.info.run_id)
     names = {d.dataset.name for d in got.inputs.dataset_inputs}
-    assert names == {"fibreflow-terminology-train", "fibreflow-terminology-validation", "fibreflow-terminology-test",
-                     "fibreflow-grounded_qa-train", "fibreflow-grounded_qa-test"}
+    assert names == {
+        "fibreflow-terminology-train",
+        "fibreflow-terminology-validation",
+        "fibreflow-terminology-test",
+        "fibreflow-grounded_qa-train",
+        "fibreflow-grounded_qa-test",
+    }
     assert got.data.tags["dataset_version"] == m["version"]
     digests = {d.dataset.name: d.dataset.digest for d in got.inputs.dataset_inputs}
     assert digests["fibreflow-terminology-train"] == m["datasets"]["terminology"]["train"]["sha256"][:16]

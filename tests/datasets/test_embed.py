@@ -4,7 +4,6 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-
 from fibreflow.core import db
 from fibreflow.core.errors import EmbeddingSpaceMismatch, PgvectorMissing
 from fibreflow.datasets.embed import embed, load_embed_config
@@ -36,15 +35,17 @@ def test_incremental_embeds_only_changed_and_new_records(embedded_url: str, embe
         conn.execute("UPDATE tasks SET status = 'blocked' WHERE id = (SELECT min(id) FROM tasks)")
         conn.execute("INSERT INTO glossary VALUES ('Splice bay', 'equipment', 'A bay in the POP for splicing.', '{}')")
         conn.execute("DELETE FROM poles WHERE id = (SELECT max(id) FROM poles)")
-        before = conn.execute("SELECT embedding::text FROM record_embeddings WHERE record_type = 'boq_item' "
-                              "ORDER BY record_id LIMIT 1").fetchone()[0]
+        before = conn.execute(
+            "SELECT embedding::text FROM record_embeddings WHERE record_type = 'boq_item' ORDER BY record_id LIMIT 1"
+        ).fetchone()[0]
     # one task and the project rendering (its pole counts changed) are re-embedded, plus one new term
     result = embed(CFG, embedded_url, embedder, progress=False)
     assert (result["embedded"], result["deleted"]) == (3, 1)
     assert _count(embedded_url) == _count(embedded_url, "SELECT count(*) FROM fibreflow_corpus")
     with db.connect(embedded_url) as conn:
-        after = conn.execute("SELECT embedding::text FROM record_embeddings WHERE record_type = 'boq_item' "
-                             "ORDER BY record_id LIMIT 1").fetchone()[0]
+        after = conn.execute(
+            "SELECT embedding::text FROM record_embeddings WHERE record_type = 'boq_item' ORDER BY record_id LIMIT 1"
+        ).fetchone()[0]
         content = conn.execute("SELECT content FROM record_embeddings WHERE record_id = 'glossary:Splice bay'")
         assert "splicing" in content.fetchone()[0]
     assert after == before
@@ -76,9 +77,8 @@ def test_interrupted_run_resumes(embedded_url: str, embedder: Embedder, monkeypa
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory: pytest.TempPathFactory, embedder: Embedder) -> Embedder:
     """A different vector space: the bundled model plus a 16-d projection, built in code."""
-    from sentence_transformers import SentenceTransformer, models
-
     from fibreflow.datasets.embedding import bundled_model_path
+    from sentence_transformers import SentenceTransformer, models
 
     st = SentenceTransformer(str(bundled_model_path()), device="cpu")
     st.append(models.Dense(384, 16))

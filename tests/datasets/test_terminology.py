@@ -56,5 +56,8 @@ def test_examples_are_chat_format_with_the_definition() -> None:
 
 def test_keywords_are_the_rarest_content_words() -> None:
     df = {"fibre": 50, "reflectometer": 1, "pulses": 2, "light": 20, "sends": 9, "down": 30}
-    assert term.keywords("A reflectometer sends light pulses down the fibre", df, 2) == ["reflectometer", "pulses"]
+    assert term.keywords("A reflectometer sends light pulses down the fibre", df, 2) == [
+        "reflectometer",
+        "pulses",
+    ]
     assert term.keywords("the of and", df) == []
