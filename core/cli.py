@@ -70,6 +70,7 @@ def db_down() -> None:
 def db_status() -> None:
     """Where the database is, its schema version and row counts."""
     from fibreflow.core.db import (
+        connect,
         database_url,
         latest_version,
         load_db_config,
@@ -80,18 +81,12 @@ def db_status() -> None:
 
     cfg = load_db_config()
     url = database_url(cfg)
-    from fibreflow.core.db import connect
-
     with connect(url, timeout_s=cfg.connect_timeout_s) as conn:
         version = schema_version(conn)
-        status: dict[str, Any] = {
-            "url": redact(url),
-            "schema_version": version,
-            "latest_version": latest_version(),
-        }
+        status: dict[str, Any] = {"url": redact(url), "schema_version": version, "latest_version": latest_version()}
         if version is not None:
             status["rows"] = table_counts(conn)
-        _print(status)
+    _print(status)
 
 
 @db_app.command("migrate")
