@@ -165,15 +165,15 @@ def bench_retrieval(admin: str, real: np.ndarray, n_queries: int) -> None:
         register_vector(conn)
         conn.execute(
             "CREATE TABLE bench_vec (record_id text PRIMARY KEY, record_type text, project_id text,"
-            " region text, record_date date, embedding vector(384))"
+            " region text, record_date date, content text, embedding vector(384))"
         )
-        meta = conn.execute("SELECT record_id, record_type, project_id, region, record_date FROM fibreflow_corpus")
+        meta = conn.execute("SELECT record_id, record_type, project_id, region, record_date, content FROM fibreflow_corpus")
         rows = meta.fetchall()
         a, b = rng.integers(0, len(real), len(rows)), rng.integers(0, len(real), len(rows))
         vecs = real[a] + 0.3 * real[b] + rng.normal(0, 0.02, (len(rows), real.shape[1])).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
         with conn.cursor() as cur, cur.copy("COPY bench_vec FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["text", "text", "text", "text", "date", "vector"])
+            copy.set_types(["text", "text", "text", "text", "date", "text", "vector"])
             for row, v in zip(rows, vecs, strict=True):
                 copy.write_row((*row, v))
         t = time.perf_counter()
