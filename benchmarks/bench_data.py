@@ -167,8 +167,8 @@ def bench_retrieval(admin: str, real: np.ndarray, n_queries: int) -> None:
             "CREATE TABLE bench_vec (record_id text PRIMARY KEY, record_type text, project_id text,"
             " region text, record_date date, content text, embedding vector(384))"
         )
-        meta = conn.execute("SELECT record_id, record_type, project_id, region, record_date, content FROM fibreflow_corpus")
-        rows = meta.fetchall()
+        columns = "record_id, record_type, project_id, region, record_date, content"
+        rows = conn.execute(f"SELECT {columns} FROM fibreflow_corpus").fetchall()
         a, b = rng.integers(0, len(real), len(rows)), rng.integers(0, len(real), len(rows))
         vecs = real[a] + 0.3 * real[b] + rng.normal(0, 0.02, (len(rows), real.shape[1])).astype(np.float32)
         vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
