@@ -358,7 +358,7 @@ def pole_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, ...]
     for j in range(n):
         planted = None
         r = rng.random()
-        if p.status in ("planning",):
+        if p.status == "planning":
             status = "planned"
         elif r < p.progress * 0.9:
             status = "dressed" if rng.random() < 0.7 else "planted"
@@ -367,7 +367,7 @@ def pole_rows(p: Project, seed: int, as_of: dt.date) -> Iterator[tuple[Any, ...]
             status = rng.choices(("planned", "permission_pending", "permission_granted"), weights=(3, 4, 3))[0]
         else:
             status = "rejected"
-        # poles follow streets: walk in 30-50 m spans from the town centre (1 deg lat ~ 111 km)
+        # scattered around the town centre: sigma 0.012 deg ~ 1.3 km (1 deg latitude ~ 111 km)
         lat = p.lat + rng.gauss(0, 0.012)
         lon = p.lon + rng.gauss(0, 0.012)
         yield (
