@@ -156,7 +156,7 @@ def bench_retrieval(admin: str, real: np.ndarray, n_queries: int) -> None:
     """>=100k vectors: scale-10 records; vectors are mixtures of real MiniLM vectors (embedding 120k texts
     on 2 cores takes ~20 min), so the index sees a realistic, clustered distribution."""
     from fibreflow.datasets.embedding import Embedder
-    from fibreflow.datasets.retrieval import Filters
+    from fibreflow.datasets.retrieval import Filters, Retriever
 
     url, _, _ = seeded(admin, "b_retrieval", scale=10)
     rng = np.random.default_rng(0)
@@ -190,10 +190,13 @@ def bench_retrieval(admin: str, real: np.ndarray, n_queries: int) -> None:
             "BOQ total for splicing",
         ]
         qvecs = embedder.encode(questions)
-        import fibreflow.datasets.retrieval as retrieval
-
-        retrieval.check_space = lambda *a: None  # the synthetic table has no recorded model; same query path
-        r = retrieval.Retriever(conn, embedder, "bench_vec", ef_search=64)
+        spec = embedder.spec  # the mixed vectors live in the bundled model's space: record it like `embed` does
+        conn.execute(
+            "INSERT INTO embedding_indexes (table_name, model_name, model_revision, dim) VALUES"
+            " ('bench_vec', %s, %s, %s)",
+            (spec.name, spec.revision, spec.dim),
+        )
+        r = Retriever(conn, embedder, "bench_vec", ef_search=64)
         rand = random.Random(0)
         cases = {
             "no filter": lambda: Filters(),

@@ -20,6 +20,7 @@ from fibreflow.core.errors import (
     PgvectorMissing,
     SchemaBehind,
     SchemaMissing,
+    first_line,
 )
 
 # Tables a migrated FibreFlow database holds; a missing one means `fibreflow db migrate` never ran.
@@ -94,7 +95,7 @@ def connect(url: str, *, autocommit: bool = True, timeout_s: int = 10) -> psycop
     try:
         return psycopg.connect(url, **kwargs)
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         hint = (
             "check DATABASE_URL (host, port, password, sslmode) and that the server is up"
             if os.environ.get("DATABASE_URL")

@@ -1,6 +1,12 @@
 """Exceptions with messages a user can act on. Callers branch on the type, never on the text."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name), for one-line error messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class FibreFlowError(Exception):
     """Base class: the CLI prints the message and exits non-zero without a traceback."""
 

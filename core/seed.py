@@ -453,9 +453,10 @@ def seed(conn: psycopg.Connection, cfg: SeedConfig, *, progress: bool = True) ->
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("TRUNCATE projects, tasks, boq_items, poles, daily_progress, glossary, fibreflow_meta")
         with cur.copy("COPY glossary (term, category, definition, aliases) FROM STDIN") as copy:
-            for t in glossary_terms():
+            terms = glossary_terms()
+            for t in terms:
                 copy.write_row((t["term"], t["category"], t["definition"], t["aliases"]))
-        counts["glossary"] = len(glossary_terms())
+        counts["glossary"] = len(terms)
         with cur.copy(f"COPY projects ({PROJECT_COLUMNS}) FROM STDIN") as copy:
             for p in projects:
                 copy.write_row(project_rows(p, cfg.as_of))

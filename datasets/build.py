@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fibreflow.core.config import Strict, load_config, resolve_path
 from fibreflow.core.db import check_schema, open_db, redact, schema_version, table_counts
-from fibreflow.core.errors import DatasetBuildError
+from fibreflow.core.errors import DatasetBuildError, first_line
 from fibreflow.datasets import grounded_qa as qa
 from fibreflow.datasets import terminology as term
 from psycopg.rows import dict_row
@@ -259,8 +259,9 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
         manifest["path"] = str(final)
         return manifest
     except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetBuildError(f"database error during the dataset build ({reason}); nothing was written") from exc
+        raise DatasetBuildError(
+            f"database error during the dataset build ({first_line(exc)}); nothing was written"
+        ) from exc
     finally:
         if not conn.closed:
             conn.read_only, conn.isolation_level = False, None

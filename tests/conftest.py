@@ -76,19 +76,25 @@ def pg_url(embedded_admin: str) -> Iterator[str]:
     yield from _fresh(embedded_admin)
 
 
-@pytest.fixture(scope="session")
-def seeded_template(embedded_admin: str) -> str:
-    """A migrated database with a small demo seed (2 projects), used as a template for per-test copies."""
+def _template(admin_url: str, name: str, seed_overrides: dict) -> str:
+    """Create database `name`, migrate it and seed it; returns its URL."""
     from fibreflow.core.db import migrate
     from fibreflow.core.seed import load_seed_config, seed
 
-    name = "tpl_seeded"
-    with _admin(embedded_admin) as conn:
+    with _admin(admin_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    with psycopg.connect(_with_db(embedded_admin, name), autocommit=True) as conn:
+    url = _with_db(admin_url, name)
+    with psycopg.connect(url, autocommit=True) as conn:
         migrate(conn)
-        seed(conn, load_seed_config(SMALL_SEED), progress=False)
-    return name
+        seed(conn, load_seed_config(seed_overrides), progress=False)
+    return url
+
+
+@pytest.fixture(scope="session")
+def seeded_template(embedded_admin: str) -> str:
+    """A migrated database with a small demo seed (2 projects), used as a template for per-test copies."""
+    _template(embedded_admin, "tpl_seeded", SMALL_SEED)
+    return "tpl_seeded"
 
 
 @pytest.fixture
@@ -135,19 +141,11 @@ def embedder():
 @pytest.fixture(scope="session")
 def embedded_template(embedded_admin: str, embedder) -> str:
     """A migrated, seeded (1 project) and embedded database, used as a template for per-test copies."""
-    from fibreflow.core.db import migrate
-    from fibreflow.core.seed import load_seed_config, seed
     from fibreflow.datasets.embed import embed, load_embed_config
 
-    name = "tpl_embedded"
-    with _admin(embedded_admin) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = _with_db(embedded_admin, name)
-    with psycopg.connect(url, autocommit=True) as conn:
-        migrate(conn)
-        seed(conn, load_seed_config({**SMALL_SEED, "projects_per_scale": 1}), progress=False)
+    url = _template(embedded_admin, "tpl_embedded", {**SMALL_SEED, "projects_per_scale": 1})
     embed(load_embed_config(), url, embedder, progress=False)
-    return name
+    return "tpl_embedded"
 
 
 @pytest.fixture
