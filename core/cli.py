@@ -135,6 +135,39 @@ def embed(set_: Overrides = None) -> None:
     _print(main(_overrides(set_)))
 
 
+TrainConfigPath = Annotated[
+    str | None, typer.Option("--config", help="Train config YAML (default: the SmolLM2 QLoRA demo).")
+]
+
+
+@app.command("train")
+@friendly
+def train(
+    config: TrainConfigPath = None,
+    set_: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint of this config.")] = False,
+    merge: Annotated[bool, typer.Option(help="Also write a merged (LoRA folded in) model for serving.")] = False,
+) -> None:
+    """QLoRA fine-tune a catalogue model on a built dataset (MLflow-tracked; works under accelerate/torchrun)."""
+    from fibreflow.training.config import default_train_config
+    from fibreflow.training.train import main
+
+    overrides = _overrides(set_) | ({"merge": True} if merge else {})
+    _print(main(config or default_train_config(), overrides, resume=resume))
+
+
+@app.command("tune")
+@friendly
+def tune(
+    config: TrainConfigPath = None,
+    set_: Overrides = None,
+) -> None:
+    """Optuna search over a train config (space, trials, storage in configs/tune.yaml); writes the best config."""
+    from fibreflow.training.tune import main
+
+    _print(main(_overrides(set_), train_config=config))
+
+
 @app.command("main")
 @friendly
 def main_job(

@@ -6,11 +6,22 @@ from fibreflow.core.config import load_config, parse_overrides
 from fibreflow.core.db import DbConfig
 from fibreflow.core.errors import ConfigError
 from fibreflow.core.seed import SeedConfig
+from fibreflow.core.tracking import TrackingConfig
 from fibreflow.datasets.build import DataConfig
 from fibreflow.datasets.embed import EmbedConfig
+from fibreflow.training.config import Catalogue
+from fibreflow.training.tune import TuneConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-MODELS = {"db": DbConfig, "seed": SeedConfig, "data": DataConfig, "embed": EmbedConfig}
+MODELS = {
+    "db": DbConfig,
+    "seed": SeedConfig,
+    "data": DataConfig,
+    "embed": EmbedConfig,
+    "models": Catalogue,
+    "tracking": TrackingConfig,
+    "tune": TuneConfig,
+}
 
 
 def test_every_shipped_config_parses() -> None:

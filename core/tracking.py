@@ -1,0 +1,55 @@
+"""MLflow setup shared by every stage: the embedded sqlite default or $MLFLOW_TRACKING_URI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+from fibreflow.core.config import Strict, load_config, project_root, resolve_path
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None
+    artifacts: str = "var/mlflow/artifacts"
+
+
+def load_tracking_config(overrides: dict[str, Any] | None = None) -> TrackingConfig:
+    return load_config(TrackingConfig, "tracking", overrides)
+
+
+def setup_mlflow(experiment: str) -> str:
+    """Point MLflow at the configured store and select `experiment` (created with a local artifact root
+    when the store is the sqlite default: MLflow's own default would be ./mlruns of the cwd). Returns its id."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    cfg = load_tracking_config()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
+    if uri is None:
+        db = resolve_path("var/mlflow/mlflow.db")
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db}"
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        exp_id = found.experiment_id
+    elif uri.startswith("sqlite:") or uri.startswith("file:"):
+        root = resolve_path(cfg.artifacts)
+        root.mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(experiment, artifact_location=(root / experiment).as_uri())
+    else:
+        exp_id = mlflow.create_experiment(experiment)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_sha() -> str:
+    """The checkout's commit (with `-dirty` when it has uncommitted changes), or "unknown" outside git."""
+    try:
+        root = str(project_root())
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "-uno"], capture_output=True, text=True)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

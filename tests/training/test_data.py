@@ -1,0 +1,90 @@
+"""Chat -> labels on assistant tokens only; packing keeps examples apart; bad datasets fail before any model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fibreflow.core.errors import DatasetBuildError
+from fibreflow.training.data import IGNORE, Collator, check_examples, pack, prepare, tokenize_chat
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is a PON?"},
+    {"role": "assistant", "content": "A passive optical network."},
+    {"role": "user", "content": "And an ONT?"},
+    {"role": "assistant", "content": "The optical network terminal at the customer."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir: Path):
+    from fibreflow.training.models import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))
+
+
+def test_only_assistant_turns_carry_labels(tok) -> None:
+    ex = tokenize_chat(tok, CHAT, 512)
+    labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE]
+    text = tok.decode(labelled)
+    assert "A passive optical network.<|im_end|>" in text
+    assert "The optical network terminal at the customer.<|im_end|>" in text
+    assert "What is a PON" not in text and "Be brief" not in text and "And an ONT" not in text
+    assert all(lab in (IGNORE, t) for t, lab in zip(ex["input_ids"], ex["labels"], strict=True))
+
+
+def test_truncation_keeps_ids_and_labels_aligned(tok) -> None:
+    ex = tokenize_chat(tok, CHAT, 20)
+    assert len(ex["input_ids"]) == len(ex["labels"]) == 20
+
+
+def test_packing_restarts_positions_and_never_predicts_across_examples(tok) -> None:
+    examples = [tokenize_chat(tok, CHAT[:3], 512) for _ in range(5)]
+    n = len(examples[0]["input_ids"])
+    rows = pack(examples, seq_len=2 * n + 1, seed=0)
+    assert [len(r["input_ids"]) for r in rows] == [2 * n, 2 * n, n]
+    row = rows[0]
+    assert row["position_ids"] == list(range(n)) * 2
+    assert row["shift_labels"][n - 1] == IGNORE  # the last token of example 1 predicts nothing of example 2
+    assert sum(t != IGNORE for t in row["shift_labels"]) == 2 * sum(t != IGNORE for t in examples[0]["labels"][1:])
+
+
+def test_packed_batch_computes_what_separate_examples_compute(tok, tiny_llama: Path) -> None:
+    """Attention stays inside each packed example: per-token logits equal those of each example alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    a, b = tokenize_chat(tok, CHAT[:3], 512), tokenize_chat(tok, CHAT, 512)
+    packed = Collator(tok.pad_token_id, packed=True)(pack([a, b], seq_len=4096, seed=1))
+    first_len = packed["position_ids"][0].tolist()[1:].index(0) + 1
+    ids = packed["input_ids"]
+    with torch.no_grad():  # use_cache=False as in training: with a cache the model ignores the packing
+        together = model(input_ids=ids, position_ids=packed["position_ids"], use_cache=False).logits[0]
+        first = model(input_ids=ids[:, :first_len], use_cache=False).logits[0]
+        rest = model(input_ids=ids[:, first_len:], use_cache=False).logits[0]
+    torch.testing.assert_close(together[:first_len], first, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(together[first_len:], rest, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_batches_mask_padding(tok) -> None:
+    rows = prepare([{"messages": CHAT[:3]}, {"messages": CHAT}], tok, 512, packing=False, seed=0)
+    batch = Collator(tok.pad_token_id, packed=False)(rows)
+    short = len(rows[0]["input_ids"])
+    assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (batch["input_ids"].shape[1] - short)
+    assert (batch["shift_labels"][0, short:] == IGNORE).all()
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([], "split is empty"),
+        ([{"id": "x", "messages": CHAT[:2]}], r"row 0 \(x\): no assistant turn"),
+        ([{"id": "y", "messages": []}], "row 0: no `messages`"),
+        ([{"messages": [*CHAT[:2], {"role": "assistant", "content": ""}]}], "no assistant turn"),
+    ],
+)
+def test_unusable_examples_are_refused(rows: list, message: str) -> None:
+    with pytest.raises(DatasetBuildError, match=message):
+        check_examples(rows, "train")

@@ -1,0 +1,122 @@
+"""Chat examples -> token ids with loss on assistant tokens only -> packed (padding-free) or padded batches.
+
+Assistant spans come from the tokenizer's own chat template by prefix difference: the tokens that
+`messages[:k+1]` adds after the generation prompt of `messages[:k]` are turn k's answer (end-of-turn token
+included). That works for any template that renders a conversation as a prefix of its continuation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fibreflow.core.errors import DatasetBuildError
+
+IGNORE = -100
+
+
+def check_examples(rows: Sequence[dict[str, Any]], split: str) -> None:
+    """Fail before any model loads: an empty split, or an example without an assistant turn to learn from."""
+    if len(rows) == 0:
+        raise DatasetBuildError(f"the {split} split is empty: rebuild the dataset (`fibreflow data build`)")
+    for i, row in enumerate(rows):
+        messages = row.get("messages")
+        if not messages:
+            raise DatasetBuildError(f"{split} row {i}: no `messages` (expected a list of chat turns)")
+        if not any(m.get("role") == "assistant" and m.get("content") for m in messages):
+            raise DatasetBuildError(f"{split} row {i} ({row.get('id', '?')}): no assistant turn to train on")
+
+
+def _ids(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
+    return list(out["input_ids"])
+
+
+def tokenize_chat(tok: Any, messages: list[dict[str, str]], max_len: int) -> dict[str, list[int]]:
+    """`input_ids` of the whole conversation and `labels` that are -100 except on assistant turns."""
+    ids = _ids(tok, messages, False)
+    labels = [IGNORE] * len(ids)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tok, messages[:k], True))
+        end = len(_ids(tok, messages[: k + 1], False))
+        if ids[:end] != _ids(tok, messages[: k + 1], False) or start > end:
+            raise DatasetBuildError("the chat template does not render a conversation as a prefix of its continuation")
+        labels[start:end] = ids[start:end]
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def shifted(labels: list[int]) -> list[int]:
+    """Next-token targets of one sequence: position i predicts token i+1; the last position predicts nothing."""
+    return [*labels[1:], IGNORE]
+
+
+def pack(examples: Sequence[dict[str, list[int]]], seq_len: int, seed: int) -> list[dict[str, list[int]]]:
+    """Concatenate shuffled examples into rows of at most `seq_len` tokens; `position_ids` restart per example,
+    which is how the model keeps attention inside each example (no cross-contamination, no padding)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: list[dict[str, list[int]]] = []
+    row: dict[str, list[int]] = {"input_ids": [], "shift_labels": [], "position_ids": []}
+    for i in order:
+        ex = examples[i]
+        n = len(ex["input_ids"])
+        if row["input_ids"] and len(row["input_ids"]) + n > seq_len:
+            rows.append(row)
+            row = {"input_ids": [], "shift_labels": [], "position_ids": []}
+        row["input_ids"] += ex["input_ids"]
+        row["shift_labels"] += shifted(ex["labels"])
+        row["position_ids"] += list(range(n))
+    if row["input_ids"]:
+        rows.append(row)
+    return rows
+
+
+def unpacked(examples: Sequence[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    return [{"input_ids": ex["input_ids"], "shift_labels": shifted(ex["labels"])} for ex in examples]
+
+
+@dataclass
+class Collator:
+    """Rows right-padded to the longest row of the micro-batch.
+
+    Packed rows carry `position_ids` and no attention mask: the model then keeps attention inside each
+    example. The padding tail gets its own positions, so it forms a separate (ignored) sequence.
+    Unpacked rows get the classic attention mask.
+    """
+
+    pad_id: int
+    packed: bool
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        padded = [(r, width - len(r["input_ids"])) for r in rows]
+        batch = {
+            "input_ids": torch.tensor([r["input_ids"] + [self.pad_id] * p for r, p in padded]),
+            "shift_labels": torch.tensor([r["shift_labels"] + [IGNORE] * p for r, p in padded]),
+        }
+        pad = [p for _, p in padded]
+        if self.packed:
+            batch["position_ids"] = torch.tensor([r["position_ids"] + list(range(p)) for r, p in padded])
+        else:
+            batch["attention_mask"] = torch.tensor([[1] * (width - p) + [0] * p for p in pad])
+        batch["labels"] = batch["shift_labels"]  # the Trainer looks for `labels`; the loss uses `shift_labels`
+        return batch
+
+
+def prepare(
+    rows: Sequence[dict[str, Any]], tok: Any, seq_len: int, packing: bool, seed: int
+) -> list[dict[str, list[int]]]:
+    """Chat rows -> training rows (packed or one example per row)."""
+    examples = [tokenize_chat(tok, r["messages"], seq_len) for r in rows]
+    return pack(examples, seq_len, seed) if packing else unpacked(examples)
+
+
+def count_tokens(rows: Sequence[dict[str, list[int]]]) -> tuple[int, int]:
+    """(tokens, tokens that carry a label) of prepared rows."""
+    return sum(len(r["input_ids"]) for r in rows), sum(sum(t != IGNORE for t in r["shift_labels"]) for r in rows)

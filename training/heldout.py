@@ -1,0 +1,85 @@
+"""Did fine-tuning teach the terminology? Base vs tuned on held-out phrasings, paired.
+
+Known terms are asked with test-split phrasings that training never saw; an answer is correct when it
+contains every key term of the reference definition (its rarest content words). Made-up terms must be
+answered with an admission of not knowing. The base model is the same network with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from fibreflow.eval.generate import generate_local
+from fibreflow.eval.stats import PairedDiff, paired_bootstrap
+from fibreflow.training.config import Heldout
+
+REFUSAL = re.compile(r"\b(don't|do not|doesn't|does not) know\b|\bnot (in|part of) fibreflow|\bnot familiar\b", re.I)
+
+
+def contains_keywords(answer: str, keywords: list[str]) -> bool:
+    text = " ".join(answer.lower().split())
+    return all(k.lower() in text for k in keywords)
+
+
+def admits_not_knowing(answer: str) -> bool:
+    return bool(REFUSAL.search(answer))
+
+
+def score(row: dict[str, Any], answer: str) -> float:
+    if "unknown_term" in row["tags"]:
+        return float(admits_not_knowing(answer))
+    return float(contains_keywords(answer, row["keywords"]))
+
+
+def sample(test_set: Path, cfg: Heldout, seed: int) -> list[dict[str, Any]]:
+    """A fixed sample of terminology test rows: `cfg.known` known-term and `cfg.unknown` made-up-term questions."""
+    rows = [json.loads(line) for line in test_set.read_text().splitlines() if line.strip()]
+    terms = [r for r in rows if "terminology" in r.get("tags", [])]
+    known = [r for r in terms if "unknown_term" not in r["tags"] and r.get("keywords")]
+    unknown = [r for r in terms if "unknown_term" in r["tags"]]
+    rng = random.Random(seed)
+    return rng.sample(known, min(cfg.known, len(known))) + rng.sample(unknown, min(cfg.unknown, len(unknown)))
+
+
+def compare(model: Any, tok: Any, rows: list[dict[str, Any]], system: str, cfg: Heldout) -> dict[str, Any]:
+    """Answers and scores of base (adapter disabled) and tuned for each row, and paired CIs of the gain."""
+    conversations = [[{"role": "system", "content": system}, {"role": "user", "content": r["question"]}] for r in rows]
+    kw = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
+    with model.disable_adapter():
+        base = generate_local(model, tok, conversations, **kw)
+    tuned = generate_local(model, tok, conversations, **kw)
+    table = [
+        {
+            "id": r["id"],
+            "question": r["question"],
+            "reference": r["reference"],
+            "base_answer": b,
+            "tuned_answer": t,
+            "base_score": score(r, b),
+            "tuned_score": score(r, t),
+            "unknown_term": "unknown_term" in r["tags"],
+        }
+        for r, b, t in zip(rows, base, tuned, strict=True)
+    ]
+    out: dict[str, Any] = {"table": table}
+    for name, want in (("known", False), ("unknown", True)):
+        part = [x for x in table if x["unknown_term"] is want]
+        if part:
+            out[name] = paired_bootstrap([x["base_score"] for x in part], [x["tuned_score"] for x in part])
+    return out
+
+
+def metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Flat MLflow metrics: accuracy of base and tuned, the gain and its 95% CI, per group."""
+    out: dict[str, float] = {}
+    for name in ("known", "unknown"):
+        d: PairedDiff | None = result.get(name)
+        if d is not None:
+            prefix = f"heldout_{name}"
+            out |= {f"{prefix}_base": d.a, f"{prefix}_tuned": d.b, f"{prefix}_gain": d.diff}
+            out |= {f"{prefix}_gain_ci_low": d.low, f"{prefix}_gain_ci_high": d.high}
+    return out

@@ -1,0 +1,265 @@
+"""`fibreflow train`: QLoRA supervised fine-tuning of a catalogue model on a built dataset, tracked in MLflow.
+
+config -> data (checked before any model loads) -> base + LoRA -> Trainer -> adapter (+ merged) -> held-out check.
+Runs unchanged under `accelerate launch` / `torchrun` (DDP): only the main process talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fibreflow.core.config import resolve_path
+from fibreflow.core.errors import ConfigError
+from fibreflow.datasets.build import TEST_SET, load_data_config, load_datasets, version_dir
+from fibreflow.training.config import TrainConfig, load_train_config
+from fibreflow.training.data import Collator, check_examples, count_tokens, prepare
+from fibreflow.training.models import add_lora, load_base, load_tokenizer, resolve_base
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    """One folder per distinct config: checkpoints/, adapter/, merged/, run.json."""
+    return resolve_path(cfg.output_dir) / cfg.model / cfg.config_hash()
+
+
+def load_rows(cfg: TrainConfig) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(dataset folder, train rows, eval rows). Eval is the validation split, or a seeded 10% of train."""
+    path = version_dir(load_data_config(), cfg.data.version)
+    splits = load_datasets(path)[cfg.data.dataset]
+    train = splits["train"].to_list()
+    if "validation" in splits:
+        evaluation = splits["validation"].to_list()
+    else:
+        random.Random(cfg.optim.seed).shuffle(train)
+        cut = max(1, len(train) // 10)
+        evaluation, train = train[:cut], train[cut:]
+    rng = random.Random(cfg.optim.seed)  # row caps take a seeded sample, not the first rows of the glossary
+    if cfg.data.max_train_rows and cfg.data.max_train_rows < len(train):
+        train = rng.sample(train, cfg.data.max_train_rows)
+    if cfg.data.max_eval_rows and cfg.data.max_eval_rows < len(evaluation):
+        evaluation = rng.sample(evaluation, cfg.data.max_eval_rows)
+    check_examples(train, "train")
+    check_examples(evaluation, "validation")
+    return path, train, evaluation
+
+
+def training_arguments(cfg: TrainConfig, out: Path, steps_per_epoch: int) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    o, e, c = cfg.optim, cfg.eval, cfg.checkpoint
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        warmup_steps=round(o.warmup_ratio * (o.max_steps if o.max_steps > 0 else o.epochs * steps_per_epoch)),
+        lr_scheduler_type=o.scheduler,
+        max_grad_norm=o.max_grad_norm,
+        seed=o.seed,
+        data_seed=o.seed,
+        eval_strategy="steps",
+        eval_steps=e.every_steps,
+        save_strategy="steps",
+        save_steps=c.every_steps,
+        save_total_limit=c.keep,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,
+        logging_steps=1,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def start_tracking(cfg: TrainConfig, out: Path, resume: bool) -> Any:
+    """The MLflow run (resumed with the checkpoint), or None off the main process."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return None
+    import mlflow
+    from fibreflow.core.tracking import setup_mlflow
+
+    setup_mlflow(cfg.tracking.experiment)
+    state = out / "run.json"
+    run_id = json.loads(state.read_text())["run_id"] if resume and state.is_file() else None
+    if os.environ.get("MLFLOW_RUN_ID") and run_id is None:  # started by `mlflow run` / a parent: use that run
+        run_id = os.environ["MLFLOW_RUN_ID"]
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else f"train-{cfg.model}-{cfg.config_hash()[:8]}",
+        nested=mlflow.active_run() is not None,
+        log_system_metrics=cfg.tracking.system_metrics,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"run_id": run.info.run_id}))
+    return run
+
+
+def log_inputs(cfg: TrainConfig, base: str, data_path: Path, token_counts: dict[str, int]) -> None:
+    import mlflow
+    from fibreflow.core.tracking import git_sha
+    from fibreflow.datasets.build import log_to_mlflow
+
+    flat = _flatten(cfg.model_dump(mode="json"))
+    if not mlflow.active_run().data.params:  # a resumed run has them already (params are write-once)
+        mlflow.log_params(flat | {"base_model_path": base} | {f"data.{k}": v for k, v in token_counts.items()})
+        log_to_mlflow(data_path)
+    from accelerate import PartialState
+
+    mlflow.set_tags(
+        {
+            "base_model": cfg.model,
+            "base_model_path": base,
+            "git_sha": git_sha(),
+            "config_hash": cfg.config_hash(),
+            "world_size": str(PartialState().num_processes),
+        }
+    )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out |= _flatten(v, f"{key}.") if isinstance(v, dict) else {key: v}
+    return out
+
+
+def system_prompt(rows: list[dict[str, Any]]) -> str | None:
+    """The system message the model was trained with (held-out questions are asked with the same one)."""
+    first = rows[0]["messages"][0]
+    return first["content"] if first["role"] == "system" else None
+
+
+@dataclass
+class Prepared:
+    base: str
+    tok: Any
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]]
+    data_path: Path
+    system: str | None
+
+
+def main(
+    config: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train; `callbacks` (extra TrainerCallbacks) and `tags` (MLflow) are for callers such as `tune`."""
+    cfg = load_train_config(config, overrides)
+    out = run_dir(cfg)
+    data_path, train_rows, eval_rows = load_rows(cfg)  # fails here, before any weights load
+    base = resolve_base(cfg)
+    tok = load_tokenizer(base)
+    o = cfg.optim
+    prep = Prepared(
+        base=base,
+        tok=tok,
+        train=prepare(train_rows, tok, o.seq_len, o.packing, o.seed),
+        eval=prepare(eval_rows, tok, o.seq_len, o.packing, o.seed),
+        data_path=data_path,
+        system=system_prompt(train_rows),
+    )
+    checkpoint = _checkpoint(out, resume)
+    run = start_tracking(cfg, out, checkpoint is not None)
+    try:
+        if run is not None:
+            import mlflow
+
+            mlflow.set_tags(tags or {})
+        result = _fit(cfg, out, prep, checkpoint, run, progress, callbacks or [])
+    except BaseException:
+        if run is not None:
+            import mlflow
+
+            mlflow.end_run("KILLED")  # resumable with --resume: the run id stays in run.json
+        raise
+    if run is not None:
+        import mlflow
+
+        mlflow.end_run()
+    return result
+
+
+def _checkpoint(out: Path, resume: bool) -> Path | None:
+    from fibreflow.training.trainer import last_complete_checkpoint
+
+    if not resume:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return None
+    found = last_complete_checkpoint(out / "checkpoints")
+    if found is None:
+        raise ConfigError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; start without --resume")
+    return found
+
+
+def _fit(
+    cfg: TrainConfig, out: Path, prep: Prepared, checkpoint: Path | None, run: Any, progress: bool, extra: list[Any]
+) -> dict[str, Any]:
+    import math
+
+    from fibreflow.training.publish import finish
+    from fibreflow.training.trainer import LabelledTrainer, MlflowMetrics
+    from transformers import EarlyStoppingCallback
+
+    o = cfg.optim
+    tokens, labelled = count_tokens(prep.train)
+    if run is not None:
+        log_inputs(cfg, prep.base, prep.data_path, {"train_tokens": tokens, "train_labelled_tokens": labelled})
+    model = add_lora(load_base(prep.base, cfg), cfg)
+    callbacks: list[Any] = [MlflowMetrics(), *extra]
+    if cfg.eval.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold))
+    args = training_arguments(cfg, out, math.ceil(len(prep.train) / (o.batch_size * o.grad_accum)))
+    args.disable_tqdm = not progress
+    trainer = LabelledTrainer(
+        model=model,
+        args=args,
+        train_dataset=prep.train,
+        eval_dataset=prep.eval,
+        data_collator=Collator(pad_id=prep.tok.pad_token_id, packed=o.packing),
+        callbacks=callbacks,
+    )
+    train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result: dict[str, Any] = {
+        "run_dir": str(out),
+        "run_id": run.info.run_id if run is not None else None,
+        "global_step": trainer.state.global_step,
+        "train_loss": train_out.training_loss,
+        "best_eval_loss": trainer.state.best_metric,
+        "train_tokens_per_epoch": tokens,
+        "train_runtime_s": train_out.metrics.get("train_runtime"),
+    }
+    if not trainer.is_world_process_zero():
+        return result
+    adapter = out / "adapter"
+    shutil.rmtree(adapter, ignore_errors=True)
+    trainer.model.save_pretrained(adapter)
+    prep.tok.save_pretrained(adapter)
+    result["adapter"] = str(adapter)
+    return result | finish(cfg, trainer.model, prep.tok, prep.base, out, prep.data_path / TEST_SET, prep.system)
