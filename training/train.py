@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fibreflow.core.config import resolve_path
-from fibreflow.core.errors import ConfigError
-from fibreflow.datasets.build import TEST_SET, load_data_config, load_datasets, version_dir
+from fibreflow.core.errors import ConfigError, DatasetBuildError
+from fibreflow.datasets.build import TEST_SET, load_data_config, version_dir
 from fibreflow.training.config import TrainConfig, load_train_config
 from fibreflow.training.data import Collator, check_examples, count_tokens, prepare
 from fibreflow.training.models import add_lora, load_base, load_tokenizer, resolve_base
@@ -29,16 +29,22 @@ def run_dir(cfg: TrainConfig) -> Path:
 
 def load_rows(cfg: TrainConfig) -> tuple[Path, list[dict[str, Any]], list[dict[str, Any]]]:
     """(dataset folder, train rows, eval rows). Eval is the validation split, or a seeded 10% of train."""
+    import pyarrow.parquet as pq
+
     path = version_dir(load_data_config(), cfg.data.version)
-    splits = load_datasets(path)[cfg.data.dataset]
-    train = splits["train"].to_list()
+    parts = json.loads((path / "manifest.json").read_text())["datasets"].get(cfg.data.dataset)
+    if parts is None or "train" not in parts:
+        raise DatasetBuildError(f"dataset {path.name} has no {cfg.data.dataset} train split: rebuild it")
+    splits = {s: pq.read_table(path / cfg.data.dataset / v["file"]).to_pylist() for s, v in parts.items()}
+    train = splits["train"]
+    rng = random.Random(cfg.optim.seed)
     if "validation" in splits:
-        evaluation = splits["validation"].to_list()
+        evaluation = splits["validation"]
     else:
-        random.Random(cfg.optim.seed).shuffle(train)
-        cut = max(1, len(train) // 10)
+        rng.shuffle(train)
+        cut = max(1, len(train) // 10) if len(train) > 1 else 0
         evaluation, train = train[:cut], train[cut:]
-    rng = random.Random(cfg.optim.seed)  # row caps take a seeded sample, not the first rows of the glossary
+    # row caps take a seeded sample, not the first rows of the glossary
     if cfg.data.max_train_rows and cfg.data.max_train_rows < len(train):
         train = rng.sample(train, cfg.data.max_train_rows)
     if cfg.data.max_eval_rows and cfg.data.max_eval_rows < len(evaluation):
@@ -231,6 +237,9 @@ def _fit(
     tokens, labelled = count_tokens(prep.train)
     if run is not None:
         log_inputs(cfg, prep.base, prep.data_path, {"train_tokens": tokens, "train_labelled_tokens": labelled})
+    from transformers import set_seed
+
+    set_seed(o.seed)  # LoRA's initial weights come from the global RNG: seed it, or no two runs start alike
     model = add_lora(load_base(prep.base, cfg), cfg)
     callbacks: list[Any] = [MlflowMetrics(), *extra]
     if cfg.eval.early_stopping_patience:

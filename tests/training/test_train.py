@@ -120,7 +120,9 @@ def test_killed_run_resumes_to_the_same_end(train_home: Path, tiny_llama: Path, 
     assert resumed["global_step"] == straight["global_step"] == 40
     assert resumed["run_id"] == json.loads((run_dir / "run.json").read_text())["run_id"]  # same MLflow run
     a, b = _losses(Path(straight["run_dir"])), _losses(run_dir)
-    assert a.keys() == b.keys() and all(a[s] == pytest.approx(b[s], rel=1e-5) for s in a)
+    assert a.keys() == b.keys()
+    differ = {s: (a[s], b[s]) for s in a if a[s] != pytest.approx(b[s], rel=1e-5)}
+    assert not differ, f"steps whose loss differs after resuming: {differ}"
     wa, wb = _adapter(Path(straight["run_dir"])), _adapter(run_dir)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
