@@ -114,6 +114,16 @@ def make_4bit_trainable(model: Any) -> int:
     return repaired
 
 
+def allow_4bit_inference_layout(model: Any) -> None:
+    """Training is over: let bitsandbytes repack 4-bit weights for fast CPU inference again (e.g. `generate`)."""
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = has_avx512bf16()
+
+
 def load_base(path: str, cfg: TrainConfig) -> PreTrainedModel:
     """The base model in the configured precision (4-bit via bitsandbytes when configured), in train mode."""
     from transformers import AutoModelForCausalLM

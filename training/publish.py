@@ -8,7 +8,7 @@ from typing import Any
 
 from fibreflow.training.config import TrainConfig, torch_dtype
 from fibreflow.training.heldout import compare, metrics, sample
-from fibreflow.training.models import load_tokenizer
+from fibreflow.training.models import allow_4bit_inference_layout, load_tokenizer
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0"]
 
@@ -20,6 +20,7 @@ def finish(
 
     tracked = mlflow.active_run() is not None
     result: dict[str, Any] = {}
+    allow_4bit_inference_layout(model)  # training is over: generation may use the fast 4-bit layout
     if cfg.heldout.enabled and test_set.is_file():
         rows = sample(test_set, cfg.heldout, cfg.optim.seed)
         if rows:
