@@ -198,11 +198,12 @@ def main(
 
             mlflow.set_tags(tags or {})
         result = _fit(cfg, out, prep, checkpoint, run, progress, callbacks or [])
-    except BaseException:
+    except BaseException as exc:
         if run is not None:
             import mlflow
 
-            mlflow.end_run("KILLED")  # resumable with --resume: the run id stays in run.json
+            # either way resumable with --resume: the run id stays in run.json
+            mlflow.end_run("FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     if run is not None:
         import mlflow
