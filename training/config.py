@@ -149,8 +149,9 @@ def model_entry(cfg: TrainConfig) -> ModelEntry:
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """A train config file (relative paths from the project root) with dotted overrides."""
-    return load_config(TrainConfig, Path(path).stem, overrides, path=path)
+    """A train config file (a relative path: from the cwd if it exists there, else the project root) + overrides."""
+    p = Path(path)
+    return load_config(TrainConfig, p.stem, overrides, path=p.resolve() if p.exists() else p)
 
 
 def default_train_config() -> Path:

@@ -83,8 +83,10 @@ def make_pruner(p: Pruner) -> Any:
 
 
 def storage_url(cfg: TuneConfig) -> str:
+    """The study's storage; Postgres URLs go through psycopg 3 (the driver installed here, not psycopg2)."""
     if cfg.storage:
-        return cfg.storage
+        scheme, sep, rest = cfg.storage.partition("://")
+        return f"postgresql+psycopg://{rest}" if sep and scheme in ("postgres", "postgresql") else cfg.storage
     db = resolve_path(cfg.output) / "optuna.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"

@@ -61,3 +61,14 @@ def test_bad_search_key_is_named_before_any_trial(train_home: Path, tiny_llama: 
             write_config,
             space={"optim.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-3}},
         )
+
+
+def test_workers_share_a_study_in_postgres(train_home: Path, tiny_llama: Path, write_config, pg_url: str) -> None:
+    """Two `fibreflow tune` workers pointed at one Postgres storage add their trials to the same study."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    c = conninfo_to_dict(pg_url)
+    url = f"postgresql://{c['user']}@/{c['dbname']}?host={c['host']}&port={c.get('port', 5432)}"
+    first = _tune(train_home, tiny_llama, write_config, trials=1, storage=url)
+    second = _tune(train_home, tiny_llama, write_config, trials=1, storage=url)
+    assert first["trials"] == {"COMPLETE": 1} and second["trials"] == {"COMPLETE": 2}
