@@ -50,10 +50,9 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 @pytest.fixture
 def train_home(project_tmp: Path, seeded_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project home with a dataset built from the seeded database (real build, real Parquet)."""
+    import mlflow
     from fibreflow.core import db
     from fibreflow.datasets import build
-
-    import mlflow
 
     uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
