@@ -1,0 +1,106 @@
+"""Accuracy scorers per test-set kind, with the normalisation users expect. Pure functions.
+
+exact    normalised answer == normalised reference (case, punctuation, whitespace ignored)
+contains the normalised reference appears in the answer as whole words
+numeric  some number in the answer equals the reference within tolerance, after units are converted
+         ("R 1 200", "1,200", "1.2 km" for 1200 m); project ids and dates are not numbers
+choice   the answer names the reference and no other choice
+open     every keyword appears (when the sample has keywords), else like contains
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from fibreflow.eval.testset import Sample
+
+# unit -> (dimension, factor to the dimension's base unit)
+UNITS: dict[str, tuple[str, float]] = {
+    "m": ("length", 1.0),
+    "metre": ("length", 1.0),
+    "metres": ("length", 1.0),
+    "meter": ("length", 1.0),
+    "meters": ("length", 1.0),
+    "km": ("length", 1000.0),
+    "kilometre": ("length", 1000.0),
+    "kilometres": ("length", 1000.0),
+    "m²": ("area", 1.0),
+    "m2": ("area", 1.0),
+    "sqm": ("area", 1.0),
+    "r": ("money", 1.0),
+    "zar": ("money", 1.0),
+    "rand": ("money", 1.0),
+    "%": ("percent", 1.0),
+}
+_IDS = re.compile(r"\b[A-Z]{2,}-\d+\b|\b\d{4}-\d{2}-\d{2}\b")  # PRJ-0003, 2025-08-11: not quantities
+_NUMBER = re.compile(
+    r"(?P<cur>\bR|\bZAR)?\s?"
+    r"(?P<num>-?(?:\d{1,3}(?:[,\u00a0\u202f ]\d{3})+|\d+)(?:\.\d+)?)"
+    r"(?:\s?(?P<unit>km|kilometres?|metres?|meters?|m²|m2|sqm|m|%|zar|rand)\b|(?P<pct>%))?",
+    re.IGNORECASE,
+)
+
+
+class Quantity(NamedTuple):
+    value: float
+    unit: str | None
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation to spaces (a decimal point or thousands comma inside a number stays), one space."""
+    s = text.lower()
+    s = re.sub(r"(?<=\d)[,.](?=\d)", lambda m: "\0" if m.group() == "." else "", s)
+    s = re.sub(r"[^\w\s\0²%]", " ", s).replace("\0", ".")
+    return " ".join(s.split())
+
+
+def numbers(text: str) -> list[Quantity]:
+    """Every quantity in a text, with its unit if one is attached ("R 1 200" -> 1200 r)."""
+    out = []
+    for m in _NUMBER.finditer(_IDS.sub(" ", text)):
+        value = float(re.sub(r"[,\u00a0\u202f ]", "", m.group("num")))
+        unit = m.group("unit") or m.group("pct") or m.group("cur")
+        out.append(Quantity(value, unit.lower() if unit else None))
+    return out
+
+
+def _in_unit(q: Quantity, unit: str | None) -> float | None:
+    """q's value in `unit`; None when the units measure different things."""
+    if q.unit is None or unit is None or unit.lower() not in UNITS or q.unit not in UNITS:
+        return q.value
+    (dim_a, fa), (dim_b, fb) = UNITS[q.unit], UNITS[unit.lower()]
+    return q.value * fa / fb if dim_a == dim_b else None
+
+
+def numeric_match(answer: str, reference: str, unit: str | None, abs_tol: float, rel_tol: float) -> bool:
+    ref = numbers(reference)[0].value
+    allowed = max(abs_tol, rel_tol * abs(ref), 1e-9)
+    return any(v is not None and abs(v - ref) <= allowed for v in (_in_unit(q, unit) for q in numbers(answer)))
+
+
+def _has_words(answer: str, phrase: str) -> bool:
+    a, p = f" {normalise(answer)} ", f" {normalise(phrase)} "
+    return p.strip() != "" and p in a
+
+
+def score(sample: Sample, answer: str) -> float:
+    """1.0 if the answer is right for this sample's kind, else 0.0."""
+    if sample.kind == "exact":
+        ok = normalise(answer) == normalise(sample.reference)
+    elif sample.kind == "contains":
+        ok = _has_words(answer, sample.reference)
+    elif sample.kind == "numeric":
+        t = sample.tolerance
+        ok = numeric_match(answer, sample.reference, sample.unit, t.abs, t.rel)
+    elif sample.kind == "choice":
+        named = {c for c in sample.choices or [] if _has_words(answer, c)}
+        ok = named == {sample.reference}
+    else:
+        ok = (
+            all(_has_words(answer, k) for k in sample.keywords)
+            if sample.keywords
+            else _has_words(answer, sample.reference)
+        )
+    return float(ok)

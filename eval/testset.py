@@ -1,0 +1,86 @@
+"""Accuracy test sets: JSONL, one question per line, validated with the line and field at fault named.
+
+Format (README "Accuracy test-set format"): id, question, reference, kind (exact | contains | numeric | choice |
+open), and optionally contexts, tags, unit, tolerance {abs, rel}, choices, keywords.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from fibreflow.core.errors import FibreFlowError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Kind = Literal["exact", "contains", "numeric", "choice", "open"]
+
+
+class TestSetError(FibreFlowError):
+    """A test-set file that cannot be used as it is."""
+
+
+class Tolerance(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    abs: float = Field(0.0, ge=0)
+    rel: float = Field(0.0, ge=0)
+
+
+class Sample(BaseModel):
+    """One test question. Unknown fields are refused, so a misspelt optional field cannot pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    question: str = Field(min_length=1)
+    reference: str
+    kind: Kind
+    contexts: list[str] = []
+    tags: list[str] = []
+    unit: str | None = None
+    tolerance: Tolerance = Tolerance()
+    choices: list[str] | None = None
+    keywords: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Sample:
+        if self.kind == "numeric":
+            from fibreflow.eval.scorers import numbers
+
+            if not numbers(self.reference):
+                raise ValueError(f"reference {self.reference!r} is not a number (kind numeric)")
+        if self.kind == "choice" and not self.choices:
+            raise ValueError("kind choice needs `choices`")
+        return self
+
+
+def load_test_set(path: str | Path) -> list[Sample]:
+    """All samples of a JSONL file; the first bad line fails with its number and the field at fault."""
+    p = Path(path)
+    if not p.is_file():
+        raise TestSetError(f"test set {p} not found")
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TestSetError(f"{p.name} line {n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(raw, dict):
+            raise TestSetError(f"{p.name} line {n}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            sample = Sample.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "<object>"
+            raise TestSetError(f"{p.name} line {n}: field {field!r}: {err['msg']}") from None
+        if sample.id in seen:
+            raise TestSetError(f"{p.name} line {n}: id {sample.id!r} already used on line {seen[sample.id]}")
+        seen[sample.id] = n
+        samples.append(sample)
+    if not samples:
+        raise TestSetError(f"{p.name}: no samples")
+    return samples
