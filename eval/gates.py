@@ -1,8 +1,9 @@
 """Promotion gates: a pure decision over per-metric results of challenger vs champion.
 
 Each metric's rule (configs/gates.yaml) is judged on the paired CI of (challenger - champion):
-`min` on the challenger's mean, `max_regression` fails only when the whole CI lies below -max_regression
-(confidently worse by more than allowed), `min_improvement` needs the CI's lower bound at or above it.
+`min` on the challenger's mean; `max_regression` is a non-inferiority test: the CI's lower bound must be at or
+above -max_regression (we are confident it is not worse by more than that); `min_improvement` needs the CI's
+lower bound at or above it (confident it is better by at least that).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def decide(gates: GatesConfig, results: dict[str, PairedDiff]) -> Decision:
         if rule.min is not None:
             (passes if d.b >= rule.min else failures).append(f"{name}: {d.b:.3f} vs minimum {rule.min:.3f}")
         if rule.max_regression is not None:
-            worse = d.high < -rule.max_regression
-            verdict = "confidently worse than" if worse else "within"
-            (failures if worse else passes).append(f"{name}: {ci} {verdict} max regression {rule.max_regression:.3f}")
+            ok = d.low >= -rule.max_regression
+            verdict = "within" if ok else "may exceed"
+            (passes if ok else failures).append(f"{name}: {ci} {verdict} max regression {rule.max_regression:.3f}")
         if rule.min_improvement is not None:
             better = d.low >= rule.min_improvement
             verdict = "meets" if better else "does not meet"
