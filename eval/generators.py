@@ -1,0 +1,115 @@
+"""Answer generation behind one small Protocol: a local transformers model, or any OpenAI-compatible endpoint.
+
+Lifecycle: build -> `generate(conversations)` any number of times -> `settings` recorded with the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fibreflow.core.errors import FibreFlowError
+
+Conversation = list[dict[str, str]]
+
+
+class GenerationError(FibreFlowError):
+    """An upstream that kept failing after its retries."""
+
+
+class Generator(Protocol):
+    name: str
+
+    @property
+    def settings(self) -> dict[str, Any]: ...
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[str]: ...
+
+
+@dataclass
+class LocalGenerator:
+    """transformers (+ peft adapter) in this process: length-sorted, left-padded greedy batches."""
+
+    name: str
+    model: Any
+    tok: Any
+    batch_size: int = 16
+    max_new_tokens: int = 128
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "backend": "local",
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "greedy": True,
+        }
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[str]:
+        from fibreflow.eval.generate import generate_local
+
+        kw = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "progress": False}
+        return generate_local(self.model, self.tok, conversations, **kw)
+
+
+@dataclass
+class EndpointGenerator:
+    """An OpenAI-compatible server (the router, vLLM): bounded concurrency, retries with backoff, timeouts."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key: str = "none"
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    retries: int = 2
+    max_new_tokens: int = 128
+    peak_in_flight: int = field(default=0, init=False)  # achieved concurrency of the last call
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "backend": "endpoint",
+            "base_url": self.base_url,
+            "model": self.model,
+            "concurrency": self.concurrency,
+            "timeout_s": self.timeout_s,
+            "retries": self.retries,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": 0.0,
+        }
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[str]:
+        return asyncio.run(self._all(conversations))
+
+    async def _all(self, conversations: Sequence[Conversation]) -> list[str]:
+        import openai
+
+        client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=self.retries
+        )
+        gate = asyncio.Semaphore(self.concurrency)
+        in_flight = 0
+        self.peak_in_flight = 0
+
+        async def one(conv: Conversation) -> str:
+            nonlocal in_flight
+            async with gate:
+                in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, in_flight)
+                try:
+                    out = await client.chat.completions.create(
+                        model=self.model, messages=conv, max_tokens=self.max_new_tokens, temperature=0.0
+                    )
+                except openai.APIError as exc:
+                    raise GenerationError(f"{self.name} ({self.base_url}): {type(exc).__name__}: {exc}") from None
+                finally:
+                    in_flight -= 1
+            return (out.choices[0].message.content or "").strip()
+
+        try:
+            return list(await asyncio.gather(*(one(c) for c in conversations)))
+        finally:
+            await client.close()
