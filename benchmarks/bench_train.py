@@ -30,15 +30,20 @@ VARIANTS = {
 PADDED_BATCH = 16  # examples per step when not packing (~1,300 real tokens; packed steps hold ~1,900)
 
 
-def matmul_peak(dtype: str, n: int = 2048, reps: int = 8) -> float:
+def matmul_peak(device: str = "cpu", dtype: str = "bfloat16", n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul on this device: the peak MFU is measured against (shared with the GPU script)."""
     import torch
 
-    a = torch.randn(n, n, dtype=getattr(torch, dtype))
-    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    a = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(n, n, dtype=getattr(torch, dtype), device=device)
     a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
@@ -102,12 +107,13 @@ def run_variant(name: str, steps: int, warmup: int) -> dict[str, Any]:
 
 
 def logical_params(model: Any) -> int:
-    """Non-embedding base parameters; a 4-bit weight counts by its logical shape, not its packed bytes."""
+    """Base parameters outside embeddings and output head; a 4-bit weight counts by its logical shape, not its
+    packed bytes (shared with the GPU script)."""
     import math
 
     total = 0
     for name, p in model.named_parameters():
-        if "embed" in name or "lora_" in name:
+        if "embed" in name or "lora_" in name or "lm_head" in name:
             continue
         state = getattr(p, "quant_state", None)
         total += math.prod(state.shape) if state is not None else p.numel()
@@ -152,7 +158,7 @@ def main() -> None:
     if a.variant:
         print("RESULT " + json.dumps(run_variant(a.variant, a.steps, a.warmup)))
         return
-    peak_bf16, peak_fp32 = matmul_peak("bfloat16"), matmul_peak("float32")
+    peak_bf16, peak_fp32 = matmul_peak(dtype="bfloat16"), matmul_peak(dtype="float32")
     results = {}
     for name in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", name, "--steps", str(a.steps), "--warmup", str(a.warmup)]

@@ -11,11 +11,11 @@ MFU = 4 x non-embedding params x tokens/s / the bf16 matmul peak measured in the
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Any
 
 import torch
+from bench_train import logical_params, matmul_peak  # the same FLOP counting and peak as the CPU script
 
 LLAMA3_8B = {
     "hidden_size": 4096,
@@ -30,18 +30,6 @@ LLAMA3_8B = {
 TINY = LLAMA3_8B | {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4}
 TINY |= {"num_key_value_heads": 2, "vocab_size": 2048}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def matmul_peak(device: str, n: int) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    return 2 * n**3 * 10 / (time.perf_counter() - t)
 
 
 def sync(device: str) -> None:
@@ -111,11 +99,7 @@ def measure(shape: dict, device: str, nf4: bool, gc: bool, batch: int, seq: int,
         opt.zero_grad(set_to_none=True)
         sync(device)
         times.append(time.perf_counter() - t)
-    params = sum(  # a 4-bit weight counts by its logical shape, not its packed storage
-        p.numel() if getattr(p, "quant_state", None) is None else math.prod(p.quant_state.shape)
-        for n, p in model.named_parameters()
-        if "embed" not in n and "lora_" not in n and "lm_head" not in n
-    )
+    params = logical_params(model)
     per_step = sum(times[2:]) / steps
     out = {"tokens_per_s": batch * seq / per_step, "params": params, "step_s": per_step}
     out["peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else float("nan")
@@ -137,7 +121,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --tiny for a CPU smoke check")
     shape = TINY if a.tiny else LLAMA3_8B
     seq = 256 if a.tiny else a.seq
-    peak = matmul_peak(device, 1024 if a.tiny else 8192)
+    peak = matmul_peak(device, n=1024 if a.tiny else 8192)
     variants = {"bf16 LoRA + GC": (False, True), "NF4 QLoRA + GC": (True, True), "NF4 QLoRA, no GC": (True, False)}
     rows = {}
     for name, (nf4, gc) in variants.items():

@@ -42,8 +42,9 @@ def tokenize_chat(tok: Any, messages: list[dict[str, str]], max_len: int) -> dic
         if m["role"] != "assistant":
             continue
         start = len(_ids(tok, messages[:k], True))
-        end = len(_ids(tok, messages[: k + 1], False))
-        if ids[:end] != _ids(tok, messages[: k + 1], False) or start > end:
+        upto = _ids(tok, messages[: k + 1], False)
+        end = len(upto)
+        if ids[:end] != upto or start > end:
             raise DatasetBuildError("the chat template does not render a conversation as a prefix of its continuation")
         labels[start:end] = ids[start:end]
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}

@@ -117,8 +117,8 @@ def main(overrides: dict[str, Any] | None = None, *, train_config: str | None = 
     cfg = load_tune_config(overrides)
     config_path = train_config or cfg.train_config
     base_cfg = load_train_config(config_path, cfg.overrides)  # fail early on a bad file or override
-    for key in cfg.space:
-        load_train_config(config_path, cfg.overrides | {key: _probe(cfg.space[key])})  # names a bad key now
+    # every search key with a value from its range: a misspelt or ill-typed key is named before any trial
+    load_train_config(config_path, cfg.overrides | {key: _probe(p) for key, p in cfg.space.items()})
     study = optuna.create_study(
         study_name=cfg.study,
         storage=storage_url(cfg),
