@@ -7,7 +7,6 @@ answered with an admission of not knowing. The base model is the same network wi
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from fibreflow.eval.generate import generate_local
 from fibreflow.eval.stats import PairedDiff, paired_bootstrap
+from fibreflow.eval.testset import Sample, load_test_set
 from fibreflow.training.config import Heldout
 
 REFUSAL = re.compile(r"\b(don't|do not|doesn't|does not) know\b|\bnot (in|part of) fibreflow|\bnot familiar\b", re.I)
@@ -29,39 +29,38 @@ def admits_not_knowing(answer: str) -> bool:
     return bool(REFUSAL.search(answer))
 
 
-def score(row: dict[str, Any], answer: str) -> float:
-    if "unknown_term" in row["tags"]:
+def score(row: Sample, answer: str) -> float:
+    if "unknown_term" in row.tags:
         return float(admits_not_knowing(answer))
-    return float(contains_keywords(answer, row["keywords"]))
+    return float(contains_keywords(answer, row.keywords or []))
 
 
-def sample(test_set: Path, cfg: Heldout, seed: int) -> list[dict[str, Any]]:
+def sample(test_set: Path, cfg: Heldout, seed: int) -> list[Sample]:
     """A fixed sample of terminology test rows: `cfg.known` known-term and `cfg.unknown` made-up-term questions."""
-    rows = [json.loads(line) for line in test_set.read_text().splitlines() if line.strip()]
-    terms = [r for r in rows if "terminology" in r.get("tags", [])]
-    known = [r for r in terms if "unknown_term" not in r["tags"] and r.get("keywords")]
-    unknown = [r for r in terms if "unknown_term" in r["tags"]]
+    terms = [r for r in load_test_set(test_set) if "terminology" in r.tags]
+    known = [r for r in terms if "unknown_term" not in r.tags and r.keywords]
+    unknown = [r for r in terms if "unknown_term" in r.tags]
     rng = random.Random(seed)
     return rng.sample(known, min(cfg.known, len(known))) + rng.sample(unknown, min(cfg.unknown, len(unknown)))
 
 
-def compare(model: Any, tok: Any, rows: list[dict[str, Any]], system: str, cfg: Heldout) -> dict[str, Any]:
+def compare(model: Any, tok: Any, rows: list[Sample], system: str, cfg: Heldout) -> dict[str, Any]:
     """Answers and scores of base (adapter disabled) and tuned for each row, and paired CIs of the gain."""
-    conversations = [[{"role": "system", "content": system}, {"role": "user", "content": r["question"]}] for r in rows]
+    conversations = [[{"role": "system", "content": system}, {"role": "user", "content": r.question}] for r in rows]
     kw = {"batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
     with model.disable_adapter():
         base = generate_local(model, tok, conversations, **kw)
     tuned = generate_local(model, tok, conversations, **kw)
     table = [
         {
-            "id": r["id"],
-            "question": r["question"],
-            "reference": r["reference"],
+            "id": r.id,
+            "question": r.question,
+            "reference": r.reference,
             "base_answer": b,
             "tuned_answer": t,
             "base_score": score(r, b),
             "tuned_score": score(r, t),
-            "unknown_term": "unknown_term" in r["tags"],
+            "unknown_term": "unknown_term" in r.tags,
         }
         for r, b, t in zip(rows, base, tuned, strict=True)
     ]
