@@ -168,6 +168,24 @@ def tune(
     _print(main(_overrides(set_), train_config=config))
 
 
+@app.command("eval")
+@friendly
+def evaluate(
+    test_set: Annotated[
+        str | None, typer.Option("--test-set", help="JSONL test set (default: the built dataset's).")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option("--models", help="champion[,challenger]: base, latest, run ids, models:/…, folders.")
+    ] = None,
+    set_: Overrides = None,
+) -> None:
+    """Score one model, or champion vs challenger with paired CIs and the promotion gates (MLflow-tracked)."""
+    from fibreflow.eval.run import main
+
+    specs = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    _print(main(_overrides(set_), test_set=test_set, models=specs))
+
+
 @app.command("main")
 @friendly
 def main_job(

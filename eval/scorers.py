@@ -6,6 +6,7 @@ numeric  some number in the answer equals the reference within tolerance, after 
          ("R 1 200", "1,200", "1.2 km" for 1200 m); project ids and dates are not numbers
 choice   the answer names the reference and no other choice
 open     every keyword appears (when the sample has keywords), else like contains
+A sample tagged `unknown_term` (a made-up term) is right when the answer admits not knowing, whatever its kind.
 """
 
 from __future__ import annotations
@@ -43,16 +44,22 @@ _NUMBER = re.compile(
 )
 
 
+REFUSAL = re.compile(
+    r"\b(don't|do not|doesn't|does not) know\b|\bnot (in|part of) fibreflow|\bnot familiar\b|\bno information\b", re.I
+)
+
+
 class Quantity(NamedTuple):
     value: float
     unit: str | None
 
 
 def normalise(text: str) -> str:
-    """Lower case, punctuation to spaces (a decimal point or thousands comma inside a number stays), one space."""
+    """Lower case; punctuation and underscores to spaces (a decimal point or thousands comma inside a number
+    stays); one space between words."""
     s = text.lower()
     s = re.sub(r"(?<=\d)[,.](?=\d)", lambda m: "\0" if m.group() == "." else "", s)
-    s = re.sub(r"[^\w\s\0²%]", " ", s).replace("\0", ".")
+    s = re.sub(r"[^\w\s\0²%]|_", " ", s).replace("\0", ".")
     return " ".join(s.split())
 
 
@@ -85,9 +92,15 @@ def _has_words(answer: str, phrase: str) -> bool:
     return p.strip() != "" and p in a
 
 
+def admits_not_knowing(answer: str) -> bool:
+    return bool(REFUSAL.search(answer))
+
+
 def score(sample: Sample, answer: str) -> float:
     """1.0 if the answer is right for this sample's kind, else 0.0."""
-    if sample.kind == "exact":
+    if "unknown_term" in sample.tags:
+        ok = admits_not_knowing(answer)
+    elif sample.kind == "exact":
         ok = normalise(answer) == normalise(sample.reference)
     elif sample.kind == "contains":
         ok = _has_words(answer, sample.reference)

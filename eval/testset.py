@@ -1,17 +1,21 @@
 """Accuracy test sets: JSONL, one question per line, validated with the line and field at fault named.
 
 Format (README "Accuracy test-set format"): id, question, reference, kind (exact | contains | numeric | choice |
-open), and optionally contexts, tags, unit, tolerance {abs, rel}, choices, keywords.
+open), and optionally contexts, filters, tags, unit, tolerance {abs, rel}, choices, keywords.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fibreflow.core.errors import FibreFlowError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from fibreflow.datasets.retrieval import Filters
 
 Kind = Literal["exact", "contains", "numeric", "choice", "open"]
 
@@ -27,6 +31,23 @@ class Tolerance(BaseModel):
     rel: float = Field(0.0, ge=0)
 
 
+class RetrievalFilters(BaseModel):
+    """Where a grounded question's answer may come from (the RAG path retrieves within these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    project_id: str | None = None
+    region: str | None = None
+    record_type: str | None = None
+    date_from: dt.date | None = None
+    date_to: dt.date | None = None
+
+    def to_filters(self) -> Filters:
+        from fibreflow.datasets.retrieval import Filters
+
+        return Filters(**self.model_dump())
+
+
 class Sample(BaseModel):
     """One test question. Unknown fields are refused, so a misspelt optional field cannot pass silently."""
 
@@ -37,6 +58,7 @@ class Sample(BaseModel):
     reference: str
     kind: Kind
     contexts: list[str] = []
+    filters: RetrievalFilters = RetrievalFilters()
     tags: list[str] = []
     unit: str | None = None
     tolerance: Tolerance = Tolerance()

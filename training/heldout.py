@@ -1,38 +1,22 @@
 """Did fine-tuning teach the terminology? Base vs tuned on held-out phrasings, paired.
 
 Known terms are asked with test-split phrasings that training never saw; an answer is correct when it
-contains every key term of the reference definition (its rarest content words). Made-up terms must be
-answered with an admission of not knowing. The base model is the same network with the adapter disabled.
+contains every key term of the reference definition (its rarest content words, as whole words). Made-up terms
+must be answered with an admission of not knowing. Scoring is `fibreflow.eval.scorers.score`, the same as
+`fibreflow eval`. The base model is the same network with the adapter disabled.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 from fibreflow.eval.generate import generate_local
+from fibreflow.eval.scorers import score
 from fibreflow.eval.stats import PairedDiff, paired_bootstrap
 from fibreflow.eval.testset import Sample, load_test_set
 from fibreflow.training.config import Heldout
-
-REFUSAL = re.compile(r"\b(don't|do not|doesn't|does not) know\b|\bnot (in|part of) fibreflow|\bnot familiar\b", re.I)
-
-
-def contains_keywords(answer: str, keywords: list[str]) -> bool:
-    text = " ".join(answer.lower().split())
-    return all(k.lower() in text for k in keywords)
-
-
-def admits_not_knowing(answer: str) -> bool:
-    return bool(REFUSAL.search(answer))
-
-
-def score(row: Sample, answer: str) -> float:
-    if "unknown_term" in row.tags:
-        return float(admits_not_knowing(answer))
-    return float(contains_keywords(answer, row.keywords or []))
 
 
 def sample(test_set: Path, cfg: Heldout, seed: int) -> list[Sample]:

@@ -9,6 +9,7 @@ from fibreflow.core.seed import SeedConfig
 from fibreflow.core.tracking import TrackingConfig
 from fibreflow.datasets.build import DataConfig
 from fibreflow.datasets.embed import EmbedConfig
+from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.gates import GatesConfig
 from fibreflow.training.config import Catalogue
 from fibreflow.training.tune import TuneConfig
@@ -23,6 +24,7 @@ MODELS = {
     "tracking": TrackingConfig,
     "tune": TuneConfig,
     "gates": GatesConfig,
+    "eval": EvalConfig,
 }
 
 

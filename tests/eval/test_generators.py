@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from fibreflow.eval.generators import EndpointGenerator, GenerationError
@@ -57,28 +56,13 @@ def _handler(up: Upstream) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def serve() -> Iterator:
-    servers = []
-
-    def start(up: Upstream) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(up))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1"
-
-    yield start
-    for s in servers:
-        s.shutdown()
-
-
 def _conversations(n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": f"question {i}"}] for i in range(n)]
 
 
 def test_answers_keep_order_and_concurrency_is_bounded(serve) -> None:
     up = Upstream()
-    gen = EndpointGenerator("router", serve(up), "fibreflow-assistant", concurrency=4)
+    gen = EndpointGenerator("router", serve(_handler(up)), "fibreflow-assistant", concurrency=4)
     answers = gen.generate(_conversations(20))
     assert answers == [f"echo: question {i}" for i in range(20)]
     assert up.peak <= 4 and gen.peak_in_flight == 4  # the server stayed busy, never over the bound
@@ -87,20 +71,20 @@ def test_answers_keep_order_and_concurrency_is_bounded(serve) -> None:
 
 def test_a_failing_upstream_is_retried(serve) -> None:
     up = Upstream(fail_first=2)
-    gen = EndpointGenerator("vllm", serve(up), "m", concurrency=1, retries=2)
+    gen = EndpointGenerator("vllm", serve(_handler(up)), "m", concurrency=1, retries=2)
     assert gen.generate(_conversations(1)) == ["echo: question 0"]
     assert up.requests == 3
 
 
 def test_an_upstream_that_keeps_failing_is_an_error_not_an_empty_answer(serve) -> None:
     up = Upstream(fail_first=100)
-    gen = EndpointGenerator("vllm", serve(up), "m", concurrency=2, retries=1)
+    gen = EndpointGenerator("vllm", serve(_handler(up)), "m", concurrency=2, retries=1)
     with pytest.raises(GenerationError, match=r"vllm .*InternalServerError"):
         gen.generate(_conversations(2))
 
 
 def test_a_slow_upstream_times_out(serve) -> None:
-    gen = EndpointGenerator("slow", serve(Upstream(delay_s=2.0)), "m", timeout_s=0.3, retries=0)
+    gen = EndpointGenerator("slow", serve(_handler(Upstream(delay_s=2.0))), "m", timeout_s=0.3, retries=0)
     with pytest.raises(GenerationError, match=r"slow .*Timeout"):
         gen.generate(_conversations(1))
 

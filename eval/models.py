@@ -1,0 +1,158 @@
+"""Model specs -> generators: what `fibreflow eval --models A,B` accepts.
+
+base | <catalogue name>                   the base model itself
+latest                                  the newest finished training run's adapter
+<run id> | runs:/<run id>/<path>        a training run's logged adapter (default path `adapter`)
+models:/<name>@<alias> | models:/<name>/<version>   a registered model version
+<folder>                                a local adapter (adapter_config.json) or model (config.json) folder
+endpoint:<name>                         an OpenAI-compatible server from eval.yaml's `endpoints`
+vllm:<any weight spec above>            the same weights through vLLM's offline engine
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fibreflow.core.errors import ConfigError
+from fibreflow.eval.config import EvalConfig
+from fibreflow.eval.generators import EndpointGenerator, Generator, LocalGenerator, VllmGenerator
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+TRAIN_EXPERIMENT = "fibreflow-train"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a model's weights are: a base folder (or hub id) and optionally a LoRA adapter folder."""
+
+    base: str
+    adapter: str | None = None
+    identity: dict[str, str] = field(default_factory=dict)  # MLflow tags: what exactly was evaluated
+
+
+def _catalogue_base(name: str) -> str:
+    from fibreflow.training.config import load_catalogue
+    from fibreflow.training.models import base_model_path
+
+    models = load_catalogue().models
+    if name not in models:
+        raise ConfigError(f"model {name!r} is not in configs/models.yaml (known: {', '.join(sorted(models))})")
+    return base_model_path(name, models[name])
+
+
+def _logged_adapter(uri: str, identity: dict[str, str]) -> Weights:
+    """An MLflow-logged PEFT model (adapter only, with a pointer to its base) downloaded to a local folder."""
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(uri))
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"{uri}: cannot be read from MLflow ({str(exc).splitlines()[0]})") from None
+    flavor = mlflow.models.Model.load(str(local)).flavors.get("transformers", {})
+    peft_dir = flavor.get("peft_adaptor")
+    base = flavor.get("source_model_name")
+    if not peft_dir or not base:
+        raise ConfigError(f"{uri}: not a logged PEFT adapter (its MLmodel has no transformers peft_adaptor)")
+    if base.startswith(("/", ".")) and not Path(base).is_dir():
+        raise ConfigError(f"{uri}: its base model folder {base} does not exist on this machine")
+    return Weights(base, str(local / peft_dir), identity | {"uri": uri, "base_model_path": base})
+
+
+def _latest_run() -> str:
+    import mlflow
+
+    runs = mlflow.search_runs(
+        experiment_names=[TRAIN_EXPERIMENT],
+        filter_string="attributes.status = 'FINISHED' and tags.config_hash != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        raise ConfigError(f"`latest`: no finished training run in MLflow experiment {TRAIN_EXPERIMENT!r}")
+    return runs[0].info.run_id
+
+
+def weights(spec: str, cfg: EvalConfig) -> Weights:
+    """Resolve a weight-loading spec (everything but endpoint:)."""
+    if spec == "base":
+        return Weights(_catalogue_base(cfg.base_model), None, {"kind": "base", "base_model": cfg.base_model})
+    if spec == "latest":
+        spec = _latest_run()
+    if RUN_ID.match(spec):
+        spec = f"runs:/{spec}/adapter"
+    if spec.startswith("runs:/"):
+        return _logged_adapter(spec, {"kind": "run", "run_id": spec.split("/")[1]})
+    if spec.startswith("models:/"):
+        return _logged_adapter(spec, _registered(spec))
+    folder = Path(spec)
+    if (folder / "adapter_config.json").is_file():
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return Weights(base, str(folder.resolve()), {"kind": "adapter_folder", "path": str(folder.resolve())})
+    if (folder / "config.json").is_file():
+        return Weights(str(folder.resolve()), None, {"kind": "model_folder", "path": str(folder.resolve())})
+    return Weights(_catalogue_base(spec), None, {"kind": "base", "base_model": spec})
+
+
+def _registered(uri: str) -> dict[str, str]:
+    """models:/name@alias or models:/name/version -> the version's identity (name, version, source run)."""
+    import mlflow
+
+    name, _, rest = uri.removeprefix("models:/").partition("/")
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, rest)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"{uri}: no such registered model version ({str(exc).splitlines()[0]})") from None
+    return {"kind": "registered", "registered_model": name, "version": str(mv.version), "run_id": mv.run_id or ""}
+
+
+def load_local(w: Weights, dtype: str) -> tuple[Any, Any]:
+    """(model, tokenizer) on CPU/GPU in `dtype`, the adapter (if any) applied, ready to generate."""
+    import torch
+    from fibreflow.training.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(w.base, dtype=getattr(torch, dtype))
+    if w.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, w.adapter)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    has_tok = w.adapter and (Path(w.adapter) / "tokenizer_config.json").is_file()
+    return model.eval(), load_tokenizer(w.adapter if has_tok else w.base)
+
+
+def generator(spec: str, cfg: EvalConfig) -> tuple[Generator, dict[str, str]]:
+    """A ready generator for `spec` and its identity (logged as MLflow tags)."""
+    g = cfg.generation
+    if spec.startswith("endpoint:"):
+        name = spec.removeprefix("endpoint:")
+        if name not in cfg.endpoints:
+            raise ConfigError(f"{spec}: no endpoint {name!r} in eval.yaml (known: {', '.join(cfg.endpoints) or '-'})")
+        ep = cfg.endpoints[name]
+        key = os.environ.get(ep.api_key_env, "none") if ep.api_key_env else "none"
+        gen = EndpointGenerator(
+            spec, ep.base_url, ep.model, key, concurrency=cfg.endpoint_concurrency, max_new_tokens=g.max_new_tokens
+        )
+        return gen, {"kind": "endpoint", "base_url": ep.base_url, "model": ep.model}
+    if spec.startswith("vllm:"):
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{spec}: vllm is not installed here (GPU deployments: pip install '.[gpu]')")
+        w = weights(spec.removeprefix("vllm:"), cfg)
+        return VllmGenerator(spec, w.base, w.adapter, g.max_new_tokens), w.identity | {"backend": "vllm"}
+    w = weights(spec, cfg)
+    model, tok = load_local(w, g.dtype)
+    return LocalGenerator(spec, model, tok, g.batch_size, g.max_new_tokens), w.identity

@@ -1,0 +1,90 @@
+"""Model specs resolve to the exact weights named: run ids, runs:/ and models:/ URIs, folders; bad specs are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fibreflow.core.errors import ConfigError
+from fibreflow.eval.config import load_eval_config
+from fibreflow.eval.models import generator, load_local, weights
+
+
+@pytest.fixture
+def store(project_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    import mlflow
+
+    uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _adapter(tiny: Path, out: Path):
+    """A LoRA adapter on the tiny Llama with non-zero B (so it changes the logits), saved to `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tok = AutoTokenizer.from_pretrained(tiny)
+    peft.save_pretrained(out)
+    tok.save_pretrained(out)
+    return peft.eval(), tok
+
+
+def _logits(model, tok):
+    import torch
+
+    ids = tok("Fusion splicing joins fibres", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.integration
+def test_every_spec_form_loads_the_same_adapter(tiny_llama: Path, tmp_path: Path, store: str) -> None:
+    import mlflow
+    import torch
+    from fibreflow.training.publish import log_adapter
+
+    peft, tok = _adapter(tiny_llama, tmp_path / "adapter")
+    want = _logits(peft, tok)
+    mlflow.set_experiment("fibreflow-train")
+    with mlflow.start_run() as run:
+        mlflow.set_tag("config_hash", "abc")
+        info = log_adapter(peft, tok, str(tiny_llama))
+    mlflow.register_model(info.model_uri, "fibreflow-assistant")
+    mlflow.MlflowClient().set_registered_model_alias("fibreflow-assistant", "challenger", "1")
+
+    cfg = load_eval_config()
+    rid = run.info.run_id
+    specs = [rid, f"runs:/{rid}/adapter", "latest", "models:/fibreflow-assistant@challenger",
+             "models:/fibreflow-assistant/1", str(tmp_path / "adapter")]  # fmt: skip
+    for spec in specs:
+        w = weights(spec, cfg)
+        assert Path(w.base) == tiny_llama and w.adapter, spec
+        model, tok2 = load_local(w, "float32")
+        assert torch.allclose(_logits(model, tok2), want, atol=1e-5), spec
+    registered = weights("models:/fibreflow-assistant@challenger", cfg).identity
+    assert registered | {"registered_model": "fibreflow-assistant", "version": "1", "run_id": rid} == registered
+    assert weights(rid, cfg).identity["run_id"] == rid
+    # a full model folder is the model itself
+    assert weights(str(tiny_llama), cfg).adapter is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("endpoint:nope", r"no endpoint 'nope' in eval.yaml \(known: router\)"),
+        ("vllm:base", "vllm is not installed"),
+        ("gpt-17", r"'gpt-17' is not in configs/models.yaml \(known: .*smollm2-135m-instruct"),
+        ("models:/nobody@champion", "no such registered model version"),
+        ("runs:/0123456789abcdef0123456789abcdef/adapter", "cannot be read from MLflow"),
+        ("latest", "no finished training run"),
+    ],
+)
+def test_bad_specs_say_what_is_wrong(spec: str, message: str, store: str, project_tmp: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        generator(spec, load_eval_config())

@@ -1,0 +1,148 @@
+"""`fibreflow eval` end to end: real database + pgvector retrieval, real models, real MLflow (sqlite)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fibreflow.core import db
+from fibreflow.datasets import build
+
+SMALL = {
+    "sample.per_tag": {"unknown_term": 2, "terminology": 6, "grounded_qa": 4},
+    "generation.max_new_tokens": 12,
+    "bootstrap.resamples": 2000,
+}
+
+
+@pytest.fixture
+def eval_home(project_tmp: Path, embedded_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project home: the embedded test database (seeded, embedded) as DATABASE_URL, its dataset built."""
+    import mlflow
+
+    monkeypatch.setenv("DATABASE_URL", embedded_url)
+    uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with db.connect(embedded_url) as conn:
+        build.build(conn, build.load_data_config(), progress=False)
+    return project_tmp
+
+
+def _adapter_folder(tiny: Path, out: Path) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
+    return out
+
+
+def _artifact(run_id: str, path: str) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+
+
+@pytest.mark.integration
+def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    import mlflow
+    from fibreflow.eval.run import main
+
+    adapter = _adapter_folder(tiny_llama, tmp_path / "adapter")
+    out = main(SMALL, models=[str(tiny_llama), str(adapter)], progress=False)
+
+    assert out["samples"] == 12 and out["grounded_samples"] == 4
+    assert set(out["scores"]) == {"champion", "challenger"}
+    for name in (
+        "accuracy",
+        "terminology_accuracy",
+        "unknown_term_refusal",
+        "grounded_accuracy",
+        "semantic_similarity",
+    ):
+        assert name in out["diff"], name
+        d = out["diff"][name]
+        assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    assert out["diff"]["grounded_accuracy"]["n"] == 4 and out["diff"]["unknown_term_refusal"]["n"] == 2
+    assert 0 <= out["retrieval"]["context_recall"] <= 1
+    assert out["gate"]["reasons"] and isinstance(out["gate"]["passed"], bool)
+
+    run = mlflow.get_run(out["run_id"])
+    assert run.data.tags["champion.kind"] == "model_folder" and run.data.tags["challenger.kind"] == "adapter_folder"
+    assert run.data.tags["gate"] in ("passed", "failed")
+    assert run.data.params["challenger.gen.max_new_tokens"] == "12"
+    assert run.data.params["challenger.gen.backend"] == "local"
+    assert {"champion.accuracy", "diff.accuracy.ci_low", "challenger.samples_per_s", "retrieval.context_recall"} <= set(
+        run.data.metrics
+    )
+    table = json.loads(_artifact(out["run_id"], "eval/samples.json").read_text())
+    columns = table["columns"]
+    rows = [dict(zip(columns, r, strict=True)) for r in table["data"]]
+    assert len(rows) == 12
+    assert {"question", "champion_answer", "challenger_answer", "champion_accuracy", "challenger_rouge_l"} <= set(
+        columns
+    )
+    grounded = [r for r in rows if "grounded_qa" in r["tags"]]
+    assert all(json.loads(r["retrieved"]) for r in grounded)  # records were retrieved for every grounded question
+    assert all(r["champion_unknown_term_refusal"] is None for r in grounded)  # not in that group: None, not 0
+    assert _artifact(out["run_id"], "eval/comparison.png").stat().st_size > 10_000
+
+
+@pytest.mark.integration
+def test_retrieval_stays_inside_the_rows_filters(eval_home: Path, embedded_url: str) -> None:
+    from fibreflow.datasets.build import load_data_config
+    from fibreflow.eval.config import Rag
+    from fibreflow.eval.rag import build_prompts
+    from fibreflow.eval.testset import Sample
+
+    with db.connect(embedded_url) as conn:
+        project = conn.execute("SELECT id FROM projects LIMIT 1").fetchone()[0]
+        owner = dict(conn.execute("SELECT record_id, project_id FROM record_embeddings").fetchall())
+    ask = "How many poles have been planted?"
+    mine = Sample(id="a", question=ask, reference="3", kind="numeric", contexts=["x"], filters={"project_id": project})
+    other = Sample(
+        id="b", question=ask, reference="3", kind="numeric", contexts=["x"], filters={"project_id": "PRJ-9999"}
+    )
+    plain = Sample(id="c", question="What is a splice closure?", reference="a closure", kind="open")
+    system = load_data_config().system_prompt
+    got = build_prompts([mine, other, plain], system, Rag(mode="retrieve", k=3))
+    assert len(got[0].record_ids) == 3 and {owner[r] for r in got[0].record_ids} == {project}
+    assert all(c in got[0].conversation[-1]["content"] for c in got[0].contexts)
+    assert got[1].record_ids == [] and got[1].contexts == []  # nothing from another project leaks in
+    assert got[2].conversation == [{"role": "system", "content": system}, {"role": "user", "content": plain.question}]
+    given = build_prompts([mine], system, Rag(mode="given"))[0]
+    assert given.contexts == ["x"] and given.record_ids == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_bundled_model_beats_a_random_one(eval_home: Path, tiny_llama: Path) -> None:
+    """SmolLM2-135M-Instruct (the real bundled weights) against a random tiny Llama on the same questions."""
+    from fibreflow.eval.run import main
+
+    overrides = SMALL | {"generation.max_new_tokens": 32, "rag.mode": "given"}
+    out = main(overrides, models=[str(tiny_llama), "base"], progress=False)
+    assert out["identity"]["challenger"]["kind"] == "base"
+    sim = out["diff"]["semantic_similarity"]
+    assert sim["ci_low"] > 0.1, sim  # real sentences about the question vs random tokens
+    assert out["scores"]["challenger"]["rouge_l"] > out["scores"]["champion"]["rouge_l"]
+    assert out["gate"]["passed"] is False  # a base model does not clear the accuracy minimum
+
+
+def test_a_bad_test_set_fails_naming_line_and_field(tmp_path: Path) -> None:
+    from fibreflow.core.cli import app
+    from typer.testing import CliRunner
+
+    bad = tmp_path / "bad.jsonl"
+    good = {"id": "1", "question": "q", "reference": "r", "kind": "exact"}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps(good | {"id": "2", "kind": "fuzzy"}) + "\n")
+    result = CliRunner().invoke(app, ["eval", "--test-set", str(bad), "--models", "base"])
+    assert result.exit_code == 2
+    assert "bad.jsonl line 2: field 'kind'" in result.output
