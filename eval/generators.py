@@ -7,13 +7,25 @@ Lifecycle: build -> `generate(conversations)` any number of times -> `settings` 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fibreflow.core.errors import FibreFlowError
 
 Conversation = list[dict[str, str]]
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, also from inside a running event loop (a notebook, a server): then on a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 class GenerationError(FibreFlowError):
@@ -122,7 +134,7 @@ class EndpointGenerator:
         }
 
     def generate(self, conversations: Sequence[Conversation]) -> list[str]:
-        return asyncio.run(self._all(conversations))
+        return run_sync(self._all(conversations))
 
     async def _all(self, conversations: Sequence[Conversation]) -> list[str]:
         import openai

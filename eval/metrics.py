@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fibreflow.eval.config import Judge
+from fibreflow.eval.generators import run_sync
 from fibreflow.eval.scorers import score
 from fibreflow.eval.testset import Sample
 from tqdm.auto import tqdm
@@ -79,7 +80,7 @@ def answer_metrics(samples: list[Sample], answers: list[str], embedder: Any | No
                 out[name].append(float((await m.ascore(reference=s.reference, response=a)).value))
         return out
 
-    return asyncio.run(all_rows())
+    return run_sync(all_rows())
 
 
 def retrieval_metrics(samples: list[Sample], retrieved: list[list[str]]) -> Scores:
@@ -101,7 +102,7 @@ def retrieval_metrics(samples: list[Sample], retrieved: list[list[str]]) -> Scor
             out["context_precision"].append(float(await precision.single_turn_ascore(row)))
         return out
 
-    return asyncio.run(all_rows())
+    return run_sync(all_rows())
 
 
 @dataclass
@@ -189,7 +190,7 @@ def judge(
     progress: bool = False,
 ) -> Judged:
     """Each configured LLM-judge metric, `cfg.repeats` times per sample, `cfg.concurrency` calls at once."""
-    return asyncio.run(_judge(cfg, samples, responses, contexts, embedder, metrics or list(cfg.metrics), progress))
+    return run_sync(_judge(cfg, samples, responses, contexts, embedder, metrics or list(cfg.metrics), progress))
 
 
 async def _judge(

@@ -7,41 +7,12 @@ from pathlib import Path
 
 import pytest
 from fibreflow.core import db
-from fibreflow.datasets import build
 
 SMALL = {
     "sample.per_tag": {"unknown_term": 2, "terminology": 6, "grounded_qa": 4},
     "generation.max_new_tokens": 12,
     "bootstrap.resamples": 2000,
 }
-
-
-@pytest.fixture
-def eval_home(project_tmp: Path, embedded_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project home: the embedded test database (seeded, embedded) as DATABASE_URL, its dataset built."""
-    import mlflow
-
-    monkeypatch.setenv("DATABASE_URL", embedded_url)
-    uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    with db.connect(embedded_url) as conn:
-        build.build(conn, build.load_data_config(), progress=False)
-    return project_tmp
-
-
-def _adapter_folder(tiny: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_pretrained(tiny)
-    get_peft_model(
-        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    ).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny).save_pretrained(out)
-    return out
 
 
 def _artifact(run_id: str, path: str) -> Path:
@@ -51,12 +22,11 @@ def _artifact(run_id: str, path: str) -> Path:
 
 
 @pytest.mark.integration
-def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Path, random_adapter: Path) -> None:
     import mlflow
     from fibreflow.eval.run import main
 
-    adapter = _adapter_folder(tiny_llama, tmp_path / "adapter")
-    out = main(SMALL, models=[str(tiny_llama), str(adapter)], progress=False)
+    out = main(SMALL, models=[str(tiny_llama), str(random_adapter)], progress=False)
 
     assert out["samples"] == 12 and out["grounded_samples"] == 4
     assert set(out["scores"]) == {"champion", "challenger"}
