@@ -16,9 +16,9 @@ class Sampling(Strict):
 
 
 class Generation(Strict):
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 64
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
 
 class Rag(Strict):

@@ -50,11 +50,14 @@ class LocalGenerator:
     tok: Any
     batch_size: int = 16
     max_new_tokens: int = 128
+    progress: bool = False
 
     @property
     def settings(self) -> dict[str, Any]:
         return {
             "backend": "local",
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "quantized_4bit": bool(getattr(self.model, "is_loaded_in_4bit", False)),
             "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens,
             "greedy": True,
@@ -63,7 +66,7 @@ class LocalGenerator:
     def generate(self, conversations: Sequence[Conversation]) -> list[str]:
         from fibreflow.eval.generate import generate_local
 
-        kw = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "progress": False}
+        kw = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "progress": self.progress}
         return generate_local(self.model, self.tok, conversations, **kw)
 
 

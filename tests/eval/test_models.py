@@ -88,3 +88,38 @@ def test_every_spec_form_loads_the_same_adapter(tiny_llama: Path, tmp_path: Path
 def test_bad_specs_say_what_is_wrong(spec: str, message: str, store: str, project_tmp: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         generator(spec, load_eval_config())
+
+
+@pytest.mark.integration
+def test_a_qlora_adapter_is_loaded_on_the_base_quantized_as_in_training(
+    tiny_llama: Path, tmp_path: Path, store: str
+) -> None:
+    """The 4-bit settings come from the training run's params (MLflow) or the adapter folder's file."""
+    import json
+
+    import mlflow
+    from bitsandbytes.nn import Linear4bit
+    from fibreflow.training.publish import log_adapter
+    from fibreflow.training.train import QUANTIZATION_FILE
+
+    peft, tok = _adapter(tiny_llama, tmp_path / "adapter")
+    nf4 = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
+           "quant_storage": "bfloat16"}  # fmt: skip
+    mlflow.set_experiment("fibreflow-train")
+    with mlflow.start_run() as run:
+        mlflow.log_params({f"quantization.{k}": v for k, v in nf4.items()})
+        log_adapter(peft, tok, str(tiny_llama))
+    with mlflow.start_run() as plain_run:
+        mlflow.log_params({"quantization": None})
+        log_adapter(peft, tok, str(tiny_llama))
+    (tmp_path / "adapter" / QUANTIZATION_FILE).write_text(json.dumps({"quantization": nf4}))
+
+    cfg = load_eval_config()
+    for spec in (run.info.run_id, str(tmp_path / "adapter")):
+        w = weights(spec, cfg)
+        assert w.quantization is not None and w.quantization.quant_type == "nf4", spec
+        model, _ = load_local(w, "float32")
+        assert any(isinstance(mod, Linear4bit) for mod in model.modules()), spec
+    assert weights(plain_run.info.run_id, cfg).quantization is None
+    gen, tags = generator(run.info.run_id, cfg)
+    assert tags["quantization"] == "nf4" and gen.settings["quantized_4bit"] is True

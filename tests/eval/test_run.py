@@ -106,7 +106,7 @@ def test_the_bundled_model_beats_a_random_one(eval_home: Path, tiny_llama: Path)
     assert out["gate"]["passed"] is False  # a base model does not clear the accuracy minimum
 
 
-def test_a_bad_test_set_fails_naming_line_and_field(tmp_path: Path) -> None:
+def test_a_bad_test_set_fails_naming_line_and_field(project_tmp: Path, tmp_path: Path) -> None:
     from fibreflow.core.cli import app
     from typer.testing import CliRunner
 
