@@ -186,6 +186,42 @@ def evaluate(
     _print(main(_overrides(set_), test_set=test_set, models=specs))
 
 
+@app.command("register")
+@friendly
+def register(
+    run: Annotated[
+        str, typer.Option(help="Training run id (or runs:/<id>/adapter); `latest` = the newest.")
+    ] = "latest",
+    eval_run: Annotated[str | None, typer.Option(help="The evaluation run to record with it.")] = None,
+) -> None:
+    """Register a training run's adapter as a new version (lineage tags, serving spec), aliased @challenger."""
+    from fibreflow.registry.registry import register as run_register
+
+    _print(run_register(run, eval_run))
+
+
+@app.command("promote")
+@friendly
+def promote(
+    force: Annotated[bool, typer.Option(help="Promote even if the gate fails (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why (recorded with the decision).")] = None,
+    set_: Overrides = None,
+) -> None:
+    """Gate @challenger against @champion (first time: the base model); move @champion only if it passes."""
+    from fibreflow.registry.registry import promote as run_promote
+
+    _print(run_promote(force=force, reason=reason, eval_overrides=_overrides(set_)))
+
+
+@app.command("rollback")
+@friendly
+def rollback(reason: Annotated[str, typer.Option(help="Why (recorded in the alias history).")] = "") -> None:
+    """Move @champion back to the version it replaced."""
+    from fibreflow.registry.registry import rollback as run_rollback
+
+    _print(run_rollback(reason=reason))
+
+
 @app.command("main")
 @friendly
 def main_job(

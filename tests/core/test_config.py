@@ -11,6 +11,7 @@ from fibreflow.datasets.build import DataConfig
 from fibreflow.datasets.embed import EmbedConfig
 from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.gates import GatesConfig
+from fibreflow.registry.registry import RegistryConfig
 from fibreflow.training.config import Catalogue
 from fibreflow.training.tune import TuneConfig
 
@@ -25,6 +26,7 @@ MODELS = {
     "tune": TuneConfig,
     "gates": GatesConfig,
     "eval": EvalConfig,
+    "registry": RegistryConfig,
 }
 
 

@@ -1,0 +1,209 @@
+"""Model registry: register a trained adapter with its lineage, promote it through the gates, roll back.
+
+Aliases are the source of truth: `@challenger` is the newest registered candidate, `@champion` what serving
+uses. A promotion changes exactly one thing, the `@champion` alias, in one MLflow call; everything written
+before it (the candidate's `previous_champion` tag) means nothing until the alias moves, and everything written
+after it (the decision record, the alias history) is a record. An interrupted promotion therefore leaves the
+aliases fully old or fully new.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from fibreflow.core.config import Strict, load_config
+from fibreflow.core.errors import FibreFlowError
+from pydantic import Field
+
+HISTORY_TAG = "alias_history"  # registered-model tag: the last HISTORY_KEEP alias moves, newest last
+HISTORY_KEEP = 40
+
+
+class RegistryError(FibreFlowError):
+    """A registry operation that cannot go ahead as asked."""
+
+
+class RegistryConfig(Strict):
+    name: str = "fibreflow-assistant"
+    experiment: str = "fibreflow-registry"
+    headline_metrics: list[str] = Field(default_factory=list)
+
+
+def load_registry_config(overrides: dict[str, Any] | None = None) -> RegistryConfig:
+    return load_config(RegistryConfig, "registry", overrides)
+
+
+def _client() -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def serving_spec(run: Any, version: str, name: str) -> dict[str, Any]:
+    """What the serving layer needs to run this version: base, adapter, quantization, context, chat template."""
+    from fibreflow.eval.models import run_quantization
+    from fibreflow.training.config import load_catalogue
+    from fibreflow.training.models import load_tokenizer
+
+    tags, params = run.data.tags, run.data.params
+    entry = load_catalogue().models.get(tags.get("base_model", ""))
+    q = run_quantization(run.info.run_id)
+    return {
+        "registered_model": name,
+        "version": version,
+        "base_model": tags.get("base_model"),
+        "base_model_path": tags.get("base_model_path"),
+        "adapter_uri": f"models:/{name}/{version}",
+        "merged_model_path": tags.get("merged_model_path"),
+        "quantization": q.model_dump() if q else None,
+        "max_context": entry.max_context if entry else None,
+        "max_new_tokens": 128,
+        "chat_template": load_tokenizer(tags["base_model_path"]).chat_template,
+        "dtype": params.get("dtype"),
+    }
+
+
+def register(
+    source: str = "latest", eval_run_id: str | None = None, cfg: RegistryConfig | None = None
+) -> dict[str, Any]:
+    """A training run's adapter -> a new version with lineage tags and a serving spec, aliased `@challenger`."""
+    import mlflow
+    from fibreflow.core.tracking import setup_mlflow
+    from fibreflow.eval.models import RUN_ID, _latest_run
+
+    cfg = cfg or load_registry_config()
+    setup_mlflow(cfg.experiment)
+    run_id = _latest_run() if source == "latest" else source.removeprefix("runs:/").split("/")[0]
+    if not RUN_ID.match(run_id):
+        raise RegistryError(f"register: {source!r} is not a training run id, runs:/<id>/adapter or `latest`")
+    client = _client()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise RegistryError(f"register: no run {run_id} in {mlflow.get_tracking_uri()}") from None
+    if "config_hash" not in run.data.tags:
+        raise RegistryError(f"register: run {run_id} is not a `fibreflow train` run (no config_hash tag)")
+    mv = mlflow.register_model(f"runs:/{run_id}/adapter", cfg.name)
+    spec = serving_spec(run, str(mv.version), cfg.name)
+    client.log_dict(run_id, spec, f"serving/spec-v{mv.version}.json")  # with the training run that made the weights
+    tags = {
+        "training_run_id": run_id,
+        "dataset_version": run.data.tags.get("dataset_version", ""),
+        "base_model": run.data.tags.get("base_model", ""),
+        "config_hash": run.data.tags["config_hash"],
+        "git_sha": run.data.tags.get("git_sha", ""),
+        "serving_spec": f"runs:/{run_id}/serving/spec-v{mv.version}.json",
+        "quantization": spec["quantization"]["quant_type"] if spec["quantization"] else "none",
+    }
+    tags |= {f"metric.{k}": f"{run.data.metrics[k]:.4f}" for k in cfg.headline_metrics if k in run.data.metrics}
+    if eval_run_id:
+        tags["eval_run_id"] = eval_run_id
+    for k, v in tags.items():
+        client.set_model_version_tag(cfg.name, mv.version, k, v)
+    client.set_registered_model_alias(cfg.name, "challenger", mv.version)
+    _append_history(cfg.name, "challenger", str(mv.version), "registered")
+    return {"name": cfg.name, "version": str(mv.version), "alias": "challenger", "tags": tags}
+
+
+def _alias(name: str, alias: str) -> Any | None:
+    import mlflow
+
+    try:
+        return _client().get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _append_history(name: str, alias: str, version: str, action: str, **extra: str) -> None:
+    client = _client()
+    model = client.get_registered_model(name)
+    history = json.loads(model.tags.get(HISTORY_TAG, "[]"))
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    history.append({"alias": alias, "version": version, "action": action, "at": at, **extra})
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_KEEP:]))
+
+
+def history(cfg: RegistryConfig | None = None) -> list[dict[str, str]]:
+    cfg = cfg or load_registry_config()
+    return json.loads(_client().get_registered_model(cfg.name).tags.get(HISTORY_TAG, "[]"))
+
+
+def promote(
+    *,
+    force: bool = False,
+    reason: str | None = None,
+    eval_overrides: dict[str, Any] | None = None,
+    cfg: RegistryConfig | None = None,
+) -> dict[str, Any]:
+    """Gate `@challenger` against `@champion` (the first time: against the base model) and move `@champion` only
+    if the gate passes, or if forced with a reason. The decision is an MLflow run and tags on the version."""
+    import mlflow
+    from fibreflow.core.tracking import setup_mlflow
+    from fibreflow.eval.run import main as evaluate
+
+    cfg = cfg or load_registry_config()
+    if force and not (reason and reason.strip()):
+        raise RegistryError('promote --force needs --reason "…" (it is recorded with the decision)')
+    setup_mlflow(cfg.experiment)
+    challenger = _alias(cfg.name, "challenger")
+    if challenger is None:
+        raise RegistryError(f"{cfg.name} has no @challenger: run `fibreflow register` first")
+    champion = _alias(cfg.name, "champion")
+    if champion is not None and champion.version == challenger.version:
+        return {"promoted": False, "version": str(champion.version), "reasons": ["@challenger is already @champion"]}
+    against = f"models:/{cfg.name}/{champion.version}" if champion else "base"
+    # the first time: against the base model the challenger was trained from
+    eval_overrides = (eval_overrides or {}) | ({} if champion else {"base_model": challenger.tags["base_model"]})
+    with mlflow.start_run(run_name=f"promote-v{challenger.version}") as run:
+        summary = evaluate(eval_overrides, models=[against, f"models:/{cfg.name}/{challenger.version}"], progress=False)
+        passed = bool(summary["gate"]["passed"])
+        decision = "passed" if passed else ("forced" if force else "refused")
+        promoted = passed or force
+        mlflow.set_tags({"decision": decision, "challenger_version": str(challenger.version),
+                         "champion_version": str(champion.version) if champion else "base",
+                         "eval_run_id": summary["run_id"]} | ({"force_reason": reason} if force else {}))  # fmt: skip
+        mlflow.log_dict(summary["gate"] | {"decision": decision, "reason": reason}, "promotion/decision.json")
+        client = _client()
+        version = str(challenger.version)
+        if promoted:
+            before = str(champion.version) if champion else ""
+            client.set_model_version_tag(cfg.name, version, "previous_champion", before)  # inert until the switch
+            client.set_registered_model_alias(cfg.name, "champion", version)  # the one atomic switch
+        record = {"decision": decision, "decision_run_id": run.info.run_id, "eval_run_id": summary["run_id"],
+                  "reasons": " | ".join(summary["gate"]["reasons"])[:4000]}  # fmt: skip
+        if force:
+            record["force_reason"] = reason or ""
+        for k, v in record.items():
+            client.set_model_version_tag(cfg.name, version, f"promotion.{k}", v)
+        if promoted:
+            _append_history(cfg.name, "champion", version, decision, run_id=run.info.run_id)
+    return {
+        "promoted": promoted,
+        "decision": decision,
+        "version": version,
+        "previous_champion": str(champion.version) if champion else None,
+        "reasons": summary["gate"]["reasons"],
+        "decision_run_id": run.info.run_id,
+        "eval_run_id": summary["run_id"],
+    }
+
+
+def rollback(cfg: RegistryConfig | None = None, reason: str = "") -> dict[str, Any]:
+    """Move `@champion` back to the version it replaced (kept in the version's `previous_champion` tag)."""
+    from fibreflow.core.tracking import setup_mlflow
+
+    cfg = cfg or load_registry_config()
+    setup_mlflow(cfg.experiment)
+    current = _alias(cfg.name, "champion")
+    if current is None:
+        raise RegistryError(f"{cfg.name} has no @champion to roll back")
+    previous = current.tags.get("previous_champion", "")
+    if not previous:
+        raise RegistryError(f"{cfg.name} v{current.version} was the first champion: there is nothing to roll back to")
+    client = _client()
+    client.set_registered_model_alias(cfg.name, "champion", previous)  # the one atomic switch
+    client.set_model_version_tag(cfg.name, current.version, "rolled_back", reason or "yes")
+    _append_history(cfg.name, "champion", previous, "rollback", **{"from": str(current.version), "reason": reason})
+    return {"champion": previous, "was": str(current.version)}

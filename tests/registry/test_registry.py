@@ -1,0 +1,159 @@
+"""Registration, gated promotion, forced promotion and rollback against a real MLflow (sqlite) and real models.
+
+The models are tiny random Llamas with LoRA adapters; the test set's references are adapter A's own answers,
+so A is right on every question and any other adapter is wrong on most: a known better and a known worse model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTIONS = [f"What does fibreflow code {i} mean?" for i in range(8)]
+
+
+@pytest.fixture
+def home(tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project home whose catalogue points the default base at the tiny Llama, gated on accuracy alone."""
+    import mlflow
+
+    home = tmp_path / "home"
+    shutil.copytree(ROOT / "configs", home / "configs")
+    models = yaml.safe_load((home / "configs/models.yaml").read_text())
+    models["models"]["smollm2-135m-instruct"] = {"path": str(tiny_llama), "max_context": 1024}
+    (home / "configs/models.yaml").write_text(yaml.safe_dump(models))
+    (home / "configs/gates.yaml").write_text(
+        yaml.safe_dump({"metrics": {"accuracy": {"min": 0.5, "max_regression": 0.02}}})
+    )
+    ev = yaml.safe_load((home / "configs/eval.yaml").read_text())
+    ev |= {"test_set": str(home / "test.jsonl"), "rag": {"mode": "off"}, "semantic_similarity": False,
+           "generation": {"batch_size": 8, "max_new_tokens": 8, "dtype": "float32"},
+           "bootstrap": {"resamples": 1000, "seed": 0, "confidence": 0.95}}  # fmt: skip
+    (home / "configs/eval.yaml").write_text(yaml.safe_dump(ev))
+    monkeypatch.setenv("FIBREFLOW_HOME", str(home))
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return home
+
+
+def _train_run(tiny: Path, out: Path, seed: int) -> str:
+    """A finished training run as `fibreflow train` leaves it: lineage tags, params, metrics, the logged adapter."""
+    import mlflow
+    import torch
+    from fibreflow.training.publish import log_adapter
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny)
+    peft.save_pretrained(out)
+    tok.save_pretrained(out)
+    mlflow.set_experiment("fibreflow-train")
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"config_hash": f"hash{seed}", "base_model": "smollm2-135m-instruct", "git_sha": "abc123",
+                         "base_model_path": str(tiny), "dataset_version": "v-test"})  # fmt: skip
+        mlflow.log_params({"quantization": None, "dtype": "float32"})
+        mlflow.log_metrics({"heldout_known_tuned": 0.5, "heldout_known_gain": 0.25})
+        log_adapter(peft.eval(), tok, str(tiny))
+    return run.info.run_id
+
+
+def _write_test_set(home: Path, adapter: Path) -> None:
+    """References = adapter A's own greedy answers, generated exactly as `fibreflow eval` will."""
+    from fibreflow.datasets.build import load_data_config
+    from fibreflow.eval.config import load_eval_config
+    from fibreflow.eval.rag import build_prompts
+    from fibreflow.eval.run import answers_of
+    from fibreflow.eval.testset import Sample
+
+    cfg = load_eval_config()
+    samples = [Sample(id=str(i), question=q, reference="", kind="exact") for i, q in enumerate(QUESTIONS)]
+    prompts = build_prompts(samples, load_data_config().system_prompt, cfg.rag)
+    answers, _, _ = answers_of(str(adapter), cfg, prompts)
+    assert all(a.strip() for a in answers)
+    rows = [
+        {"id": str(i), "question": q, "reference": a, "kind": "exact"}
+        for i, (q, a) in enumerate(zip(QUESTIONS, answers, strict=True))
+    ]
+    (home / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.integration
+def test_register_promote_refuse_force_and_roll_back(home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    import mlflow
+    from fibreflow.registry.registry import RegistryError, history, promote, register, rollback
+
+    run_a = _train_run(tiny_llama, tmp_path / "a", seed=1)
+    _write_test_set(home, tmp_path / "a")
+    client = mlflow.MlflowClient()
+
+    first = register(run_a, eval_run_id="e" * 32)
+    assert first["version"] == "1" and first["alias"] == "challenger"
+    v1 = client.get_model_version("fibreflow-assistant", "1")
+    lineage = {"training_run_id": run_a, "dataset_version": "v-test", "config_hash": "hash1", "git_sha": "abc123",
+               "eval_run_id": "e" * 32, "metric.heldout_known_tuned": "0.5000"}  # fmt: skip
+    assert v1.tags | lineage == v1.tags
+    spec = json.loads(Path(mlflow.artifacts.download_artifacts(v1.tags["serving_spec"])).read_text())
+    assert spec["base_model_path"] == str(tiny_llama) and spec["adapter_uri"] == "models:/fibreflow-assistant/1"
+    assert spec["quantization"] is None and spec["max_context"] == 1024 and "im_start" in spec["chat_template"]
+
+    # the first promotion is judged against the base model: A answers its own references, the base does not
+    out = promote()
+    assert out["promoted"] and out["decision"] == "passed" and out["previous_champion"] is None
+    assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
+
+    # a worse challenger is refused and the champion stays
+    register(_train_run(tiny_llama, tmp_path / "b", seed=2))
+    refused = promote()
+    assert refused["promoted"] is False and refused["decision"] == "refused"
+    assert any("accuracy" in r and "minimum" in r for r in refused["reasons"])
+    assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
+    v2 = client.get_model_version("fibreflow-assistant", "2")
+    assert v2.tags["promotion.decision"] == "refused" and "accuracy" in v2.tags["promotion.reasons"]
+    decision_run = mlflow.get_run(refused["decision_run_id"])
+    assert decision_run.data.tags["decision"] == "refused" and decision_run.data.tags["champion_version"] == "1"
+
+    # forcing needs a reason, and the reason is recorded
+    with pytest.raises(RegistryError, match="--reason"):
+        promote(force=True)
+    forced = promote(force=True, reason="hotfix: v1 cites cancelled poles")
+    assert forced["promoted"] and forced["decision"] == "forced"
+    assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "2"
+    v2 = client.get_model_version("fibreflow-assistant", "2")
+    assert v2.tags["promotion.force_reason"] == "hotfix: v1 cites cancelled poles"
+    assert mlflow.get_run(forced["decision_run_id"]).data.tags["force_reason"].startswith("hotfix")
+
+    # rollback restores the previous champion; the alias history keeps every move
+    assert rollback(reason="complaints") == {"champion": "1", "was": "2"}
+    assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
+    moves = [(h["alias"], h["version"], h["action"]) for h in history()]
+    assert moves == [("challenger", "1", "registered"), ("champion", "1", "passed"), ("challenger", "2", "registered"),
+                     ("champion", "2", "forced"), ("champion", "1", "rollback")]  # fmt: skip
+    with pytest.raises(RegistryError, match="first champion"):
+        rollback()
+
+
+@pytest.mark.integration
+def test_registering_something_that_is_not_a_training_run_fails(home: Path) -> None:
+    import mlflow
+    from fibreflow.registry.registry import RegistryError, promote, register
+
+    with pytest.raises(RegistryError, match="not a training run id"):
+        register("my-model")
+    with pytest.raises(RegistryError, match="no run 0123"):
+        register("0123456789abcdef0123456789abcdef")
+    mlflow.set_experiment("fibreflow-train")
+    with mlflow.start_run() as run:
+        pass
+    with pytest.raises(RegistryError, match="not a `fibreflow train` run"):
+        register(run.info.run_id)
+    with pytest.raises(RegistryError, match="no @challenger"):
+        promote()
