@@ -152,7 +152,8 @@ def promote(
         raise RegistryError(f"{cfg.name} has no @challenger: run `fibreflow register` first")
     champion = _alias(cfg.name, "champion")
     if champion is not None and champion.version == challenger.version:
-        return {"promoted": False, "version": str(champion.version), "reasons": ["@challenger is already @champion"]}
+        reasons = ["@challenger is already @champion"]
+        return {"promoted": False, "decision": "unchanged", "version": str(champion.version), "reasons": reasons}
     against = f"models:/{cfg.name}/{champion.version}" if champion else "base"
     # the first time: against the base model the challenger was trained from
     eval_overrides = (eval_overrides or {}) | ({} if champion else {"base_model": challenger.tags["base_model"]})
