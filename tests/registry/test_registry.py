@@ -108,6 +108,7 @@ def test_register_promote_refuse_force_and_roll_back(home: Path, tiny_llama: Pat
     # the first promotion is judged against the base model: A answers its own references, the base does not
     out = promote()
     assert out["promoted"] and out["decision"] == "passed" and out["previous_champion"] is None
+    assert promote()["decision"] == "unchanged"  # nothing new to judge: no evaluation, no alias move
     assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
 
     # a worse challenger is refused and the champion stays
