@@ -226,11 +226,19 @@ def rollback(reason: Annotated[str, typer.Option(help="Why (recorded in the alia
 @friendly
 def main_job(
     scale: Annotated[int | None, typer.Option(help="Demo data scale.")] = None,
+    train_config: TrainConfigPath = None,
+    train_set: Annotated[list[str] | None, typer.Option("--train-set", help="Train config override k=v.")] = None,
+    eval_set: Annotated[list[str] | None, typer.Option("--eval-set", help="Eval config override k=v.")] = None,
 ) -> None:
-    """The whole pipeline on embedded defaults: database -> demo data -> datasets -> embeddings."""
+    """The whole pipeline on embedded defaults: demo data -> datasets -> embeddings -> fine-tune -> evaluate ->
+    register -> promote (one MLflow parent run; unchanged steps are reused)."""
     from fibreflow.core.pipeline import main
 
-    _print(main(scale=scale))
+    steps = main(scale, train_config=train_config, train_overrides=_overrides(train_set),
+                 eval_overrides=_overrides(eval_set))  # fmt: skip
+    report = steps.pop("report")
+    _print(steps)
+    typer.echo("\n" + report)
 
 
 if __name__ == "__main__":

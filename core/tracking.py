@@ -20,7 +20,8 @@ def load_tracking_config(overrides: dict[str, Any] | None = None) -> TrackingCon
 
 def setup_mlflow(experiment: str) -> str:
     """Point MLflow at the configured store and select `experiment` (created with a local artifact root
-    when the store is the sqlite default: MLflow's own default would be ./mlruns of the cwd). Returns its id."""
+    when the store is the sqlite default: MLflow's own default would be ./mlruns of the cwd). Returns its id.
+    Under an active run (a stage of the pipeline) the parent's experiment stays, so child runs nest visibly."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
@@ -31,6 +32,8 @@ def setup_mlflow(experiment: str) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{db}"
     mlflow.set_tracking_uri(uri)
+    if (active := mlflow.active_run()) is not None:  # a stage under a parent (the pipeline): its runs nest there
+        return active.info.experiment_id
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         exp_id = found.experiment_id

@@ -25,7 +25,6 @@ from fibreflow.eval.generators import EndpointGenerator, Generator, LocalGenerat
 from fibreflow.training.config import Quantization
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-TRAIN_EXPERIMENT = "fibreflow-train"
 
 
 @dataclass(frozen=True)
@@ -88,17 +87,18 @@ def _logged_adapter(uri: str, identity: dict[str, str]) -> Weights:
 
 
 def _latest_run() -> str:
+    """The newest finished `fibreflow train` run (tagged with a config hash), in any experiment."""
     import mlflow
 
     runs = mlflow.search_runs(
-        experiment_names=[TRAIN_EXPERIMENT],
-        filter_string="attributes.status = 'FINISHED' and tags.config_hash != ''",
+        search_all_experiments=True,
+        filter_string="attributes.status = 'FINISHED' and tags.config_hash != '' and tags.base_model != ''",
         order_by=["attributes.start_time DESC"],
         max_results=1,
         output_format="list",
     )
     if not runs:
-        raise ConfigError(f"`latest`: no finished training run in MLflow experiment {TRAIN_EXPERIMENT!r}")
+        raise ConfigError("`latest`: no finished training run in MLflow: run `fibreflow train` first")
     return runs[0].info.run_id
 
 
@@ -171,30 +171,40 @@ def load_local(w: Weights, dtype: str) -> tuple[Any, Any]:
     return model.eval(), load_tokenizer(w.adapter if has_tok else w.base)
 
 
-def generator(spec: str, cfg: EvalConfig, progress: bool = False) -> tuple[Generator, dict[str, str]]:
-    """A ready generator for `spec` and its identity (logged as MLflow tags)."""
+def identify(spec: str, cfg: EvalConfig) -> dict[str, str]:
+    """What `spec` names, without loading weights: the identity logged as tags (and keyed for reuse)."""
+    if spec.startswith("endpoint:"):
+        ep = _endpoint(spec, cfg)
+        return {"kind": "endpoint", "base_url": ep.base_url, "model": ep.model}
+    if spec.startswith("vllm:"):
+        return _tags(weights(spec.removeprefix("vllm:"), cfg)) | {"backend": "vllm"}
+    return _tags(weights(spec, cfg))
+
+
+def _endpoint(spec: str, cfg: EvalConfig) -> Any:
+    name = spec.removeprefix("endpoint:")
+    if name not in cfg.endpoints:
+        raise ConfigError(f"{spec}: no endpoint {name!r} in eval.yaml (known: {', '.join(cfg.endpoints) or '-'})")
+    return cfg.endpoints[name]
+
+
+def generator(spec: str, cfg: EvalConfig, progress: bool = False) -> Generator:
+    """A ready generator for `spec`."""
     g = cfg.generation
     if spec.startswith("endpoint:"):
-        name = spec.removeprefix("endpoint:")
-        if name not in cfg.endpoints:
-            raise ConfigError(f"{spec}: no endpoint {name!r} in eval.yaml (known: {', '.join(cfg.endpoints) or '-'})")
-        ep = cfg.endpoints[name]
+        ep = _endpoint(spec, cfg)
         key = os.environ.get(ep.api_key_env, "none") if ep.api_key_env else "none"
-        gen = EndpointGenerator(
+        return EndpointGenerator(
             spec, ep.base_url, ep.model, key, concurrency=cfg.endpoint_concurrency, max_new_tokens=g.max_new_tokens
         )
-        return gen, {"kind": "endpoint", "base_url": ep.base_url, "model": ep.model}
     if spec.startswith("vllm:"):
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError(f"{spec}: vllm is not installed here (GPU deployments: pip install '.[gpu]')")
         w = weights(spec.removeprefix("vllm:"), cfg)
         engine = {"quantization": "bitsandbytes"} if w.quantization else {}  # vLLM loads the base 4-bit, as trained
-        return VllmGenerator(spec, w.base, w.adapter, g.max_new_tokens, engine_args=engine), _tags(w) | {
-            "backend": "vllm"
-        }
-    w = weights(spec, cfg)
-    model, tok = load_local(w, g.dtype)
-    return LocalGenerator(spec, model, tok, g.batch_size, g.max_new_tokens, progress), _tags(w)
+        return VllmGenerator(spec, w.base, w.adapter, g.max_new_tokens, engine_args=engine)
+    model, tok = load_local(weights(spec, cfg), g.dtype)
+    return LocalGenerator(spec, model, tok, g.batch_size, g.max_new_tokens, progress)
 
 
 def _tags(w: Weights) -> dict[str, str]:

@@ -56,9 +56,10 @@ def answers_of(
     spec: str, cfg: EvalConfig, prompts: list[Prompt], progress: bool = False
 ) -> tuple[list[str], dict[str, Any], dict[str, str]]:
     """(answers, generation settings + throughput, identity) for one model; its weights are freed afterwards."""
-    from fibreflow.eval.models import generator
+    from fibreflow.eval.models import generator, identify
 
-    gen, identity = generator(spec, cfg, progress)
+    identity = identify(spec, cfg)
+    gen = generator(spec, cfg, progress)
     try:
         start = time.perf_counter()
         answers = gen.generate([p.conversation for p in prompts])
@@ -86,6 +87,15 @@ def compare(
     return dict(sorted(out.items()))
 
 
+def diffs_of(summary: dict[str, Any]) -> dict[str, PairedDiff]:
+    """The paired differences recorded in an evaluation's summary (to judge them again, e.g. with new gates)."""
+    a, b = summary["scores"]["champion"], summary["scores"]["challenger"]
+    return {
+        k: PairedDiff(a[k], b[k], d["diff"], d["ci_low"], d["ci_high"], d["n"])
+        for k, d in summary.get("diff", {}).items()
+    }
+
+
 def mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
@@ -98,8 +108,10 @@ def main(
     models: list[str] | None = None,
     database_url: str | None = None,
     progress: bool = True,
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate one model, or champion vs challenger (`models`: the first is the champion)."""
+    """Evaluate one model, or champion vs challenger (`models`: the first is the champion). With `reuse`, an
+    earlier finished evaluation of the same models (by identity), test set and config is returned instead."""
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
     from fibreflow.datasets.build import load_data_config
@@ -111,6 +123,9 @@ def main(
     path = test_set_path(cfg)
     samples = select(load_test_set(path), cfg)  # a bad test set fails before anything else happens
     setup_mlflow(cfg.experiment)  # before models resolve: `latest`, runs:/ and models:/ read this store
+    key = eval_key(cfg, path)
+    if reuse and (earlier := _earlier(key)) is not None:
+        return earlier
     prompts = build_prompts(samples, load_data_config().system_prompt, cfg.rag, database_url)
     shown = [p.contexts for p in prompts]
 
@@ -145,8 +160,35 @@ def main(
     run_id = os.environ.get("MLFLOW_RUN_ID") if not parent else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "eval-" + "-vs-".join(cfg.models), nested=parent):
         _log(cfg, path, samples, prompts, answers, scores, retrieval, judged, diffs, summary)
+        mlflow.set_tag("eval_key", key)
         summary["run_id"] = mlflow.active_run().info.run_id
-    return summary
+    return summary | {"reused": False}
+
+
+def eval_key(cfg: EvalConfig, path: Path) -> str:
+    """Same key = same evaluation: the models' identities (not their spec strings), test set bytes, config."""
+    from fibreflow.eval.models import identify
+
+    ident = [identify(spec, cfg) for spec in cfg.models]
+    body = {"config": cfg.model_dump(mode="json", exclude={"models"}), "identities": ident,
+            "test_set": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _earlier(key: str) -> dict[str, Any] | None:
+    import mlflow
+
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"attributes.status = 'FINISHED' and tags.eval_key = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if not runs:
+        return None
+    summary = mlflow.artifacts.load_dict(f"runs:/{runs[0].info.run_id}/eval/summary.json")
+    return summary | {"run_id": runs[0].info.run_id, "reused": True}
 
 
 def _summary(

@@ -85,6 +85,9 @@ def register(
         raise RegistryError(f"register: no run {run_id} in {mlflow.get_tracking_uri()}") from None
     if "config_hash" not in run.data.tags:
         raise RegistryError(f"register: run {run_id} is not a `fibreflow train` run (no config_hash tag)")
+    found = client.search_model_versions(f"name = '{cfg.name}' and run_id = '{run_id}'")
+    if found:  # registered before: the same weights get no second version, and no alias moves
+        return {"name": cfg.name, "version": str(found[0].version), "reused": True}
     mv = mlflow.register_model(f"runs:/{run_id}/adapter", cfg.name)
     spec = serving_spec(run, str(mv.version), cfg.name)
     client.log_dict(run_id, spec, f"serving/spec-v{mv.version}.json")  # with the training run that made the weights
@@ -104,7 +107,7 @@ def register(
         client.set_model_version_tag(cfg.name, mv.version, k, v)
     client.set_registered_model_alias(cfg.name, "challenger", mv.version)
     _append_history(cfg.name, "challenger", str(mv.version), "registered")
-    return {"name": cfg.name, "version": str(mv.version), "alias": "challenger", "tags": tags}
+    return {"name": cfg.name, "version": str(mv.version), "alias": "challenger", "tags": tags, "reused": False}
 
 
 def _alias(name: str, alias: str) -> Any | None:
@@ -135,12 +138,17 @@ def promote(
     force: bool = False,
     reason: str | None = None,
     eval_overrides: dict[str, Any] | None = None,
+    eval_run_id: str | None = None,
     cfg: RegistryConfig | None = None,
 ) -> dict[str, Any]:
     """Gate `@challenger` against `@champion` (the first time: against the base model) and move `@champion` only
-    if the gate passes, or if forced with a reason. The decision is an MLflow run and tags on the version."""
+    if the gate passes, or if forced with a reason. The decision is an MLflow run and tags on the version.
+    `eval_run_id` (default: the version's `eval_run_id` tag): an evaluation of exactly this pair, judged again
+    with the current gates instead of evaluating again."""
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
+    from fibreflow.eval.gates import decide, load_gates
+    from fibreflow.eval.run import diffs_of
     from fibreflow.eval.run import main as evaluate
 
     cfg = cfg or load_registry_config()
@@ -157,9 +165,15 @@ def promote(
     against = f"models:/{cfg.name}/{champion.version}" if champion else "base"
     # the first time: against the base model the challenger was trained from
     eval_overrides = (eval_overrides or {}) | ({} if champion else {"base_model": challenger.tags["base_model"]})
-    with mlflow.start_run(run_name=f"promote-v{challenger.version}") as run:
-        summary = evaluate(eval_overrides, models=[against, f"models:/{cfg.name}/{challenger.version}"], progress=False)
-        passed = bool(summary["gate"]["passed"])
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=f"promote-v{challenger.version}", nested=nested) as run:
+        summary = _same_pair(eval_run_id or challenger.tags.get("eval_run_id"), champion, challenger)
+        if summary is None:
+            models = [against, f"models:/{cfg.name}/{challenger.version}"]
+            summary = evaluate(eval_overrides, models=models, progress=False)
+        gate = decide(load_gates(), diffs_of(summary))
+        summary["gate"] = {"passed": gate.passed, "reasons": gate.reasons}
+        passed = gate.passed
         decision = "passed" if passed else ("forced" if force else "refused")
         promoted = passed or force
         mlflow.set_tags({"decision": decision, "challenger_version": str(challenger.version),
@@ -189,6 +203,28 @@ def promote(
         "decision_run_id": run.info.run_id,
         "eval_run_id": summary["run_id"],
     }
+
+
+def _same_pair(eval_run_id: str | None, champion: Any | None, challenger: Any) -> dict[str, Any] | None:
+    """The summary of an earlier evaluation of exactly this champion (or the challenger's base) vs the
+    challenger's weights, or None."""
+    import mlflow
+
+    if not eval_run_id:
+        return None
+    try:
+        tags = mlflow.get_run(eval_run_id).data.tags
+    except mlflow.exceptions.MlflowException:
+        return None
+    if tags.get("challenger.run_id") != challenger.run_id:
+        return None
+    if champion is None:
+        ok = tags.get("champion.kind") == "base" and tags.get("champion.base_model") == challenger.tags["base_model"]
+    else:
+        ok = tags.get("champion.run_id") == champion.run_id
+    if not ok:
+        return None
+    return mlflow.artifacts.load_dict(f"runs:/{eval_run_id}/eval/summary.json") | {"run_id": eval_run_id}
 
 
 def rollback(cfg: RegistryConfig | None = None, reason: str = "") -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fibreflow.core.errors import ConfigError
 from fibreflow.eval.config import load_eval_config
-from fibreflow.eval.models import generator, load_local, weights
+from fibreflow.eval.models import generator, identify, load_local, weights
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_every_spec_form_loads_the_same_adapter(tiny_llama: Path, tmp_path: Path
     want = _logits(peft, tok)
     mlflow.set_experiment("fibreflow-train")
     with mlflow.start_run() as run:
-        mlflow.set_tag("config_hash", "abc")
+        mlflow.set_tags({"config_hash": "abc", "base_model": "smollm2-135m-instruct"})
         info = log_adapter(peft, tok, str(tiny_llama))
     mlflow.register_model(info.model_uri, "fibreflow-assistant")
     mlflow.MlflowClient().set_registered_model_alias("fibreflow-assistant", "challenger", "1")
@@ -82,7 +82,7 @@ def test_every_spec_form_loads_the_same_adapter(tiny_llama: Path, tmp_path: Path
         ("gpt-17", r"'gpt-17' is not in configs/models.yaml \(known: .*smollm2-135m-instruct"),
         ("models:/nobody@champion", "no such registered model version"),
         ("runs:/0123456789abcdef0123456789abcdef/adapter", "cannot be read from MLflow"),
-        ("latest", "no finished training run"),
+        ("latest", "no finished training run in MLflow"),
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec: str, message: str, store: str, project_tmp: Path) -> None:
@@ -121,5 +121,5 @@ def test_a_qlora_adapter_is_loaded_on_the_base_quantized_as_in_training(
         model, _ = load_local(w, "float32")
         assert any(isinstance(mod, Linear4bit) for mod in model.modules()), spec
     assert weights(plain_run.info.run_id, cfg).quantization is None
-    gen, tags = generator(run.info.run_id, cfg)
-    assert tags["quantization"] == "nf4" and gen.settings["quantized_4bit"] is True
+    assert identify(run.info.run_id, cfg)["quantization"] == "nf4"
+    assert generator(run.info.run_id, cfg).settings["quantized_4bit"] is True
