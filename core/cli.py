@@ -205,12 +205,13 @@ def register(
 def promote(
     force: Annotated[bool, typer.Option(help="Promote even if the gate fails (needs --reason).")] = False,
     reason: Annotated[str | None, typer.Option(help="Why (recorded with the decision).")] = None,
+    eval_run: Annotated[str | None, typer.Option(help="An evaluation of this exact pair to judge again.")] = None,
     set_: Overrides = None,
 ) -> None:
     """Gate @challenger against @champion (first time: the base model); move @champion only if it passes."""
     from fibreflow.registry.registry import promote as run_promote
 
-    _print(run_promote(force=force, reason=reason, eval_overrides=_overrides(set_)))
+    _print(run_promote(force=force, reason=reason, eval_overrides=_overrides(set_), eval_run_id=eval_run))
 
 
 @app.command("rollback")
