@@ -21,7 +21,8 @@ def load_tracking_config(overrides: dict[str, Any] | None = None) -> TrackingCon
 def setup_mlflow(experiment: str) -> str:
     """Point MLflow at the configured store and select `experiment` (created with a local artifact root
     when the store is the sqlite default: MLflow's own default would be ./mlruns of the cwd). Returns its id.
-    Under an active run (a stage of the pipeline) the parent's experiment stays, so child runs nest visibly."""
+    Under an active run (a stage of the pipeline) the parent's experiment stays, so child runs nest visibly; under
+    `mlflow run` (MLFLOW_RUN_ID) the experiment is that run's (`mlflow run --experiment-name ...` chooses it)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
@@ -34,6 +35,10 @@ def setup_mlflow(experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     if (active := mlflow.active_run()) is not None:  # a stage under a parent (the pipeline): its runs nest there
         return active.info.experiment_id
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):  # started by `mlflow run`: that run's experiment
+        exp_id = mlflow.get_run(run_id).info.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+        return exp_id
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         exp_id = found.experiment_id
