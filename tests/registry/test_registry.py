@@ -158,3 +158,40 @@ def test_registering_something_that_is_not_a_training_run_fails(home: Path) -> N
         register(run.info.run_id)
     with pytest.raises(RegistryError, match="no @challenger"):
         promote()
+
+
+@pytest.mark.integration
+def test_alias_moves_reach_a_watcher(home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    """What the serving layer subscribes to: a promotion and a rollback are seen by polling, in order."""
+    import time
+
+    import mlflow
+    from fibreflow.registry.registry import register, rollback
+    from fibreflow.registry.watch import AliasWatcher
+
+    client = mlflow.MlflowClient()
+    register(_train_run(tiny_llama, tmp_path / "a", seed=1))
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    def wait_for(event: tuple[str, str | None, str | None]) -> None:
+        for _ in range(100):
+            if event in seen:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{event} not seen; saw {seen}")
+
+    watcher = AliasWatcher("fibreflow-assistant", ("champion", "challenger"), lambda *c: seen.append(c), 0.1).start()
+    try:
+        assert watcher.versions == {"champion": None, "challenger": "1"}
+        client.set_registered_model_alias("fibreflow-assistant", "champion", "1")
+        wait_for(("champion", None, "1"))
+        register(_train_run(tiny_llama, tmp_path / "b", seed=2))
+        wait_for(("challenger", "1", "2"))
+        client.set_model_version_tag("fibreflow-assistant", "2", "previous_champion", "1")
+        client.set_registered_model_alias("fibreflow-assistant", "champion", "2")
+        wait_for(("champion", "1", "2"))
+        rollback(reason="test")
+        wait_for(("champion", "2", "1"))
+    finally:
+        watcher.stop()
+    assert len(seen) == 4  # each move once, nothing twice
