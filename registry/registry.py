@@ -86,13 +86,13 @@ def register(
     if "config_hash" not in run.data.tags:
         raise RegistryError(f"register: run {run_id} is not a `fibreflow train` run (no config_hash tag)")
     found = client.search_model_versions(f"name = '{cfg.name}' and run_id = '{run_id}'")
-    if found:  # registered before: the same weights get no second version, and no alias moves
+    if found and found[0].tags.get("training_run_id"):  # registered before: no second version, no alias move
         return {"name": cfg.name, "version": str(found[0].version), "reused": True}
-    mv = mlflow.register_model(f"runs:/{run_id}/adapter", cfg.name)
+    # a registration interrupted before its tags (the last step) is completed rather than duplicated
+    mv = found[0] if found else mlflow.register_model(f"runs:/{run_id}/adapter", cfg.name)
     spec = serving_spec(run, str(mv.version), cfg.name)
     client.log_dict(run_id, spec, f"serving/spec-v{mv.version}.json")  # with the training run that made the weights
     tags = {
-        "training_run_id": run_id,
         "dataset_version": run.data.tags.get("dataset_version", ""),
         "base_model": run.data.tags.get("base_model", ""),
         "config_hash": run.data.tags["config_hash"],
@@ -103,9 +103,10 @@ def register(
     tags |= {f"metric.{k}": f"{run.data.metrics[k]:.4f}" for k in cfg.headline_metrics if k in run.data.metrics}
     if eval_run_id:
         tags["eval_run_id"] = eval_run_id
-    for k, v in tags.items():
-        client.set_model_version_tag(cfg.name, mv.version, k, v)
+    tags["training_run_id"] = run_id
     client.set_registered_model_alias(cfg.name, "challenger", mv.version)
+    for k, v in tags.items():  # `training_run_id` marks the registration complete: written last
+        client.set_model_version_tag(cfg.name, mv.version, k, v)
     _append_history(cfg.name, "challenger", str(mv.version), "registered")
     return {"name": cfg.name, "version": str(mv.version), "alias": "challenger", "tags": tags, "reused": False}
 

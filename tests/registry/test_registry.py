@@ -195,3 +195,18 @@ def test_alias_moves_reach_a_watcher(home: Path, tiny_llama: Path, tmp_path: Pat
     finally:
         watcher.stop()
     assert len(seen) == 4  # each move once, nothing twice
+
+
+@pytest.mark.integration
+def test_an_interrupted_registration_is_completed_not_duplicated(home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+    import mlflow
+    from fibreflow.registry.registry import register
+
+    run_id = _train_run(tiny_llama, tmp_path / "a", seed=1)
+    mlflow.register_model(f"runs:/{run_id}/adapter", "fibreflow-assistant")  # stopped right after this call
+    out = register(run_id)
+    assert out["version"] == "1" and out["reused"] is False
+    v1 = mlflow.MlflowClient().get_model_version_by_alias("fibreflow-assistant", "challenger")
+    assert str(v1.version) == "1" and v1.tags["training_run_id"] == run_id
+    assert register(run_id) == {"name": "fibreflow-assistant", "version": "1", "reused": True}
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'fibreflow-assistant'")) == 1
