@@ -35,7 +35,7 @@ def seed_step(scale: int | None, progress: bool) -> dict[str, Any]:
 
 def train_step(config: str | None, overrides: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     """The finished training run of this config hash on this dataset version, or a new one."""
-    import mlflow
+    from fibreflow.core.tracking import newest_finished_run
     from fibreflow.datasets.build import load_data_config, version_dir
     from fibreflow.training.config import default_train_config, load_train_config
     from fibreflow.training.train import main as train
@@ -43,17 +43,10 @@ def train_step(config: str | None, overrides: dict[str, Any] | None, progress: b
     path = config or str(default_train_config())
     cfg = load_train_config(path, overrides)
     version = version_dir(load_data_config(), cfg.data.version).name
-    found = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"attributes.status = 'FINISHED' and tags.config_hash = '{cfg.config_hash()}'"
-        f" and tags.dataset_version = '{version}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    if found:
-        metrics = {k: v for k, v in found[0].data.metrics.items() if k.startswith("heldout_")}
-        return {"reused": True, "run_id": found[0].info.run_id, "model": cfg.model, "heldout": metrics}
+    found = newest_finished_run(f"tags.config_hash = '{cfg.config_hash()}' and tags.dataset_version = '{version}'")
+    if found is not None:
+        metrics = {k: v for k, v in found.data.metrics.items() if k.startswith("heldout_")}
+        return {"reused": True, "run_id": found.info.run_id, "model": cfg.model, "heldout": metrics}
     return {"reused": False, "model": cfg.model} | train(path, overrides, progress=progress)
 
 

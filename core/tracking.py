@@ -52,6 +52,20 @@ def setup_mlflow(experiment: str) -> str:
     return exp_id
 
 
+def newest_finished_run(condition: str) -> Any | None:
+    """The most recently started FINISHED run, in any experiment, whose tags/params match `condition`."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"attributes.status = 'FINISHED' and {condition}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0] if runs else None
+
+
 def git_sha() -> str:
     """The checkout's commit (with `-dirty` when it has uncommitted changes), or "unknown" outside git."""
     try:

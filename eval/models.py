@@ -88,18 +88,12 @@ def _logged_adapter(uri: str, identity: dict[str, str]) -> Weights:
 
 def _latest_run() -> str:
     """The newest finished `fibreflow train` run (tagged with a config hash), in any experiment."""
-    import mlflow
+    from fibreflow.core.tracking import newest_finished_run
 
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string="attributes.status = 'FINISHED' and tags.config_hash != '' and tags.base_model != ''",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    if not runs:
+    found = newest_finished_run("tags.config_hash != '' and tags.base_model != ''")
+    if found is None:
         raise ConfigError("`latest`: no finished training run in MLflow: run `fibreflow train` first")
-    return runs[0].info.run_id
+    return found.info.run_id
 
 
 def weights(spec: str, cfg: EvalConfig) -> Weights:

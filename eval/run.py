@@ -54,11 +54,10 @@ def test_set_path(cfg: EvalConfig) -> Path:
 
 def answers_of(
     spec: str, cfg: EvalConfig, prompts: list[Prompt], progress: bool = False
-) -> tuple[list[str], dict[str, Any], dict[str, str]]:
-    """(answers, generation settings + throughput, identity) for one model; its weights are freed afterwards."""
-    from fibreflow.eval.models import generator, identify
+) -> tuple[list[str], dict[str, Any]]:
+    """(answers, generation settings + throughput) for one model; its weights are freed afterwards."""
+    from fibreflow.eval.models import generator
 
-    identity = identify(spec, cfg)
     gen = generator(spec, cfg, progress)
     try:
         start = time.perf_counter()
@@ -70,7 +69,7 @@ def answers_of(
     finally:
         del gen
         gc.collect()
-    return answers, settings, identity
+    return answers, settings
 
 
 def compare(
@@ -116,6 +115,7 @@ def main(
     from fibreflow.core.tracking import setup_mlflow
     from fibreflow.datasets.build import load_data_config
     from fibreflow.datasets.embed import load_embed_config
+    from fibreflow.eval.models import identify
 
     extra = {"test_set": test_set} if test_set else {}
     cfg = load_eval_config((overrides or {}) | extra | ({"models": models} if models else {}))
@@ -123,7 +123,8 @@ def main(
     path = test_set_path(cfg)
     samples = select(load_test_set(path), cfg)  # a bad test set fails before anything else happens
     setup_mlflow(cfg.experiment)  # before models resolve: `latest`, runs:/ and models:/ read this store
-    key = eval_key(cfg, path)
+    identity = {role: identify(spec, cfg) for role, spec in zip(ROLES, cfg.models, strict=False)}
+    key = eval_key(cfg, path, list(identity.values()))
     if reuse and (earlier := _earlier(key)) is not None:
         return earlier
     prompts = build_prompts(samples, load_data_config().system_prompt, cfg.rag, database_url)
@@ -131,9 +132,8 @@ def main(
 
     answers: dict[str, list[str]] = {}
     settings: dict[str, dict[str, Any]] = {}
-    identity: dict[str, dict[str, str]] = {}
     for role, spec in zip(ROLES, cfg.models, strict=False):
-        answers[role], settings[role], identity[role] = answers_of(spec, cfg, prompts, progress)
+        answers[role], settings[role] = answers_of(spec, cfg, prompts, progress)
 
     embedder = m.embeddings(load_embed_config().model) if cfg.semantic_similarity or cfg.judge.enabled else None
     scores: dict[str, m.Scores] = {}
@@ -165,30 +165,22 @@ def main(
     return summary | {"reused": False}
 
 
-def eval_key(cfg: EvalConfig, path: Path) -> str:
+def eval_key(cfg: EvalConfig, path: Path, identities: list[dict[str, str]]) -> str:
     """Same key = same evaluation: the models' identities (not their spec strings), test set bytes, config."""
-    from fibreflow.eval.models import identify
-
-    ident = [identify(spec, cfg) for spec in cfg.models]
-    body = {"config": cfg.model_dump(mode="json", exclude={"models"}), "identities": ident,
+    body = {"config": cfg.model_dump(mode="json", exclude={"models"}), "identities": identities,
             "test_set": hashlib.sha256(path.read_bytes()).hexdigest()}  # fmt: skip
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _earlier(key: str) -> dict[str, Any] | None:
     import mlflow
+    from fibreflow.core.tracking import newest_finished_run
 
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"attributes.status = 'FINISHED' and tags.eval_key = '{key}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    if not runs:
+    found = newest_finished_run(f"tags.eval_key = '{key}'")
+    if found is None:
         return None
-    summary = mlflow.artifacts.load_dict(f"runs:/{runs[0].info.run_id}/eval/summary.json")
-    return summary | {"run_id": runs[0].info.run_id, "reused": True}
+    summary = mlflow.artifacts.load_dict(f"runs:/{found.info.run_id}/eval/summary.json")
+    return summary | {"run_id": found.info.run_id, "reused": True}
 
 
 def _summary(
