@@ -242,5 +242,22 @@ def main_job(
     typer.echo("\n" + report)
 
 
+@app.command("serve-model")
+@friendly
+def serve_model(
+    model: Annotated[str | None, typer.Option(help="Base model: catalogue name or folder (default: config).")] = None,
+    lora: Annotated[list[str] | None, typer.Option(help="Also serve an adapter: name=folder (repeatable).")] = None,
+    registry: Annotated[bool, typer.Option(help="Load the registry aliases' adapters (config).")] = True,
+    set_: Overrides = None,
+) -> None:
+    """The local OpenAI-compatible model server (CPU upstream): one base, several LoRA adapters, batching."""
+    from fibreflow.core.config import parse_overrides
+    from fibreflow.serving.config import load_serving_config
+    from fibreflow.serving.model_server import serve_model as run_serve_model
+
+    loras = {k: str(v) for k, v in parse_overrides(lora or []).items()}
+    run_serve_model(load_serving_config(_overrides(set_)), model, loras, registry)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,248 @@
+"""`fibreflow serve-model`: the embedded CPU upstream, an OpenAI-compatible server on transformers + peft.
+
+One base model and several LoRA adapters (like vLLM's `--lora-modules`), batching of concurrent requests
+(serving/engine.py), `/v1/chat/completions`, `/v1/completions` (both with SSE streaming and usage counts),
+`/v1/models`, and vLLM's runtime adapter endpoints `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`, so the
+router drives this server and vLLM the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from fibreflow.eval.models import Weights
+from fibreflow.serving.config import ServingConfig, served_name
+from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling
+from fibreflow.serving.protocol import (
+    SSE_DONE,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    install_error_handlers,
+    new_id,
+    sse,
+    usage_chunk,
+)
+from pydantic import BaseModel
+
+UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias")  # vLLM has them; this server not
+
+
+class LoadAdapter(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapter(BaseModel):
+    lora_name: str
+
+
+def _refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
+    extra = req.model_extra or {}
+    if req.n != 1:
+        raise ApiError(400, "n > 1 is not supported by the local model server", param="n")
+    for key in UNSUPPORTED:
+        if extra.get(key) not in (None, False, [], {}):
+            raise ApiError(400, f"{key} is not supported by the local model server (vLLM supports it)", param=key)
+    fmt = extra.get("response_format")
+    if fmt and fmt.get("type") != "text":
+        raise ApiError(400, "response_format other than text needs vLLM", param="response_format")
+
+
+def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
+    app = FastAPI(title="FibreFlow local model server", version="1")
+    install_error_handlers(app)
+
+    def budget(req: ChatRequest | CompletionRequest, ids: list[int]) -> int:
+        asked = req.max_completion_tokens or req.max_tokens
+        return asked or max(1, min(default_max_tokens, engine.max_context - len(ids)))
+
+    def sampling(req: ChatRequest | CompletionRequest) -> Sampling:
+        return Sampling(req.temperature, req.top_p if req.temperature > 0 else 1.0, req.seed)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": engine.models(), "batches": engine.batches, "rows": engine.rows}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        def card(name: str, parent: str | None, root: str) -> dict[str, Any]:
+            return {
+                "id": name,
+                "object": "model",
+                "created": engine.created,
+                "owned_by": "fibreflow",
+                "root": root,
+                "parent": parent,
+                "max_model_len": engine.max_context,
+            }
+
+        data = [card(engine.base_name, None, engine.base_name)]
+        data += [card(n, engine.base_name, p) for n, p in engine.adapters.items()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(body: LoadAdapter) -> dict[str, str]:
+        try:
+            await asyncio.to_thread(engine.load_adapter, body.lora_name, body.lora_path)
+        except EngineError as exc:
+            raise ApiError(400, str(exc), param="lora_path") from None
+        return {"status": "loaded", "lora_name": body.lora_name}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(body: UnloadAdapter) -> dict[str, str]:
+        try:
+            await asyncio.to_thread(engine.unload_adapter, body.lora_name)
+        except EngineError as exc:
+            raise ApiError(404, str(exc), param="lora_name") from None
+        return {"status": "unloaded", "lora_name": body.lora_name}
+
+    async def serve(
+        req: ChatRequest | CompletionRequest,
+        ids: list[int],
+        rid: str,
+        obj: str,
+        chunk: Callable[[str, str | None, bool], dict[str, Any]],
+        whole: Callable[..., dict[str, Any]],
+    ) -> Any:
+        _refuse_unsupported(req)
+        max_tokens = budget(req, ids)
+        try:
+            engine.check(req.model, ids, max_tokens)
+        except EngineError as exc:
+            status = 404 if "does not exist" in str(exc) else 400
+            raise ApiError(
+                status,
+                str(exc),
+                param="model" if status == 404 else "messages",
+                code="model_not_found" if status == 404 else "context_length_exceeded",
+            ) from None
+        if not req.stream:
+            text, fin = await engine.complete(req.model, ids, max_tokens, sampling(req), req.stops)
+            return JSONResponse(whole(rid, req.model, text, fin.reason, fin.prompt_tokens, fin.completion_tokens))
+
+        async def events() -> AsyncIterator[bytes]:
+            yield sse(chunk("", None, True))
+            async for item in engine.stream(req.model, ids, max_tokens, sampling(req), req.stops):
+                if isinstance(item, Finished):
+                    yield sse(chunk("", item.reason, False))
+                    if req.include_usage:
+                        yield sse(usage_chunk(rid, req.model, obj, item.prompt_tokens, item.completion_tokens))
+                else:
+                    yield sse(chunk(item, None, False))
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest) -> Any:
+        try:
+            ids = engine.chat_ids([{"role": m.role, "content": m.text()} for m in req.messages])
+        except EngineError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        rid = new_id("chatcmpl")
+
+        def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return chat_chunk(rid, req.model, delta, finish)
+
+        return await serve(req, ids, rid, "chat.completion.chunk", chunk, chat_response)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest) -> Any:
+        if isinstance(req.prompt, list):
+            if len(req.prompt) != 1:
+                raise ApiError(400, "one prompt per request on the local model server", param="prompt")
+            req.prompt = req.prompt[0]
+        rid = new_id("cmpl")
+
+        def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
+            return completion_chunk(rid, req.model, text, finish)
+
+        return await serve(req, engine.text_ids(req.prompt), rid, "text_completion", chunk, completion_response)
+
+    return app
+
+
+def registry_adapters(cfg: ServingConfig) -> dict[str, Weights]:
+    """Served name -> weights of each configured alias that exists (`fibreflow-assistant-v3` for @champion = v3)."""
+    import mlflow
+    from fibreflow.core.tracking import setup_mlflow
+    from fibreflow.eval.config import load_eval_config
+    from fibreflow.eval.models import weights
+
+    setup_mlflow("fibreflow-serving")
+    client, found = mlflow.MlflowClient(), {}
+    for alias in cfg.model_server.registry_aliases:
+        try:
+            mv = client.get_model_version_by_alias(cfg.registered_model, alias)
+        except mlflow.exceptions.MlflowException:
+            continue  # not set (yet): nothing to load for it
+        name = served_name(cfg.registered_model, mv.version)
+        if name not in found:
+            found[name] = weights(f"models:/{cfg.registered_model}/{mv.version}", load_eval_config())
+    return found
+
+
+def build_engine(
+    cfg: ServingConfig, model: str | None = None, loras: dict[str, str] | None = None, registry: bool = True
+) -> Engine:
+    """The base (as the adapters were trained on it: 4-bit for QLoRA) with every adapter loaded."""
+    from pathlib import Path
+
+    from fibreflow.core.errors import ConfigError
+    from fibreflow.eval.config import load_eval_config
+    from fibreflow.eval.models import folder_quantization, load_local, weights
+
+    ms = cfg.model_server
+    base = weights(model or ms.model, load_eval_config())
+    adapters = registry_adapters(cfg) if registry else {}
+    for name, path in (loras or {}).items():
+        adapters[name] = Weights(base.base, path, {}, folder_quantization(Path(path)))
+    for name, w in adapters.items():
+        if Path(w.base).resolve() != Path(base.base).resolve():
+            raise ConfigError(
+                f"adapter {name} was trained on {w.base}, not on the served base {base.base}; "
+                "serve it from its own model server (--model)"
+            )
+    quants = {w.quantization for w in adapters.values()}
+    if len(quants) > 1:
+        raise ConfigError("the adapters were trained on differently quantized bases; one server serves one base")
+    q = quants.pop() if quants else None
+    net, tok = load_local(Weights(base.base, None, base.identity, q), ms.dtype)
+    base_name = model or ms.model
+    max_context = int(getattr(net.config, "max_position_embeddings", 2048))
+    engine = Engine(
+        net,
+        tok,
+        base_name=Path(base_name).name,
+        max_context=max_context,
+        max_batch=ms.max_batch,
+        batch_wait_ms=ms.batch_wait_ms,
+    )
+    for name, w in adapters.items():
+        assert w.adapter is not None
+        engine.load_adapter(name, w.adapter)
+    return engine
+
+
+def serve_model(
+    cfg: ServingConfig, model: str | None = None, loras: dict[str, str] | None = None, registry: bool = True
+) -> None:
+    """Load, then serve until interrupted (uvicorn)."""
+    import uvicorn
+
+    engine = build_engine(cfg, model, loras, registry)
+    app = create_model_app(engine, cfg.model_server.max_new_tokens)
+    try:
+        uvicorn.run(app, host=cfg.model_server.host, port=cfg.model_server.port, log_level="warning")
+    finally:
+        engine.close()

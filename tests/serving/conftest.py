@@ -1,0 +1,77 @@
+"""Serving fixtures: real servers (uvicorn on loopback ports) around real models."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def run_app() -> Iterator[Callable[[Any], str]]:
+    """Serve an ASGI app with uvicorn on a free loopback port (in a thread); returns its base URL."""
+    import uvicorn
+
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(app: Any) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def two_adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two different LoRA adapters (non-zero B) on the tiny Llama."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for i, name in enumerate(("alpha", "beta"), start=1):
+        torch.manual_seed(10 + i)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        folder = tmp_path_factory.mktemp(name)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+@pytest.fixture
+def tiny_engine(tiny_llama: Path, two_adapters: dict[str, Path]) -> Iterator[Any]:
+    """The engine on the tiny Llama (fp32: batch-invariant) with both adapters loaded."""
+    from fibreflow.serving.engine import Engine
+    from fibreflow.training.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    engine = Engine(model, load_tokenizer(str(tiny_llama)), base_name="tiny", max_context=256, batch_wait_ms=20)
+    for name, path in two_adapters.items():
+        engine.load_adapter(name, str(path))
+    yield engine
+    engine.close()

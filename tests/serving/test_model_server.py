@@ -1,0 +1,125 @@
+"""The local model server over real HTTP: OpenAI SDK calls, streaming, batching, adapters, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fibreflow.serving.model_server import create_model_app
+
+QUESTIONS = ["What is a BOQ?", "Define pole", "How far along is project 3?", "hi", "What does OTDR mean?", "x y z"]
+
+
+def one_by_one(engine: Any, adapter: str | None, question: str, max_new_tokens: int = 8) -> str:
+    """The reference: plain transformers generate for one conversation, with that adapter (or none)."""
+    from fibreflow.eval.generate import generate_local
+
+    model = engine.model
+    conv = [{"role": "user", "content": question}]
+    if adapter is None:
+        with model.disable_adapter():
+            return generate_local(model, engine.tok, [conv], batch_size=1, max_new_tokens=max_new_tokens,
+                                  progress=False)[0]  # fmt: skip
+    model.set_adapter(adapter)
+    return generate_local(model, engine.tok, [conv], batch_size=1, max_new_tokens=max_new_tokens, progress=False)[0]
+
+
+@pytest.fixture
+def server(tiny_engine: Any, run_app: Any) -> str:
+    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
+
+
+@pytest.mark.integration
+def test_models_lists_the_base_and_every_adapter(server: str, two_adapters: dict[str, Path]) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+    cards = {m.id: m for m in client.models.list().data}
+    assert set(cards) == {"tiny", "alpha", "beta"}
+    assert cards["alpha"].model_extra["parent"] == "tiny"
+    assert cards["tiny"].model_extra["max_model_len"] == 256
+
+
+@pytest.mark.integration
+def test_concurrent_requests_are_batched_and_answer_as_one_by_one(server: str, tiny_engine: Any) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="none")
+    jobs = [(q, model) for q in QUESTIONS for model in ("tiny", "alpha", "beta")]
+
+    async def ask(q: str, model: str) -> Any:
+        return await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": q}], max_tokens=8, temperature=0
+        )
+
+    async def all_() -> list[Any]:
+        return await asyncio.gather(*(ask(q, m) for q, m in jobs))
+
+    before = tiny_engine.batches
+    outs = asyncio.run(all_())
+    assert tiny_engine.batches - before < len(jobs)  # several requests shared a generate call
+    got = {(q, m): o.choices[0].message.content.strip() for (q, m), o in zip(jobs, outs, strict=True)}
+    for q, m in jobs:
+        assert got[(q, m)] == one_by_one(tiny_engine, None if m == "tiny" else m, q), (q, m)
+    assert len({got[(q, "alpha")] for q in QUESTIONS} ^ {got[(q, "beta")] for q in QUESTIONS}) > 0  # adapters differ
+    usage = outs[0].usage
+    assert usage.completion_tokens <= 8 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.integration
+def test_streaming_gives_the_same_text_with_usage(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+    kw: dict[str, Any] = {"model": "alpha", "messages": [{"role": "user", "content": "What is a BOQ?"}],
+                          "max_tokens": 8, "temperature": 0}  # fmt: skip
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+@pytest.mark.integration
+def test_completions_stop_strings_and_length(server: str, tiny_engine: Any) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+    full = client.completions.create(model="tiny", prompt="The pole", max_tokens=12, temperature=0)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 12
+    text = full.choices[0].text
+    stop = text.strip().split()[1]  # a word from the middle of the greedy answer
+    cut = client.completions.create(model="tiny", prompt="The pole", max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == text[: text.find(stop)]
+
+
+@pytest.mark.integration
+def test_adapters_load_and_unload_at_run_time(server: str, two_adapters: dict[str, Path]) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+    ok = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(two_adapters["alpha"])})
+    assert ok.status_code == 200
+    same = [client.chat.completions.create(model=m, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                           temperature=0).choices[0].message.content for m in ("alpha", "gamma")]  # fmt: skip
+    assert same[0] == same[1]
+    assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
+    with pytest.raises(openai.NotFoundError, match="gamma"):
+        client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}])
+    bad = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "delta", "lora_path": "/nonexistent"})
+    assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+
+
+@pytest.mark.integration
+def test_bad_requests_get_openai_errors(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="nope", messages=msgs)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "pole " * 300}])
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        client.chat.completions.create(model="tiny", messages=msgs, n=2)
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+        client.chat.completions.create(model="tiny", messages=msgs, tools=[tool])
+    raw = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error"]["message"] == "request body is not valid JSON"
+    missing = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
