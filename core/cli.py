@@ -259,5 +259,15 @@ def serve_model(
     run_serve_model(load_serving_config(_overrides(set_)), model, loras, registry)
 
 
+@app.command("serve")
+@friendly
+def serve(set_: Overrides = None) -> None:
+    """The OpenAI-compatible A/B router (configs/serving.yaml `router`); REDIS_URL backs its cache."""
+    from fibreflow.serving.config import load_serving_config
+    from fibreflow.serving.router import serve as run_serve
+
+    run_serve(load_serving_config(_overrides(set_)))
+
+
 if __name__ == "__main__":
     app()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fibreflow.core.config import Strict, load_config
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 
 class ModelServer(Strict):
@@ -19,9 +19,93 @@ class ModelServer(Strict):
     registry_aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"])
 
 
+class Upstream(Strict):
+    """An OpenAI-compatible server (this project's model server, vLLM): base URL ending in /v1."""
+
+    url: str
+    timeout_s: float = Field(120.0, gt=0)
+    connect_timeout_s: float = Field(3.0, gt=0)
+    max_connections: PositiveInt = 100
+    api_key_env: str | None = None
+
+
+class Arm(Strict):
+    """One side of an experiment: a registry alias (`alias: champion`), a version (`version: 3`) or a model the
+    upstream already serves under a fixed name (`model: smollm2-135m-instruct`), with its traffic weight."""
+
+    name: str
+    upstream: str
+    weight: float = Field(ge=0)
+    alias: str | None = None
+    version: int | None = None
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Arm:
+        if sum(x is not None for x in (self.alias, self.version, self.model)) != 1:
+            raise ValueError(f"arm {self.name}: give exactly one of alias / version / model")
+        return self
+
+
+class Experiment(Strict):
+    """What clients asking for `model` get: a sticky weighted split over arms, optionally a shadow arm."""
+
+    model: str
+    salt: str
+    arms: list[Arm] = Field(min_length=1)
+    shadow: str | None = None  # an arm name: it gets a copy of each request; its answer is logged, never returned
+
+    @model_validator(mode="after")
+    def _arms_known(self) -> Experiment:
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment {self.model}: arm names repeat")
+        if self.shadow is not None and self.shadow not in names:
+            raise ValueError(f"experiment {self.model}: shadow arm {self.shadow!r} is not one of its arms")
+        if not any(a.weight > 0 for a in self.arms if a.name != self.shadow):
+            raise ValueError(f"experiment {self.model}: no arm has traffic weight")
+        return self
+
+
+class CachePattern(Strict):
+    name: str
+    regex: str  # searched (case-insensitive) in the last user message
+    ttl_s: PositiveInt
+
+
+class Cache(Strict):
+    enabled: bool = True
+    default_ttl_s: int = Field(300, ge=0)  # questions matching no pattern; 0 = not cached
+    patterns: list[CachePattern] = Field(default_factory=list)
+    cache_sampled: bool = False  # also cache temperature > 0 answers
+    max_entries: PositiveInt = 10_000  # in-process cache (no REDIS_URL)
+    redis_timeout_s: float = Field(0.05, gt=0)  # a slow Redis counts as down: served without cache
+
+
+class Router(Strict):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: PositiveInt = 1_000_000
+    alias_poll_s: float = Field(5.0, gt=0)
+    arm_header: str = "x-fibreflow-arm"  # forces an arm (QA)
+    upstreams: dict[str, Upstream]
+    experiments: list[Experiment] = Field(default_factory=list)
+    cache: Cache = Cache()
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _upstreams_known(self) -> Router:
+        for exp in self.experiments:
+            for arm in exp.arms:
+                if arm.upstream not in self.upstreams:
+                    raise ValueError(f"experiment {exp.model}, arm {arm.name}: unknown upstream {arm.upstream!r}")
+        return self
+
+
 class ServingConfig(Strict):
     registered_model: str = "fibreflow-assistant"
     model_server: ModelServer = ModelServer()
+    router: Router
 
 
 def load_serving_config(overrides: dict[str, Any] | None = None) -> ServingConfig:

@@ -12,6 +12,7 @@ from fibreflow.datasets.embed import EmbedConfig
 from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.gates import GatesConfig
 from fibreflow.registry.registry import RegistryConfig
+from fibreflow.serving.config import ServingConfig
 from fibreflow.training.config import Catalogue
 from fibreflow.training.tune import TuneConfig
 
@@ -27,6 +28,7 @@ MODELS = {
     "gates": GatesConfig,
     "eval": EvalConfig,
     "registry": RegistryConfig,
+    "serving": ServingConfig,
 }
 
 

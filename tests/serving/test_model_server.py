@@ -22,8 +22,9 @@ def one_by_one(engine: Any, adapter: str | None, question: str, max_new_tokens: 
     conv = [{"role": "user", "content": question}]
     if adapter is None:
         with model.disable_adapter():
-            return generate_local(model, engine.tok, [conv], batch_size=1, max_new_tokens=max_new_tokens,
-                                  progress=False)[0]  # fmt: skip
+            return generate_local(
+                model, engine.tok, [conv], batch_size=1, max_new_tokens=max_new_tokens, progress=False
+            )[0]
     model.set_adapter(adapter)
     return generate_local(model, engine.tok, [conv], batch_size=1, max_new_tokens=max_new_tokens, progress=False)[0]
 
@@ -69,8 +70,12 @@ def test_concurrent_requests_are_batched_and_answer_as_one_by_one(server: str, t
 @pytest.mark.integration
 def test_streaming_gives_the_same_text_with_usage(server: str) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
-    kw: dict[str, Any] = {"model": "alpha", "messages": [{"role": "user", "content": "What is a BOQ?"}],
-                          "max_tokens": 8, "temperature": 0}  # fmt: skip
+    kw: dict[str, Any] = {
+        "model": "alpha",
+        "messages": [{"role": "user", "content": "What is a BOQ?"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     whole = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -94,10 +99,18 @@ def test_completions_stop_strings_and_length(server: str, tiny_engine: Any) -> N
 @pytest.mark.integration
 def test_adapters_load_and_unload_at_run_time(server: str, two_adapters: dict[str, Path]) -> None:
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
-    ok = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(two_adapters["alpha"])})
+    ok = httpx.post(
+        f"{server}/v1/load_lora_adapter", json={"lora_name": "gamma", "lora_path": str(two_adapters["alpha"])}
+    )
     assert ok.status_code == 200
-    same = [client.chat.completions.create(model=m, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-                                           temperature=0).choices[0].message.content for m in ("alpha", "gamma")]  # fmt: skip
+    same = [
+        client.chat.completions.create(
+            model=m, messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+        )
+        .choices[0]
+        .message.content
+        for m in ("alpha", "gamma")
+    ]
     assert same[0] == same[1]
     assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
     with pytest.raises(openai.NotFoundError, match="gamma"):
@@ -119,7 +132,9 @@ def test_bad_requests_get_openai_errors(server: str) -> None:
     with pytest.raises(openai.BadRequestError, match="tools"):
         tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
         client.chat.completions.create(model="tiny", messages=msgs, tools=[tool])
-    raw = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    raw = httpx.post(
+        f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert raw.status_code == 400 and raw.json()["error"]["message"] == "request body is not valid JSON"
     missing = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"

@@ -1,0 +1,125 @@
+"""Response cache: Redis when `REDIS_URL` is set, in-process otherwise.
+
+Key: the normalised request (messages with whitespace collapsed and case folded, every other parameter except
+`user`/`stream`) plus the model version that answers it, so a promotion never serves the old model's answers.
+TTL by query pattern (configs/serving.yaml). Sampled answers (temperature > 0) are not cached unless configured.
+A Redis that errors or is slower than `redis_timeout_s` counts as a miss: the request is served without cache
+and the failure shows in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import orjson
+from fibreflow.serving.config import Cache as CacheConfig
+
+IGNORED = {"user", "stream", "stream_options"}  # do not change the answer
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _content(msg: dict[str, Any]) -> Any:
+    c = msg.get("content")
+    return _normal(c) if isinstance(c, str) else c
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    for msg in reversed(body.get("messages") or []):
+        if isinstance(msg, dict) and msg.get("role") == "user" and isinstance(msg.get("content"), str):
+            return msg["content"]
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
+class Backend(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None: ...
+
+
+class Memory:
+    """LRU with expiry, bounded to `max_entries`."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        if item[0] < time.monotonic():
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return item[1]
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        self._items[key] = (time.monotonic() + ttl_s, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+
+class Redis:
+    def __init__(self, url: str, timeout_s: float) -> None:
+        import redis.asyncio as aioredis
+
+        self.timeout_s = timeout_s
+        self._r = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+    async def get(self, key: str) -> bytes | None:
+        return await asyncio.wait_for(self._r.get(key), self.timeout_s)
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        await asyncio.wait_for(self._r.set(key, value, ex=ttl_s), self.timeout_s)
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+class ResponseCache:
+    def __init__(self, cfg: CacheConfig, redis_url: str | None) -> None:
+        self.cfg = cfg
+        self.backend: Backend = Redis(redis_url, cfg.redis_timeout_s) if redis_url else Memory(cfg.max_entries)
+        self.kind = "redis" if redis_url else "memory"
+        self._patterns = [(p.name, re.compile(p.regex, re.IGNORECASE), p.ttl_s) for p in cfg.patterns]
+
+    def policy(self, body: dict[str, Any]) -> tuple[str, int]:
+        """(pattern name, TTL seconds) for this request; TTL 0 = not cached."""
+        if not self.cfg.enabled or body.get("stream"):
+            return "none", 0
+        if float(body.get("temperature", 1.0) or 0.0) > 0 and not self.cfg.cache_sampled:
+            return "sampled", 0
+        text = last_user_text(body)
+        for name, regex, ttl in self._patterns:
+            if regex.search(text):
+                return name, ttl
+        return "default", self.cfg.default_ttl_s
+
+    @staticmethod
+    def key(body: dict[str, Any], version: str) -> str:
+        normal = {k: v for k, v in body.items() if k not in IGNORED and k != "messages"}
+        if "messages" in body:
+            normal["messages"] = [{**m, "content": _content(m)} if isinstance(m, dict) else m for m in body["messages"]]
+        if isinstance(normal.get("prompt"), str):
+            normal["prompt"] = _normal(normal["prompt"])
+        raw = orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)
+        return "ff:cache:" + hashlib.sha256(version.encode() + b"\x00" + raw).hexdigest()
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.backend.get(key)
+
+    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        await self.backend.set(key, value, ttl_s)
+
+    async def close(self) -> None:
+        if isinstance(self.backend, Redis):
+            await self.backend.close()

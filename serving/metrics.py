@@ -1,0 +1,55 @@
+"""Prometheus metrics of the router, per arm (one registry per app, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "fibreflow_router_"
+        self.requests = Counter(p + "requests", "Requests answered", ["arm", "model_version", "status"], registry=r)
+        self.errors = Counter(p + "errors", "Requests that failed", ["arm", "kind"], registry=r)
+        self.latency = Histogram(
+            p + "request_seconds", "Time to the whole answer", ["arm"], buckets=LATENCY, registry=r
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Time to the first streamed token", ["arm"], buckets=LATENCY, registry=r
+        )
+        self.tokens = Counter(p + "completion_tokens", "Completion tokens generated", ["arm"], registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens sent", ["arm"], registry=r)
+        self.tokens_per_s = Histogram(
+            p + "tokens_per_second",
+            "Completion tokens per second of a request",
+            ["arm"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
+        self.cache = Counter(
+            p + "cache", "Cache lookups by result (hit, miss, bypass, error)", ["arm", "result"], registry=r
+        )
+        self.cache_up = Gauge(
+            p + "cache_backend_up", "1 while the cache backend answers, 0 after it failed", ["backend"], registry=r
+        )
+        self.retries = Counter(p + "upstream_retries", "Upstream calls retried", ["arm", "upstream"], registry=r)
+        self.fallbacks = Counter(p + "fallbacks", "Requests served by the fallback", ["arm", "reason"], registry=r)
+        self.shadow = Counter(p + "shadow", "Shadow copies by outcome", ["arm", "outcome"], registry=r)
+        self.shadow_similarity = Histogram(
+            p + "shadow_similarity",
+            "Shadow answer vs returned answer (0..1)",
+            ["arm"],
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
+        )
+        self.feedback = Counter(p + "feedback", "Feedback received", ["arm", "model_version"], registry=r)
+        self.feedback_score = Histogram(
+            p + "feedback_score",
+            "Feedback score (thumbs up = 1, down = 0)",
+            ["arm", "model_version"],
+            buckets=(0.25, 0.5, 0.75, 1.0),
+            registry=r,
+        )
+        self.alias_moves = Counter(p + "alias_moves", "Registry alias moves picked up", ["alias"], registry=r)

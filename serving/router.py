@@ -1,0 +1,410 @@
+"""`fibreflow serve`: the OpenAI-compatible router in front of the upstreams (local model server, vLLM).
+
+`create_app(cfg)` builds the FastAPI app. A chat or completion request is read once as bytes (size-checked,
+parsed with orjson), assigned an arm (sticky by user, or forced by header), looked up in the response cache, and
+forwarded over a pooled connection to the arm's upstream with its model renamed to what the upstream serves; the
+answer comes back byte for byte (streams chunk by chunk), with the arm and model version in the headers.
+A shadow arm gets a copy off the request path; its answer is scored against the returned one and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response, StreamingResponse
+from fibreflow.core.config import resolve_path
+from fibreflow.serving.ab import Target, Targets, choose
+from fibreflow.serving.cache import ResponseCache
+from fibreflow.serving.config import Arm, Experiment, ServingConfig, served_name
+from fibreflow.serving.metrics import Metrics
+from fibreflow.serving.protocol import ApiError, install_error_handlers
+from fibreflow.serving.upstream import Answer, UpstreamFailed, Upstreams, ensure_adapter, usage_of
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, model_validator
+
+log = logging.getLogger("fibreflow.serving")
+CHAT, COMPLETIONS = "/chat/completions", "/completions"
+RECENT_KEEP = 100_000  # response ids remembered for feedback
+# streamed chunks carrying text (OpenAI servers send compact JSON, about one token per chunk)
+_TOKEN_MARKS, _EMPTY_MARKS = (b'"content":"', b'"text":"'), (b'"content":""', b'"text":""')
+
+
+class Feedback(BaseModel):
+    response_id: str
+    score: float | None = Field(default=None, ge=0, le=1)
+    thumbs: Literal["up", "down"] | None = None
+    comment: str | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _one(self) -> Feedback:
+        if (self.score is None) == (self.thumbs is None):
+            raise ValueError("give exactly one of score (0..1) or thumbs (up|down)")
+        return self
+
+    @property
+    def value(self) -> float:
+        return self.score if self.score is not None else float(self.thumbs == "up")
+
+
+class Router:
+    """The router's state: config, targets, cache, upstream pool, metrics, recent response ids."""
+
+    def __init__(self, cfg: ServingConfig, redis_url: str | None) -> None:
+        self.cfg, self.rc = cfg, cfg.router
+        self.targets = Targets(cfg.registered_model, self.rc.experiments)
+        self.cache = ResponseCache(self.rc.cache, redis_url)
+        self.upstreams = Upstreams(self.rc.upstreams)
+        self.metrics = Metrics()
+        self.metrics.cache_up.labels(self.cache.kind).set(1)
+        self.recent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # response id -> (arm, model version)
+        self.shadow_log = resolve_path("var/serving/shadow.jsonl")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.watcher: Any = None
+
+    # ---- registry aliases ----------------------------------------------------------------------------------
+
+    def on_alias(self, alias: str, old: str | None, new: str | None) -> None:
+        """The alias moved: load the new version on every upstream that serves an arm on it, then repoint."""
+        if new is not None:
+            for _, arm in self.targets.alias_arms(alias):
+                try:
+                    served = served_name(self.cfg.registered_model, new)
+                    ensure_adapter(self.rc.upstreams[arm.upstream], served, self.cfg.registered_model, new)
+                except Exception as exc:  # the upstream may be down; requests will say so, the move still stands
+                    log.warning("alias %s -> v%s: could not load it on %s: %s", alias, new, arm.upstream, exc)
+        self.targets.move(alias, new)
+        self.metrics.alias_moves.labels(alias).inc()
+        log.info("alias %s: v%s -> v%s", alias, old, new)
+
+    def start_watching(self) -> None:
+        aliases = tuple(sorted({a.alias for e in self.rc.experiments for a in e.arms if a.alias}))
+        if not aliases:
+            return
+        from fibreflow.core.tracking import setup_mlflow
+        from fibreflow.registry.watch import AliasWatcher
+
+        setup_mlflow("fibreflow-serving")
+        self.watcher = AliasWatcher(self.cfg.registered_model, aliases, self.on_alias, self.rc.alias_poll_s)
+        for alias, version in self.watcher.versions.items():
+            if version is not None:
+                self.on_alias(alias, None, version)
+        self.watcher.start()
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def parse(self, raw: bytes, path: str) -> dict[str, Any]:
+        if len(raw) > self.rc.max_body_bytes:
+            raise ApiError(413, f"request body is {len(raw)} bytes, over the limit of {self.rc.max_body_bytes}")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        if not isinstance(body.get("model"), str):
+            raise ApiError(400, "model: field required (a string)", param="model")
+        if path == CHAT and not (isinstance(body.get("messages"), list) and body["messages"]):
+            raise ApiError(400, "messages: field required (a non-empty list)", param="messages")
+        if path == COMPLETIONS and not isinstance(body.get("prompt"), str | list):
+            raise ApiError(400, "prompt: field required", param="prompt")
+        return body
+
+    def assign(self, body: dict[str, Any], request: Request, caller: str) -> tuple[Experiment, Arm, Target]:
+        model = body["model"]
+        exp = self.targets.experiments.get(model)
+        if exp is None:
+            known = ", ".join(self.targets.experiments)
+            raise ApiError(
+                404, f"The model `{model}` does not exist (served: {known})", param="model", code="model_not_found"
+            )
+        available = self.targets.available(model)
+        forced = request.headers.get(self.rc.arm_header)
+        if forced is not None:
+            arm = next((a for a in exp.arms if a.name == forced), None)
+            if arm is None or forced not in available:
+                raise ApiError(
+                    400,
+                    f"{self.rc.arm_header}: arm {forced!r} of {model} is unknown or has no target "
+                    f"(available: {', '.join(sorted(available))})",
+                )
+        else:
+            user = body.get("user") if isinstance(body.get("user"), str) else caller
+            arm = choose(exp, user, available)
+            if arm is None:
+                raise ApiError(503, f"no arm of {model} has a model to serve (registry aliases unset?)")
+        target = self.targets.get(model, arm.name)
+        assert target is not None
+        return exp, arm, target
+
+    async def call(self, arm: Arm, target: Target, path: str, payload: bytes) -> Answer:
+        """The upstream's answer; one retry on a timeout, refused connection or 5xx."""
+        try:
+            return await self.upstreams.post(target.upstream, path, payload)
+        except UpstreamFailed:
+            self.metrics.retries.labels(arm.name, target.upstream).inc()
+            return await self.upstreams.post(target.upstream, path, payload)
+
+    async def cached(self, key: str, arm: str) -> bytes | None:
+        try:
+            hit = await self.cache.get(key)
+        except Exception as exc:  # Redis down or slow: serve without cache, visibly
+            self._cache_failed(arm, exc)
+            return None
+        self.metrics.cache.labels(arm, "hit" if hit is not None else "miss").inc()
+        return hit
+
+    async def store(self, key: str, value: bytes, ttl: int, arm: str) -> None:
+        try:
+            await self.cache.set(key, value, ttl)
+        except Exception as exc:
+            self._cache_failed(arm, exc)
+        else:
+            self.metrics.cache_up.labels(self.cache.kind).set(1)
+
+    def _cache_failed(self, arm: str, exc: Exception) -> None:
+        self.metrics.cache.labels(arm, "error").inc()
+        self.metrics.cache_up.labels(self.cache.kind).set(0)
+        log.warning("cache %s failed (%s): serving without it", self.cache.kind, type(exc).__name__)
+
+    def remember(self, response_id: str | None, arm: str, version: str) -> None:
+        if response_id:
+            self.recent[response_id] = (arm, version)
+            if len(self.recent) > RECENT_KEEP:
+                self.recent.popitem(last=False)
+
+    def account(self, arm: str, version: str, status: int, started: float, usage: dict[str, Any]) -> None:
+        m, elapsed = self.metrics, time.perf_counter() - started
+        m.requests.labels(arm, version, str(status)).inc()
+        m.latency.labels(arm).observe(elapsed)
+        if status >= 400:
+            m.errors.labels(arm, "upstream_4xx" if status < 500 else "upstream_5xx").inc()
+        done = int(usage.get("completion_tokens") or 0)
+        if done:
+            m.tokens.labels(arm).inc(done)
+            m.prompt_tokens.labels(arm).inc(int(usage.get("prompt_tokens") or 0))
+            m.tokens_per_s.labels(arm).observe(done / max(elapsed, 1e-6))
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shadow(self, exp: Experiment, body: dict[str, Any], path: str, returned: bytes | None) -> None:
+        """Send the shadow arm a copy (never streamed), score its answer against the returned one, log both."""
+        from rapidfuzz import fuzz
+
+        assert exp.shadow is not None
+        arm = next(a for a in exp.arms if a.name == exp.shadow)
+        target = self.targets.get(exp.model, arm.name)
+        if target is None:
+            self.metrics.shadow.labels(arm.name, "no_target").inc()
+            return
+        payload = orjson.dumps({**body, "model": target.model, "stream": False})
+        try:
+            answer = await self.upstreams.post(target.upstream, path, payload)
+        except UpstreamFailed as exc:
+            self.metrics.shadow.labels(arm.name, exc.kind.split(":")[0]).inc()
+            return
+        shadow_text, main_text = _text(answer.body), _text(returned) if returned else None
+        record: dict[str, Any] = {
+            "ts": time.time(),
+            "model": exp.model,
+            "arm": arm.name,
+            "version": target.version,
+            "status": answer.status,
+            "answer": shadow_text,
+            "returned": main_text,
+        }
+        if shadow_text is not None and main_text is not None:
+            record["similarity"] = fuzz.token_set_ratio(shadow_text, main_text) / 100
+            self.metrics.shadow_similarity.labels(arm.name).observe(record["similarity"])
+        self.metrics.shadow.labels(arm.name, "ok" if answer.status == 200 else f"http_{answer.status}").inc()
+        self.shadow_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.shadow_log.open("ab") as f:
+            f.write(orjson.dumps(record) + b"\n")
+
+    async def handle(self, request: Request, path: str) -> Response:
+        started = time.perf_counter()
+        body = self.parse(await request.body(), path)
+        caller = request.client.host if request.client else "anonymous"
+        exp, arm, target = self.assign(body, request, caller)
+        version = target.version or target.model
+        headers = {"x-fibreflow-arm": arm.name, "x-fibreflow-model-version": version}
+        _, ttl = self.cache.policy(body)
+        key = self.cache.key(body, target.model) if ttl else None
+        if key is not None and (hit := await self.cached(key, arm.name)) is not None:
+            self.account(arm.name, version, 200, started, {})
+            return Response(hit, 200, headers | {"x-fibreflow-cache": "hit"}, media_type="application/json")
+        payload = orjson.dumps({**body, "model": target.model})
+        if body.get("stream"):
+            return await self.stream(exp, arm, target, path, payload, body, headers, started)
+        try:
+            answer = await self.call(arm, target, path, payload)
+        except UpstreamFailed as exc:
+            self.metrics.errors.labels(arm.name, exc.kind.split(":")[0]).inc()
+            self.metrics.requests.labels(arm.name, version, str(exc.status)).inc()
+            raise ApiError(exc.status, f"upstream {target.upstream} for arm {arm.name}: {exc.kind}") from None
+        usage = usage_of(answer.body) if answer.status == 200 else {}
+        self.account(arm.name, version, answer.status, started, usage)
+        self.remember(usage.get("id"), arm.name, version)
+        if key is not None and answer.status == 200:
+            await self.store(key, answer.body, ttl, arm.name)
+        if exp.shadow and exp.shadow != arm.name:
+            self.spawn(self.shadow(exp, body, path, answer.body))
+        cache_state = {"x-fibreflow-cache": "miss" if key else "bypass"}
+        return Response(answer.body, answer.status, headers | cache_state, media_type=answer.content_type)
+
+    async def stream(
+        self,
+        exp: Experiment,
+        arm: Arm,
+        target: Target,
+        path: str,
+        payload: bytes,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        started: float,
+    ) -> Response:
+        version = headers["x-fibreflow-model-version"]
+        try:
+            resp = await self.upstreams.open_stream(target.upstream, path, payload)
+        except UpstreamFailed as exc:
+            self.metrics.errors.labels(arm.name, exc.kind.split(":")[0]).inc()
+            raise ApiError(exc.status, f"upstream {target.upstream} for arm {arm.name}: {exc.kind}") from None
+        if resp.status != 200:  # the upstream's own 4xx, passed on as it is
+            data = await resp.read()
+            resp.release()
+            self.account(arm.name, version, resp.status, started, {})
+            return Response(data, resp.status, headers, media_type="application/json")
+        if exp.shadow and exp.shadow != arm.name:
+            self.spawn(self.shadow(exp, body, path, None))
+
+        async def relay() -> AsyncIterator[bytes]:
+            first, chunks, rid = None, 0, None
+            try:
+                async for data in resp.content.iter_any():
+                    tokens = sum(data.count(m) for m in _TOKEN_MARKS) - sum(data.count(m) for m in _EMPTY_MARKS)
+                    if first is None and tokens > 0:
+                        first = time.perf_counter()
+                        self.metrics.ttft.labels(arm.name).observe(first - started)
+                    chunks += tokens
+                    if rid is None and (i := data.find(b'"id":"')) >= 0:
+                        rid = data[i + 6 : data.find(b'"', i + 6)].decode()
+                    yield data
+            finally:
+                resp.release()
+                self.account(arm.name, version, 200, started, {"completion_tokens": chunks})
+                self.remember(rid, arm.name, version)
+
+        return StreamingResponse(relay(), 200, headers, media_type="text/event-stream")
+
+    def feedback(self, fb: Feedback) -> dict[str, Any]:
+        found = self.recent.get(fb.response_id)
+        if found is None:
+            raise ApiError(404, f"no recent response with id {fb.response_id!r}", param="response_id")
+        arm, version = found
+        self.metrics.feedback.labels(arm, version).inc()
+        self.metrics.feedback_score.labels(arm, version).observe(fb.value)
+        return {"status": "recorded", "arm": arm, "model_version": version}
+
+    def models(self) -> dict[str, Any]:
+        versions = self.targets.versions()
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "fibreflow", "arms": versions.get(m, {})}
+            for m in self.targets.experiments
+        ]
+        return {"object": "list", "data": data}
+
+
+def _text(body: bytes | None) -> str | None:
+    try:
+        choice = orjson.loads(body or b"")["choices"][0]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+    return choice["message"]["content"] if "message" in choice else choice.get("text")
+
+
+def create_app(cfg: ServingConfig, *, redis_url: str | None = None, watch: bool = True) -> FastAPI:
+    """The router app. `redis_url` (default: $REDIS_URL) backs the cache; `watch` follows registry aliases."""
+    router = Router(cfg, redis_url if redis_url is not None else os.environ.get("REDIS_URL"))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await router.upstreams.start()
+        if watch:
+            await asyncio.to_thread(router.start_watching)
+        yield
+        if router.watcher is not None:
+            router.watcher.stop()
+        if router._tasks:
+            await asyncio.wait(router._tasks, timeout=10)
+        await router.upstreams.close()
+        await router.cache.close()
+
+    app = FastAPI(
+        title="FibreFlow router",
+        version="1",
+        lifespan=lifespan,
+        description="OpenAI-compatible A/B router in front of the FibreFlow assistant's upstreams.",
+    )
+    app.state.router = router
+    install_error_handlers(app)
+    if cfg.router.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cfg.router.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["x-fibreflow-arm", "x-fibreflow-model-version"],
+        )
+
+    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI API), routed to an arm")
+    async def chat(request: Request) -> Response:
+        return await router.handle(request, CHAT)
+
+    @app.post("/v1/completions", summary="Text completion (OpenAI API), routed to an arm")
+    async def completions(request: Request) -> Response:
+        return await router.handle(request, COMPLETIONS)
+
+    @app.get("/v1/models", summary="The models clients can ask for, with each arm's current model")
+    async def models() -> dict[str, Any]:
+        return router.models()
+
+    @app.post("/v1/feedback", summary="A score (0..1) or thumbs up/down for a response id")
+    async def feedback(fb: Feedback) -> dict[str, Any]:
+        return router.feedback(fb)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "arms": router.targets.versions(), "cache": router.cache.kind}
+
+    return app
+
+
+def serve(cfg: ServingConfig) -> None:
+    import uvicorn
+
+    Path(resolve_path("var/serving")).mkdir(parents=True, exist_ok=True)
+    uvicorn.run(
+        create_app(cfg),
+        host=cfg.router.host,
+        port=cfg.router.port,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+    )

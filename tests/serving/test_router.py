@@ -1,0 +1,247 @@
+"""The router over real HTTP in front of the real local model server (tiny Llama, two adapters)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fibreflow.serving.ab import choose, unit_hash
+from fibreflow.serving.config import Experiment, ServingConfig
+from fibreflow.serving.model_server import create_model_app
+from fibreflow.serving.router import create_app
+
+MSG = [{"role": "user", "content": "What is a BOQ?"}]
+
+
+def config(upstream: str, **router: Any) -> ServingConfig:
+    arms = [
+        {"name": "a", "upstream": "local", "model": "alpha", "weight": 0.5},
+        {"name": "b", "upstream": "local", "model": "beta", "weight": 0.5},
+    ]
+    tree = {
+        "upstreams": {"local": {"url": f"{upstream}/v1", "timeout_s": 30}},
+        "experiments": [{"model": "assistant", "salt": "s1", "arms": arms}],
+    } | router
+    return ServingConfig.model_validate({"router": tree})
+
+
+@pytest.fixture
+def upstream(tiny_engine: Any, run_app: Any) -> str:
+    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
+
+
+@pytest.fixture
+def router(upstream: str, run_app: Any, project_tmp: Path) -> str:
+    return run_app(create_app(config(upstream), redis_url="", watch=False))
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    """A sample's value from /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def test_split_proportions_and_stickiness() -> None:
+    exp = Experiment.model_validate(
+        {
+            "model": "m",
+            "salt": "s",
+            "arms": [
+                {"name": "a", "upstream": "u", "model": "x", "weight": 0.7},
+                {"name": "b", "upstream": "u", "model": "y", "weight": 0.2},
+                {"name": "c", "upstream": "u", "model": "z", "weight": 0.1},
+            ],
+        }
+    )
+    users = [f"user-{i}" for i in range(10_000)]
+    counts = Counter(choose(exp, u, {"a", "b", "c"}).name for u in users)  # type: ignore[union-attr]
+    for arm, share in {"a": 0.7, "b": 0.2, "c": 0.1}.items():
+        assert abs(counts[arm] / len(users) - share) < 0.015, counts
+    assert all(choose(exp, u, {"a", "b", "c"}) == choose(exp, u, {"a", "b", "c"}) for u in users[:500])
+    # an arm without a target gives its share to the others; users of the others keep their arm
+    without_c = Counter(choose(exp, u, {"a", "b"}).name for u in users)  # type: ignore[union-attr]
+    assert abs(without_c["a"] / len(users) - 0.7 / 0.9) < 0.015
+    # another salt reshuffles
+    assert sum(unit_hash("s", u) < 0.5 for u in users[:1000]) != sum(unit_hash("t", u) < 0.5 for u in users[:1000])
+
+
+@pytest.mark.integration
+def test_openai_sdk_through_the_router_gets_the_arms_answers(router: str, upstream: str) -> None:
+    direct = openai.OpenAI(base_url=f"{upstream}/v1", api_key="none")
+    via = openai.OpenAI(base_url=f"{router}/v1", api_key="none")
+    expected = {
+        arm: direct.chat.completions.create(model=m, messages=MSG, max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+        for arm, m in (("a", "alpha"), ("b", "beta"))
+    }
+    seen = set()
+    for user in ("ann", "bob", "cy", "dee", "eve", "fay"):
+        raw = via.chat.completions.with_raw_response.create(
+            model="assistant", messages=MSG, max_tokens=8, temperature=0, user=user
+        )
+        arm = raw.headers["x-fibreflow-arm"]
+        assert raw.headers["x-fibreflow-model-version"] == {"a": "alpha", "b": "beta"}[arm]
+        assert raw.parse().choices[0].message.content == expected[arm]
+        seen.add(arm)
+        again = via.chat.completions.with_raw_response.create(
+            model="assistant", messages=MSG, max_tokens=8, temperature=0, user=user
+        )
+        assert again.headers["x-fibreflow-arm"] == arm  # sticky
+    assert seen == {"a", "b"}
+    stream = via.chat.completions.create(
+        model="assistant", messages=MSG, max_tokens=8, temperature=0, user="ann", stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    arm = choose(config(upstream).router.experiments[0], "ann", {"a", "b"})
+    assert arm is not None and text == expected[arm.name]
+    assert metric(router, "fibreflow_router_time_to_first_token_seconds_count", arm=arm.name) == 1
+    assert metric(router, "fibreflow_router_requests_total", arm=arm.name, status="200") >= 2
+
+
+@pytest.mark.integration
+def test_langchain_chat_openai_works_unchanged(router: str) -> None:
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{router}/v1", api_key="none", model="assistant", max_tokens=8, temperature=0)
+    whole = llm.invoke("What is a BOQ?").content
+    streamed = "".join(str(c.content) for c in llm.stream("What is a BOQ?"))
+    assert isinstance(whole, str) and whole and streamed == whole
+
+
+@pytest.mark.integration
+def test_forced_arm_and_bad_requests(router: str) -> None:
+    via = openai.OpenAI(base_url=f"{router}/v1", api_key="none", max_retries=0)
+    for arm in ("a", "b"):
+        raw = via.chat.completions.with_raw_response.create(
+            model="assistant", messages=MSG, max_tokens=4, extra_headers={"x-fibreflow-arm": arm}
+        )
+        assert raw.headers["x-fibreflow-arm"] == arm
+    with pytest.raises(openai.BadRequestError, match="arm 'zz'"):
+        via.chat.completions.create(model="assistant", messages=MSG, extra_headers={"x-fibreflow-arm": "zz"})
+    with pytest.raises(openai.NotFoundError, match="`nope` does not exist"):
+        via.chat.completions.create(model="nope", messages=MSG)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):  # the upstream's 400, passed on
+        via.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "pole " * 300}])
+    bad = httpx.post(f"{router}/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "request body is not valid JSON"
+    assert (
+        httpx.post(f"{router}/v1/chat/completions", json={"model": "assistant"}).json()["error"]["param"] == "messages"
+    )
+    big = httpx.post(
+        f"{router}/v1/chat/completions",
+        json={"model": "assistant", "messages": [{"role": "user", "content": "x" * 1_100_000}]},
+    )
+    assert big.status_code == 413 and "over the limit" in big.json()["error"]["message"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_cache_hits_by_normalised_request_and_model_version(
+    upstream: str, run_app: Any, project_tmp: Path, backend: str
+) -> None:
+    import redis
+
+    url = "redis://127.0.0.1:6379/15" if backend == "redis" else ""
+    if url:
+        redis.Redis.from_url(url).flushdb()
+    base = run_app(create_app(config(upstream), redis_url=url, watch=False))
+    h = {"x-fibreflow-arm": "a"}
+    q = {"model": "assistant", "max_tokens": 6, "temperature": 0}
+    first = httpx.post(f"{base}/v1/chat/completions", json=q | {"messages": MSG}, headers=h)
+    again = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers=h,
+        json=q | {"messages": [{"role": "user", "content": "  what is a   boq? "}]},
+    )
+    assert (first.headers["x-fibreflow-cache"], again.headers["x-fibreflow-cache"]) == ("miss", "hit")
+    assert again.json() == first.json()
+    other_arm = httpx.post(f"{base}/v1/chat/completions", json=q | {"messages": MSG}, headers={"x-fibreflow-arm": "b"})
+    assert other_arm.headers["x-fibreflow-cache"] == "miss"  # another model version: its own entry
+    sampled = httpx.post(f"{base}/v1/chat/completions", json=q | {"messages": MSG, "temperature": 0.7}, headers=h)
+    assert sampled.headers["x-fibreflow-cache"] == "bypass"
+    assert metric(base, "fibreflow_router_cache_total", arm="a", result="hit") == 1
+    if url:  # the entries live in Redis with the boq_calculations TTL (600 s)
+        keys = redis.Redis.from_url(url).keys("ff:cache:*")
+        assert len(keys) == 2 and 0 < redis.Redis.from_url(url).ttl(keys[0]) <= 600
+
+
+@pytest.mark.integration
+def test_redis_down_serves_without_cache_and_says_so(upstream: str, run_app: Any, project_tmp: Path) -> None:
+    base = run_app(create_app(config(upstream), redis_url="redis://127.0.0.1:1/0", watch=False))
+    for _ in range(2):
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"model": "assistant", "messages": MSG, "max_tokens": 4, "temperature": 0},
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    assert metric(base, "fibreflow_router_cache_backend_up", backend="redis") == 0
+    assert sum(metric(base, "fibreflow_router_cache_total", arm=a, result="error") for a in "ab") >= 2
+
+
+@pytest.mark.integration
+def test_shadow_answers_are_logged_and_scored_never_returned(upstream: str, run_app: Any, project_tmp: Path) -> None:
+    cfg = config(upstream)
+    exp = cfg.router.experiments[0].model_copy(update={"shadow": "b"})
+    arms = [a.model_copy(update={"weight": 1.0 if a.name == "a" else 0.0}) for a in exp.arms]
+    cfg = cfg.model_copy(
+        update={"router": cfg.router.model_copy(update={"experiments": [exp.model_copy(update={"arms": arms})]})}
+    )
+    base = run_app(create_app(cfg, redis_url="", watch=False))
+    direct = openai.OpenAI(base_url=f"{upstream}/v1", api_key="none")
+    q = [{"role": "user", "content": f"Tell me about pole {i}"} for i in range(3)]
+    want = {
+        i: {
+            m: direct.chat.completions.create(model=m, messages=[q[i]], max_tokens=8, temperature=0)
+            .choices[0]
+            .message.content
+            for m in ("alpha", "beta")
+        }
+        for i in range(3)
+    }
+    assert any(w["alpha"] != w["beta"] for w in want.values())
+    via = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+    for i in range(3):
+        got = via.chat.completions.with_raw_response.create(
+            model="assistant", messages=[q[i]], max_tokens=8, temperature=0
+        )
+        assert got.headers["x-fibreflow-arm"] == "a"
+        assert got.parse().choices[0].message.content == want[i]["alpha"]
+    log = project_tmp / "var/serving/shadow.jsonl"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(r["answer"] for r in records) == sorted(w["beta"] for w in want.values())
+    assert all(r["arm"] == "b" and 0 <= r["similarity"] <= 1 for r in records)
+    assert metric(base, "fibreflow_router_shadow_total", arm="b", outcome="ok") == 3
+
+
+@pytest.mark.integration
+def test_feedback_and_upstream_down(router: str, run_app: Any, project_tmp: Path) -> None:
+    r = httpx.post(
+        f"{router}/v1/chat/completions",
+        json={"model": "assistant", "messages": MSG, "max_tokens": 4, "temperature": 0.5},
+    )
+    rid, arm = r.json()["id"], r.headers["x-fibreflow-arm"]
+    ok = httpx.post(f"{router}/v1/feedback", json={"response_id": rid, "thumbs": "up"})
+    assert ok.status_code == 200 and ok.json()["arm"] == arm
+    assert metric(router, "fibreflow_router_feedback_score_sum", arm=arm) == 1.0
+    assert httpx.post(f"{router}/v1/feedback", json={"response_id": "nope", "score": 0.2}).status_code == 404
+    both = httpx.post(f"{router}/v1/feedback", json={"response_id": rid, "score": 0.2, "thumbs": "up"})
+    assert both.status_code == 400 and "exactly one" in both.json()["error"]["message"]
+    dead = run_app(create_app(config("http://127.0.0.1:9"), redis_url="", watch=False))
+    down = httpx.post(f"{dead}/v1/chat/completions", json={"model": "assistant", "messages": MSG})
+    assert down.status_code == 502 and "unreachable" in down.json()["error"]["message"]
+    assert sum(metric(dead, "fibreflow_router_upstream_retries_total", arm=a) for a in "ab") == 1
