@@ -16,6 +16,8 @@ db_app = typer.Typer(help="The FibreFlow database: embedded server, migrations, 
 data_app = typer.Typer(help="Versioned datasets built from the database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
+keys_app = typer.Typer(help="API keys of the router (stored hashed in Postgres).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 F = TypeVar("F", bound=Callable[..., Any])
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")]
@@ -235,8 +237,9 @@ def main_job(
     register -> promote (one MLflow parent run; unchanged steps are reused)."""
     from fibreflow.core.pipeline import main
 
-    steps = main(scale, train_config=train_config, train_overrides=_overrides(train_set),
-                 eval_overrides=_overrides(eval_set))  # fmt: skip
+    steps = main(
+        scale, train_config=train_config, train_overrides=_overrides(train_set), eval_overrides=_overrides(eval_set)
+    )
     report = steps.pop("report")
     _print(steps)
     typer.echo("\n" + report)
@@ -267,6 +270,70 @@ def serve(set_: Overrides = None) -> None:
     from fibreflow.serving.router import serve as run_serve
 
     run_serve(load_serving_config(_overrides(set_)))
+
+
+@keys_app.command("create")
+@friendly
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what uses it (shown in listings and audit).")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: chat, admin.")] = "chat",
+    expires_days: Annotated[float | None, typer.Option(help="Expire after this many days.")] = None,
+    rpm: Annotated[int | None, typer.Option(help="Own requests-per-minute limit (else the config's).")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Own tokens-per-minute limit (else the config's).")] = None,
+) -> None:
+    """Create a key; it is printed once (only its hash is stored)."""
+    import datetime as dt
+
+    from fibreflow.serving import keys
+
+    expires = dt.timedelta(days=expires_days) if expires_days else None
+    with keys.open_keys_db() as conn:
+        key, record = keys.create(
+            conn,
+            name,
+            [s.strip() for s in scopes.split(",") if s.strip()],
+            expires_in=expires,
+            requests_per_minute=rpm,
+            tokens_per_minute=tpm,
+        )
+    _print({"key": key, "id": record.id, "scopes": list(record.scopes), "expires_at": record.expires_at})
+
+
+@keys_app.command("rotate")
+@friendly
+def keys_rotate(
+    key_id: Annotated[str, typer.Argument(help="The key to replace (ffk_...).")],
+    overlap_hours: Annotated[float, typer.Option(help="How long the old key keeps working.")] = 24.0,
+) -> None:
+    """A new key with the same name, scopes and limits; the old one works for the overlap window, then expires."""
+    import datetime as dt
+
+    from fibreflow.serving import keys
+
+    with keys.open_keys_db() as conn:
+        key, record = keys.rotate(conn, key_id, dt.timedelta(hours=overlap_hours))
+    _print({"key": key, "id": record.id, "replaces": key_id, "old_key_works_for_hours": overlap_hours})
+
+
+@keys_app.command("revoke")
+@friendly
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key to revoke (ffk_...).")]) -> None:
+    """Revoke a key now (routers stop accepting it within auth.cache_s seconds)."""
+    from fibreflow.serving import keys
+
+    with keys.open_keys_db() as conn:
+        keys.revoke(conn, key_id)
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("list")
+@friendly
+def keys_list() -> None:
+    """Every key (never its secret or hash)."""
+    from fibreflow.serving import keys
+
+    with keys.open_keys_db() as conn:
+        _print(keys.listing(conn))
 
 
 if __name__ == "__main__":

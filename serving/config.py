@@ -82,6 +82,26 @@ class Cache(Strict):
     redis_timeout_s: float = Field(0.05, gt=0)  # a slow Redis counts as down: served without cache
 
 
+class Auth(Strict):
+    required: bool = True  # every /v1 call needs `Authorization: Bearer ffk_...` (`fibreflow keys create`)
+    cache_s: float = Field(10.0, gt=0)  # a key's row is re-read this often: a revoked key stops within cache_s
+
+
+class Limits(Strict):
+    """Per key and minute, unless the key has its own (`fibreflow keys create --rpm/--tpm`). None = unlimited."""
+
+    requests_per_minute: PositiveInt | None = 120
+    tokens_per_minute: PositiveInt | None = 60_000
+    redis_timeout_s: float = Field(0.05, gt=0)
+
+
+class Audit(Strict):
+    enabled: bool = True
+    log_prompts: bool = False  # the last user message in the audit row (off: never stored)
+    batch_size: PositiveInt = 200
+    flush_s: float = Field(1.0, gt=0)
+
+
 class Router(Strict):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -91,6 +111,9 @@ class Router(Strict):
     upstreams: dict[str, Upstream]
     experiments: list[Experiment] = Field(default_factory=list)
     cache: Cache = Cache()
+    auth: Auth = Auth()
+    limits: Limits = Limits()
+    audit: Audit = Audit()
     cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

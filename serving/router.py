@@ -10,12 +10,15 @@ A shadow arm gets a copy off the request path; its answer is scored against the 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,10 +28,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from fibreflow.core.config import resolve_path
 from fibreflow.serving.ab import Target, Targets, choose
-from fibreflow.serving.cache import ResponseCache
+from fibreflow.serving.audit import AuditRow, AuditWriter
+from fibreflow.serving.cache import ResponseCache, last_user_text
 from fibreflow.serving.config import Arm, Experiment, ServingConfig, served_name
+from fibreflow.serving.keys import KeyCache, KeyRecord, matches, split
+from fibreflow.serving.limits import Limiter
 from fibreflow.serving.metrics import Metrics
 from fibreflow.serving.protocol import ApiError, install_error_handlers
+from fibreflow.serving.shadow import shadow
 from fibreflow.serving.upstream import Answer, UpstreamFailed, Upstreams, ensure_adapter, usage_of
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, model_validator
@@ -57,13 +64,62 @@ class Feedback(BaseModel):
         return self.score if self.score is not None else float(self.thumbs == "up")
 
 
-class Router:
-    """The router's state: config, targets, cache, upstream pool, metrics, recent response ids."""
+@dataclass
+class Call:
+    """One request as the router saw it: what metrics, limits and the audit row are made of."""
 
-    def __init__(self, cfg: ServingConfig, redis_url: str | None) -> None:
+    started: float
+    endpoint: str
+    caller: str
+    key_id: str | None = None
+    key: KeyRecord | None = None
+    model: str | None = None
+    arm: str | None = None
+    version: str | None = None
+    status: int = 200
+    kind: str | None = None  # error kind for the metrics
+    usage: dict[str, Any] = field(default_factory=dict)
+    cache: str | None = None
+    error: str | None = None
+    prompt: str | None = None
+    streaming: bool = False
+
+    @property
+    def limit_id(self) -> str:
+        return self.key_id or f"ip:{self.caller}"
+
+    def row(self, elapsed_s: float) -> AuditRow:
+        u = self.usage
+        return AuditRow(
+            dt.datetime.now(dt.UTC),
+            self.key_id,
+            self.caller,
+            self.endpoint,
+            self.model,
+            self.arm,
+            self.version,
+            self.status,
+            u.get("prompt_tokens"),
+            u.get("completion_tokens"),
+            elapsed_s * 1000,
+            self.cache,
+            self.error,
+            self.prompt,
+        )
+
+
+class Router:
+    """The router's state: config, targets, cache, keys, limits, audit, upstream pool, metrics."""
+
+    def __init__(self, cfg: ServingConfig, redis_url: str | None, database_url: str | None) -> None:
         self.cfg, self.rc = cfg, cfg.router
         self.targets = Targets(cfg.registered_model, self.rc.experiments)
         self.cache = ResponseCache(self.rc.cache, redis_url)
+        self.limiter = Limiter(redis_url, self.rc.limits.redis_timeout_s)
+        self.database_url = database_url
+        self.keys = KeyCache(database_url, self.rc.auth.cache_s) if self.rc.auth.required and database_url else None
+        a = self.rc.audit
+        self.audit = AuditWriter(database_url, a.batch_size, a.flush_s) if a.enabled and database_url else None
         self.upstreams = Upstreams(self.rc.upstreams)
         self.metrics = Metrics()
         self.metrics.cache_up.labels(self.cache.kind).set(1)
@@ -183,87 +239,111 @@ class Router:
             if len(self.recent) > RECENT_KEEP:
                 self.recent.popitem(last=False)
 
-    def account(self, arm: str, version: str, status: int, started: float, usage: dict[str, Any]) -> None:
-        m, elapsed = self.metrics, time.perf_counter() - started
-        m.requests.labels(arm, version, str(status)).inc()
+    def finish(self, call: Call) -> None:
+        """Every request ends here once: metrics, the key's token spend, the audit row."""
+        m, elapsed = self.metrics, time.perf_counter() - call.started
+        arm = call.arm or "none"
+        m.requests.labels(arm, call.version or "none", str(call.status)).inc()
         m.latency.labels(arm).observe(elapsed)
-        if status >= 400:
-            m.errors.labels(arm, "upstream_4xx" if status < 500 else "upstream_5xx").inc()
-        done = int(usage.get("completion_tokens") or 0)
+        if call.status >= 400:
+            m.errors.labels(arm, call.kind or ("client_error" if call.status < 500 else "upstream_error")).inc()
+        done = int(call.usage.get("completion_tokens") or 0)
         if done:
             m.tokens.labels(arm).inc(done)
-            m.prompt_tokens.labels(arm).inc(int(usage.get("prompt_tokens") or 0))
+            m.prompt_tokens.labels(arm).inc(int(call.usage.get("prompt_tokens") or 0))
             m.tokens_per_s.labels(arm).observe(done / max(elapsed, 1e-6))
+            self.spawn(self._spend(call.limit_id, done + int(call.usage.get("prompt_tokens") or 0)))
+        if self.audit is not None:
+            self.audit.add(call.row(elapsed))
+
+    async def _spend(self, limit_id: str, tokens: int) -> None:
+        try:
+            await self.limiter.spend(limit_id, tokens)
+        except Exception:
+            self.metrics.errors.labels("none", "limiter").inc()
+
+    async def authenticate(self, request: Request, scope: str, call: Call) -> None:
+        """The caller's key (when keys are required): valid, unexpired, unrevoked, with `scope`; then its limits."""
+        if self.keys is not None:
+            header = request.headers.get("authorization", "")
+            if not header.startswith("Bearer "):
+                raise ApiError(401, "missing API key: send `Authorization: Bearer ffk_...` (`fibreflow keys create`)")
+            parts = split(header[7:].strip())
+            if parts is None:
+                raise ApiError(401, "malformed API key: expected ffk_<id>.<secret>")
+            record = await self.keys.lookup(parts[0])
+            if record is None or not matches(record, parts[1]):
+                raise ApiError(401, "invalid API key")
+            call.key_id = record.id
+            if (why := record.problem(dt.datetime.now(dt.UTC))) is not None:
+                raise ApiError(401, why)
+            if scope not in record.scopes:
+                raise ApiError(403, f"this API key lacks the {scope} scope")
+            call.key = record
+        rpm = (call.key and call.key.requests_per_minute) or self.rc.limits.requests_per_minute
+        tpm = (call.key and call.key.tokens_per_minute) or self.rc.limits.tokens_per_minute
+        try:
+            wait = await self.limiter.admit(call.limit_id, rpm, tpm)
+        except Exception:  # the limiter's Redis is down: let the request through, visibly
+            self.metrics.errors.labels("none", "limiter").inc()
+            return
+        if wait is not None:
+            retry = str(math.ceil(wait))
+            raise ApiError(
+                429,
+                f"rate limit reached ({rpm} requests or {tpm} tokens per minute); retry in {retry} s",
+                headers={"Retry-After": retry},
+            )
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def shadow(self, exp: Experiment, body: dict[str, Any], path: str, returned: bytes | None) -> None:
-        """Send the shadow arm a copy (never streamed), score its answer against the returned one, log both."""
-        from rapidfuzz import fuzz
-
-        assert exp.shadow is not None
-        arm = next(a for a in exp.arms if a.name == exp.shadow)
-        target = self.targets.get(exp.model, arm.name)
-        if target is None:
-            self.metrics.shadow.labels(arm.name, "no_target").inc()
-            return
-        payload = orjson.dumps({**body, "model": target.model, "stream": False})
-        try:
-            answer = await self.upstreams.post(target.upstream, path, payload)
-        except UpstreamFailed as exc:
-            self.metrics.shadow.labels(arm.name, exc.kind.split(":")[0]).inc()
-            return
-        shadow_text, main_text = _text(answer.body), _text(returned) if returned else None
-        record: dict[str, Any] = {
-            "ts": time.time(),
-            "model": exp.model,
-            "arm": arm.name,
-            "version": target.version,
-            "status": answer.status,
-            "answer": shadow_text,
-            "returned": main_text,
-        }
-        if shadow_text is not None and main_text is not None:
-            record["similarity"] = fuzz.token_set_ratio(shadow_text, main_text) / 100
-            self.metrics.shadow_similarity.labels(arm.name).observe(record["similarity"])
-        self.metrics.shadow.labels(arm.name, "ok" if answer.status == 200 else f"http_{answer.status}").inc()
-        self.shadow_log.parent.mkdir(parents=True, exist_ok=True)
-        with self.shadow_log.open("ab") as f:
-            f.write(orjson.dumps(record) + b"\n")
-
     async def handle(self, request: Request, path: str) -> Response:
-        started = time.perf_counter()
+        call = Call(time.perf_counter(), path, request.client.host if request.client else "unknown")
+        try:
+            response = await self._handle(request, path, call)
+        except ApiError as exc:
+            call.status, call.error = exc.status, exc.message
+            self.finish(call)
+            raise
+        if not call.streaming:
+            self.finish(call)
+        return response
+
+    async def _handle(self, request: Request, path: str, call: Call) -> Response:
+        await self.authenticate(request, "chat", call)
         body = self.parse(await request.body(), path)
-        caller = request.client.host if request.client else "anonymous"
-        exp, arm, target = self.assign(body, request, caller)
-        version = target.version or target.model
-        headers = {"x-fibreflow-arm": arm.name, "x-fibreflow-model-version": version}
+        call.model = body["model"]
+        if self.rc.audit.log_prompts:
+            call.prompt = last_user_text(body)
+        exp, arm, target = self.assign(body, request, call.key_id or call.caller)
+        call.arm, call.version = arm.name, target.version or target.model
+        headers = {"x-fibreflow-arm": arm.name, "x-fibreflow-model-version": call.version}
         _, ttl = self.cache.policy(body)
         key = self.cache.key(body, target.model) if ttl else None
+        call.cache = "miss" if key else "bypass"
         if key is not None and (hit := await self.cached(key, arm.name)) is not None:
-            self.account(arm.name, version, 200, started, {})
+            call.cache = "hit"
             return Response(hit, 200, headers | {"x-fibreflow-cache": "hit"}, media_type="application/json")
         payload = orjson.dumps({**body, "model": target.model})
         if body.get("stream"):
-            return await self.stream(exp, arm, target, path, payload, body, headers, started)
+            return await self.stream(exp, arm, target, path, payload, body, headers, call)
         try:
             answer = await self.call(arm, target, path, payload)
         except UpstreamFailed as exc:
-            self.metrics.errors.labels(arm.name, exc.kind.split(":")[0]).inc()
-            self.metrics.requests.labels(arm.name, version, str(exc.status)).inc()
+            call.kind = exc.kind.split(":")[0]
             raise ApiError(exc.status, f"upstream {target.upstream} for arm {arm.name}: {exc.kind}") from None
-        usage = usage_of(answer.body) if answer.status == 200 else {}
-        self.account(arm.name, version, answer.status, started, usage)
-        self.remember(usage.get("id"), arm.name, version)
+        call.status = answer.status
+        call.usage = usage_of(answer.body) if answer.status == 200 else {}
+        self.remember(call.usage.get("id"), arm.name, call.version)
         if key is not None and answer.status == 200:
             await self.store(key, answer.body, ttl, arm.name)
         if exp.shadow and exp.shadow != arm.name:
-            self.spawn(self.shadow(exp, body, path, answer.body))
-        cache_state = {"x-fibreflow-cache": "miss" if key else "bypass"}
-        return Response(answer.body, answer.status, headers | cache_state, media_type=answer.content_type)
+            self.spawn(shadow(self, exp, body, path, answer.body))
+        headers["x-fibreflow-cache"] = call.cache
+        return Response(answer.body, answer.status, headers, media_type=answer.content_type)
 
     async def stream(
         self,
@@ -274,21 +354,21 @@ class Router:
         payload: bytes,
         body: dict[str, Any],
         headers: dict[str, str],
-        started: float,
+        call: Call,
     ) -> Response:
-        version = headers["x-fibreflow-model-version"]
         try:
             resp = await self.upstreams.open_stream(target.upstream, path, payload)
         except UpstreamFailed as exc:
-            self.metrics.errors.labels(arm.name, exc.kind.split(":")[0]).inc()
+            call.kind = exc.kind.split(":")[0]
             raise ApiError(exc.status, f"upstream {target.upstream} for arm {arm.name}: {exc.kind}") from None
         if resp.status != 200:  # the upstream's own 4xx, passed on as it is
             data = await resp.read()
             resp.release()
-            self.account(arm.name, version, resp.status, started, {})
+            call.status = resp.status
             return Response(data, resp.status, headers, media_type="application/json")
         if exp.shadow and exp.shadow != arm.name:
-            self.spawn(self.shadow(exp, body, path, None))
+            self.spawn(shadow(self, exp, body, path, None))
+        call.streaming = True
 
         async def relay() -> AsyncIterator[bytes]:
             first, chunks, rid = None, 0, None
@@ -297,15 +377,16 @@ class Router:
                     tokens = sum(data.count(m) for m in _TOKEN_MARKS) - sum(data.count(m) for m in _EMPTY_MARKS)
                     if first is None and tokens > 0:
                         first = time.perf_counter()
-                        self.metrics.ttft.labels(arm.name).observe(first - started)
+                        self.metrics.ttft.labels(arm.name).observe(first - call.started)
                     chunks += tokens
                     if rid is None and (i := data.find(b'"id":"')) >= 0:
                         rid = data[i + 6 : data.find(b'"', i + 6)].decode()
                     yield data
             finally:
                 resp.release()
-                self.account(arm.name, version, 200, started, {"completion_tokens": chunks})
-                self.remember(rid, arm.name, version)
+                call.usage = {"completion_tokens": chunks}
+                self.remember(rid, arm.name, headers["x-fibreflow-model-version"])
+                self.finish(call)
 
         return StreamingResponse(relay(), 200, headers, media_type="text/event-stream")
 
@@ -327,21 +408,32 @@ class Router:
         return {"object": "list", "data": data}
 
 
-def _text(body: bytes | None) -> str | None:
-    try:
-        choice = orjson.loads(body or b"")["choices"][0]
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+def _database(cfg: ServingConfig, url: str | None) -> str | None:
+    """The database of keys and audit rows (checked to be migrated), or None when neither is on."""
+    if not (cfg.router.auth.required or cfg.router.audit.enabled):
         return None
-    return choice["message"]["content"] if "message" in choice else choice.get("text")
+    from fibreflow.core.db import check_schema, connect, database_url, load_db_config
+
+    url = url or database_url(load_db_config())
+    with connect(url) as conn:
+        check_schema(conn)
+    return url
 
 
-def create_app(cfg: ServingConfig, *, redis_url: str | None = None, watch: bool = True) -> FastAPI:
-    """The router app. `redis_url` (default: $REDIS_URL) backs the cache; `watch` follows registry aliases."""
-    router = Router(cfg, redis_url if redis_url is not None else os.environ.get("REDIS_URL"))
+def create_app(
+    cfg: ServingConfig, *, redis_url: str | None = None, database_url: str | None = None, watch: bool = True
+) -> FastAPI:
+    """The router app. `redis_url` (default: $REDIS_URL; "" = none) backs the cache and the limits; the database
+    (default: DATABASE_URL or the embedded one) holds keys and audit rows; `watch` follows registry aliases."""
+    router = Router(
+        cfg, redis_url if redis_url is not None else os.environ.get("REDIS_URL"), _database(cfg, database_url)
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await router.upstreams.start()
+        if router.audit is not None:
+            router.audit.start()
         if watch:
             await asyncio.to_thread(router.start_watching)
         yield
@@ -349,8 +441,13 @@ def create_app(cfg: ServingConfig, *, redis_url: str | None = None, watch: bool 
             router.watcher.stop()
         if router._tasks:
             await asyncio.wait(router._tasks, timeout=10)
+        if router.audit is not None:
+            await router.audit.close()  # a clean shutdown loses no audit row
+        if router.keys is not None:
+            await router.keys.close()
         await router.upstreams.close()
         await router.cache.close()
+        await router.limiter.close()
 
     app = FastAPI(
         title="FibreFlow router",

@@ -12,23 +12,12 @@ import httpx
 import openai
 import pytest
 from fibreflow.serving.ab import choose, unit_hash
-from fibreflow.serving.config import Experiment, ServingConfig
+from fibreflow.serving.config import Experiment
 from fibreflow.serving.model_server import create_model_app
 from fibreflow.serving.router import create_app
+from serving_helpers import config, metric
 
 MSG = [{"role": "user", "content": "What is a BOQ?"}]
-
-
-def config(upstream: str, **router: Any) -> ServingConfig:
-    arms = [
-        {"name": "a", "upstream": "local", "model": "alpha", "weight": 0.5},
-        {"name": "b", "upstream": "local", "model": "beta", "weight": 0.5},
-    ]
-    tree = {
-        "upstreams": {"local": {"url": f"{upstream}/v1", "timeout_s": 30}},
-        "experiments": [{"model": "assistant", "salt": "s1", "arms": arms}],
-    } | router
-    return ServingConfig.model_validate({"router": tree})
 
 
 @pytest.fixture
@@ -39,17 +28,6 @@ def upstream(tiny_engine: Any, run_app: Any) -> str:
 @pytest.fixture
 def router(upstream: str, run_app: Any, project_tmp: Path) -> str:
     return run_app(create_app(config(upstream), redis_url="", watch=False))
-
-
-def metric(base: str, name: str, **labels: str) -> float:
-    """A sample's value from /metrics (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def test_split_proportions_and_stickiness() -> None:

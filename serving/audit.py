@@ -1,0 +1,92 @@
+"""The router's audit log: one row per request in Postgres (`request_audit`), written in batches off the
+request path. Rows wait in memory and are flushed every `flush_s` seconds or `batch_size` rows by COPY on a
+worker thread; a failed write keeps them for the next flush; a clean shutdown flushes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from dataclasses import astuple, dataclass
+
+import psycopg
+
+log = logging.getLogger("fibreflow.serving")
+KEEP = 100_000  # rows kept while the database is unreachable; older ones are dropped (and counted)
+
+
+@dataclass
+class AuditRow:
+    at: dt.datetime
+    key_id: str | None
+    caller: str
+    endpoint: str
+    model: str | None
+    arm: str | None
+    model_version: str | None
+    status: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float
+    cache: str | None
+    error: str | None
+    prompt: str | None
+
+
+COLUMNS = ", ".join(AuditRow.__dataclass_fields__)
+
+
+class AuditWriter:
+    def __init__(self, database_url: str, batch_size: int, flush_s: float) -> None:
+        self.url, self.batch_size, self.flush_s = database_url, batch_size, flush_s
+        self._rows: list[AuditRow] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def add(self, row: AuditRow) -> None:
+        self._rows.append(row)
+        if len(self._rows) > KEEP:
+            del self._rows[: len(self._rows) - KEEP]
+            self.dropped += 1
+        if len(self._rows) >= self.batch_size:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_s)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+        try:
+            await asyncio.to_thread(self._write, rows)
+        except psycopg.Error as exc:
+            log.warning("audit: %d rows not written (%s); retrying at the next flush", len(rows), exc)
+            self._rows[:0] = rows
+        else:
+            self.written += len(rows)
+
+    def _write(self, rows: list[AuditRow]) -> None:
+        with (
+            psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn,
+            conn.cursor().copy(f"COPY request_audit ({COLUMNS}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(astuple(row))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.flush()

@@ -1,0 +1,196 @@
+"""API keys, rate limits and the audit log: real Postgres (embedded), real Redis, real HTTP."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psycopg
+import pytest
+from fibreflow.core.db import migrate
+from fibreflow.serving import keys
+from fibreflow.serving.model_server import create_model_app
+from fibreflow.serving.router import create_app
+from serving_helpers import config
+
+MSG = [{"role": "user", "content": "What is a BOQ?"}]
+
+
+@pytest.fixture
+def keys_db(pg_url: str) -> str:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        migrate(conn)
+    return pg_url
+
+
+@pytest.fixture
+def upstream(tiny_engine: Any, run_app: Any) -> str:
+    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
+
+
+def guarded(upstream: str, **router: Any) -> Any:
+    """The router config with keys, limits and audit on (short key cache, quick audit flushes)."""
+    on = {
+        "auth": {"required": True, "cache_s": 0.3},
+        "audit": {"enabled": True, "flush_s": 0.1},
+        "limits": {"requests_per_minute": 1000, "tokens_per_minute": None},
+    }
+    return config(upstream, **(on | router))
+
+
+def new_key(url: str, scopes: tuple[str, ...] = ("chat",), **kw: Any) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return keys.create(conn, "test", list(scopes), **kw)[0]
+
+
+def ask(base: str, key: str | None, **kw: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": "assistant", "messages": MSG, "max_tokens": 4, "temperature": 0} | kw
+    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers)
+
+
+def audit_rows(url: str, n: int) -> list[dict[str, Any]]:
+    """The audit rows once `n` have arrived (they are written in batches, off the request path)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            rows = cur.execute("SELECT * FROM request_audit ORDER BY id").fetchall()
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+@pytest.mark.integration
+def test_keys_are_checked_and_every_request_is_audited(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    app = create_app(guarded(upstream), redis_url="", database_url=keys_db, watch=False)
+    base = run_app(app)
+    good = new_key(keys_db)
+    admin_only = new_key(keys_db, ("admin",))
+    expired = new_key(keys_db, expires_in=dt.timedelta(seconds=-1))
+    kid, secret = keys.split(good)  # type: ignore[misc]
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=good, max_retries=0)
+    assert client.chat.completions.create(model="assistant", messages=MSG, max_tokens=4, temperature=0).choices[0]
+    cases = [
+        (None, 401, "missing API key"),
+        ("sk-something", 401, "malformed API key"),
+        (f"{kid}.wrong", 401, "invalid API key"),
+        ("ffk_000000000000.x", 401, "invalid API key"),
+        (expired, 401, "expired"),
+        (admin_only, 403, "lacks the chat scope"),
+    ]
+    for key, status, message in cases:
+        r = ask(base, key)
+        assert r.status_code == status and message in r.json()["error"]["message"], (key, r.text)
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key=f"{kid}.nope", max_retries=0)
+        wrong.chat.completions.create(model="assistant", messages=MSG)
+    big = ask(base, good, messages=[{"role": "user", "content": "x" * 1_100_000}])
+    too_long = ask(base, good, messages=[{"role": "user", "content": "pole " * 300}])
+    assert (big.status_code, too_long.status_code) == (413, 400)
+    rows = audit_rows(keys_db, 10)
+    assert [r["status"] for r in rows] == [200, 401, 401, 401, 401, 401, 403, 401, 413, 400]
+    assert rows[0]["key_id"] == kid and rows[0]["arm"] in ("a", "b") and rows[0]["completion_tokens"] >= 1
+    assert rows[-1]["key_id"] == kid and rows[-1]["arm"] and rows[-2]["arm"] is None  # 413: before any arm
+    flat = " ".join(str(v) for r in rows for v in r.values())
+    assert secret not in flat and "What is a BOQ" not in flat and "pole pole" not in flat  # never key or prompt
+    state = app.state.router  # the refused requests left nothing but their audit rows
+    assert len(state.cache.backend._items) == 1 and len(state.recent) == 1  # the one answered request
+
+
+@pytest.mark.integration
+def test_revoked_and_rotated_keys_stop_within_the_cache_bound(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    base = run_app(create_app(guarded(upstream), redis_url="", database_url=keys_db, watch=False))
+    key = new_key(keys_db)
+    kid = keys.split(key)[0]  # type: ignore[index]
+    assert ask(base, key).status_code == 200
+    with psycopg.connect(keys_db, autocommit=True) as conn:
+        fresh, record = keys.rotate(conn, kid, dt.timedelta(seconds=0.5))
+        assert record.rotated_from == kid
+    assert ask(base, fresh).status_code == 200
+    assert ask(base, key).status_code == 200  # inside the overlap window
+    time.sleep(0.5 + 0.3 + 0.1)  # overlap + key cache bound
+    old = ask(base, key)
+    assert old.status_code == 401 and "expired" in old.json()["error"]["message"]
+    with psycopg.connect(keys_db, autocommit=True) as conn:
+        keys.revoke(conn, record.id)
+        with pytest.raises(keys.ApiKeyError, match="already revoked"):
+            keys.revoke(conn, record.id)
+    time.sleep(0.3 + 0.1)
+    gone = ask(base, fresh)
+    assert gone.status_code == 401 and "revoked" in gone.json()["error"]["message"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("shared", [False, True])
+def test_limits_answer_429_with_retry_after(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path, shared: bool
+) -> None:
+    import redis
+
+    url = "redis://127.0.0.1:6379/15" if shared else ""
+    if url:
+        redis.Redis.from_url(url).flushdb()
+    routers = [
+        run_app(create_app(guarded(upstream), redis_url=url, database_url=keys_db, watch=False))
+        for _ in range(2 if shared else 1)
+    ]
+    key = new_key(keys_db, requests_per_minute=3)
+    got = [ask(routers[i % len(routers)], key).status_code for i in range(4)]
+    assert got == [200, 200, 200, 429]  # with Redis: the budget is shared by both routers
+    refused = ask(routers[0], key)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60 and "rate limit" in refused.json()["error"]["message"]
+    thrifty = new_key(keys_db, tokens_per_minute=5)
+    fresh_question = [{"role": "user", "content": "Which poles are in project 2?"}]  # not cached: tokens are spent
+    assert ask(routers[0], thrifty, messages=fresh_question).status_code == 200  # > 5 tokens (prompt + answer)
+    deadline = time.monotonic() + 5
+    while ask(routers[-1], thrifty).status_code != 429:  # the spend is recorded just after the answer
+        assert time.monotonic() < deadline
+
+
+@pytest.mark.integration
+def test_keys_cli_and_prompt_logging(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path, monkeypatch: pytest.MonkeyPatch, pg_url: str
+) -> None:
+    import json
+
+    from fibreflow.core.cli import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("DATABASE_URL", keys_db)
+    runner = CliRunner()
+    made = runner.invoke(app, ["keys", "create", "--name", "frontend", "--scopes", "chat", "--rpm", "30"])
+    assert made.exit_code == 0, made.output
+    key = json.loads(made.output)["key"]
+    listed = json.loads(runner.invoke(app, ["keys", "list"]).output)
+    assert [k["name"] for k in listed] == ["frontend"] and "secret_sha256" not in listed[0]
+    assert key.split(".")[1] not in runner.invoke(app, ["keys", "list"]).output
+    bad = runner.invoke(app, ["keys", "create", "--name", "x", "--scopes", "root"])
+    assert bad.exit_code == 2 and "scopes must be some of chat, admin" in bad.output
+    base = run_app(
+        create_app(
+            guarded(upstream, audit={"enabled": True, "flush_s": 0.1, "log_prompts": True}),
+            redis_url="",
+            database_url=keys_db,
+            watch=False,
+        )
+    )
+    assert ask(base, key).status_code == 200
+    assert audit_rows(keys_db, 1)[0]["prompt"] == "What is a BOQ?"
+    rotated = runner.invoke(app, ["keys", "rotate", key.split(".")[0], "--overlap-hours", "0"])
+    assert rotated.exit_code == 0 and json.loads(rotated.output)["replaces"] == key.split(".")[0]
+    empty = psycopg.conninfo.make_conninfo(pg_url, dbname="keys_unmigrated")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE keys_unmigrated")
+    monkeypatch.setenv("DATABASE_URL", empty)
+    missing = runner.invoke(app, ["keys", "list"])
+    assert missing.exit_code == 2 and "fibreflow db migrate" in missing.output
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP DATABASE keys_unmigrated WITH (FORCE)")
