@@ -9,9 +9,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import psycopg
+
+if TYPE_CHECKING:
+    from fibreflow.serving.keys import KeyRecord
 
 log = logging.getLogger("fibreflow.serving")
 KEEP = 100_000  # rows kept while the database is unreachable; older ones are dropped (and counted)
@@ -36,6 +40,59 @@ class AuditRow:
 
 
 COLUMNS = ", ".join(AuditRow.__dataclass_fields__)
+
+
+@dataclass
+class Call:
+    """One request as the router saw it: what metrics, limits and the audit row are made of."""
+
+    started: float
+    endpoint: str
+    caller: str
+    key_id: str | None = None
+    key: KeyRecord | None = None
+    model: str | None = None
+    arm: str | None = None
+    version: str | None = None
+    status: int = 200
+    kind: str | None = None  # error kind for the metrics
+    usage: dict[str, Any] = field(default_factory=dict)
+    cache: str | None = None
+    error: str | None = None
+    prompt: str | None = None
+    streaming: bool = False
+    fallback: str | None = None  # why the fallback answered instead of the arm
+
+    def headers(self) -> dict[str, str]:
+        out = {"x-fibreflow-arm": self.arm or "", "x-fibreflow-model-version": self.version or ""}
+        if self.cache is not None:
+            out["x-fibreflow-cache"] = self.cache
+        if self.fallback is not None:
+            out["x-fibreflow-fallback"] = self.fallback
+        return out
+
+    @property
+    def limit_id(self) -> str:
+        return self.key_id or f"ip:{self.caller}"
+
+    def row(self, elapsed_s: float) -> AuditRow:
+        u = self.usage
+        return AuditRow(
+            dt.datetime.now(dt.UTC),
+            self.key_id,
+            self.caller,
+            self.endpoint,
+            self.model,
+            self.arm,
+            self.version,
+            self.status,
+            u.get("prompt_tokens"),
+            u.get("completion_tokens"),
+            elapsed_s * 1000,
+            self.cache,
+            self.error,
+            self.prompt,
+        )
 
 
 class AuditWriter:

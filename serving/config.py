@@ -102,6 +102,40 @@ class Audit(Strict):
     flush_s: float = Field(1.0, gt=0)
 
 
+class Fallback(Strict):
+    """What answers when an arm's upstream keeps failing, its breaker is open, or the router is overloaded: a
+    model an upstream serves under a fixed name (e.g. the base model: faster than a LoRA arm)."""
+
+    upstream: str
+    model: str
+
+
+class Resilience(Strict):
+    retries: int = Field(1, ge=0)  # an upstream timeout / refused connection / 5xx is retried this often
+    breaker_failures: PositiveInt = 5  # consecutive failures that open an arm's breaker (straight to fallback)
+    breaker_reset_s: float = Field(30.0, gt=0)  # then one trial request is let through
+    max_in_flight: PositiveInt = 64  # more requests in flight than this: the excess goes to the fallback
+    max_latency_s: float = Field(30.0, gt=0)  # recent upstream latency (EWMA) over this: fallback until it drops
+
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+class Period(Strict):
+    """A workload period; the first matching period decides the route."""
+
+    name: str
+    weekdays: list[Weekday] | None = None  # None = every day
+    hours: tuple[int, int] | None = None  # [from, to) local hours; None = all day
+    last_days_of_month: PositiveInt | None = None  # e.g. 2 = the last two days of the month
+    route: str  # "experiment" (the A/B split), "fallback", or an arm name (all traffic to that arm)
+
+
+class Schedule(Strict):
+    timezone: str = "UTC"
+    periods: list[Period] = Field(default_factory=list)
+
+
 class Router(Strict):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -114,6 +148,9 @@ class Router(Strict):
     auth: Auth = Auth()
     limits: Limits = Limits()
     audit: Audit = Audit()
+    fallback: Fallback | None = None
+    resilience: Resilience = Resilience()
+    schedule: Schedule = Schedule()
     cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -122,6 +159,14 @@ class Router(Strict):
             for arm in exp.arms:
                 if arm.upstream not in self.upstreams:
                     raise ValueError(f"experiment {exp.model}, arm {arm.name}: unknown upstream {arm.upstream!r}")
+        if self.fallback is not None and self.fallback.upstream not in self.upstreams:
+            raise ValueError(f"fallback: unknown upstream {self.fallback.upstream!r}")
+        arms = {a.name for e in self.experiments for a in e.arms} | {"experiment", "fallback"}
+        for period in self.schedule.periods:
+            if period.route not in arms:
+                raise ValueError(f"schedule {period.name}: route {period.route!r}: not experiment, fallback, an arm")
+            if period.route == "fallback" and self.fallback is None:
+                raise ValueError(f"schedule {period.name}: routes to the fallback, but no fallback is configured")
         return self
 
 

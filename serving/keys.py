@@ -176,6 +176,26 @@ class KeyCache:
             self._rows.clear()
         return record
 
+    async def authenticate(self, header: str, scope: str, call: Any) -> KeyRecord:
+        """The record of the key in an `Authorization: Bearer` header, or an ApiError (401/403) saying why not.
+        `call.key_id` is set as soon as the key is known (the audit row names it even when refused)."""
+        from fibreflow.serving.protocol import ApiError
+
+        if not header.startswith("Bearer "):
+            raise ApiError(401, "missing API key: send `Authorization: Bearer ffk_...` (`fibreflow keys create`)")
+        parts = split(header[7:].strip())
+        if parts is None:
+            raise ApiError(401, "malformed API key: expected ffk_<id>.<secret>")
+        record = await self.lookup(parts[0])
+        if record is None or not matches(record, parts[1]):
+            raise ApiError(401, "invalid API key")
+        call.key_id = record.id
+        if (why := record.problem(dt.datetime.now(dt.UTC))) is not None:
+            raise ApiError(401, why)
+        if scope not in record.scopes:
+            raise ApiError(403, f"this API key lacks the {scope} scope")
+        return record
+
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()

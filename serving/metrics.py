@@ -35,7 +35,7 @@ class Metrics:
             p + "cache_backend_up", "1 while the cache backend answers, 0 after it failed", ["backend"], registry=r
         )
         self.retries = Counter(p + "upstream_retries", "Upstream calls retried", ["arm", "upstream"], registry=r)
-        self.fallbacks = Counter(p + "fallbacks", "Requests served by the fallback", ["arm", "reason"], registry=r)
+        self.fallbacks = Counter(p + "fallbacks", "Requests served by the fallback, by why", ["reason"], registry=r)
         self.shadow = Counter(p + "shadow", "Shadow copies by outcome", ["arm", "outcome"], registry=r)
         self.shadow_similarity = Histogram(
             p + "shadow_similarity",

@@ -14,7 +14,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 ERROR_TYPES = {
@@ -193,3 +193,20 @@ def sse(obj: dict[str, Any]) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+class Feedback(BaseModel):
+    response_id: str
+    score: float | None = Field(default=None, ge=0, le=1)
+    thumbs: Literal["up", "down"] | None = None
+    comment: str | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _one(self) -> Feedback:
+        if (self.score is None) == (self.thumbs is None):
+            raise ValueError("give exactly one of score (0..1) or thumbs (up|down)")
+        return self
+
+    @property
+    def value(self) -> float:
+        return self.score if self.score is not None else float(self.thumbs == "up")

@@ -10,7 +10,6 @@ A shadow arm gets a copy off the request path; its answer is scored against the 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import math
 import os
@@ -18,9 +17,8 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -28,84 +26,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from fibreflow.core.config import resolve_path
 from fibreflow.serving.ab import Target, Targets, choose
-from fibreflow.serving.audit import AuditRow, AuditWriter
+from fibreflow.serving.audit import AuditWriter, Call
 from fibreflow.serving.cache import ResponseCache, last_user_text
-from fibreflow.serving.config import Arm, Experiment, ServingConfig, served_name
-from fibreflow.serving.keys import KeyCache, KeyRecord, matches, split
+from fibreflow.serving.config import Experiment, ServingConfig, served_name
+from fibreflow.serving.keys import KeyCache
 from fibreflow.serving.limits import Limiter
 from fibreflow.serving.metrics import Metrics
-from fibreflow.serving.protocol import ApiError, install_error_handlers
+from fibreflow.serving.protocol import ApiError, Feedback, install_error_handlers
+from fibreflow.serving.resilience import Guard, period
 from fibreflow.serving.shadow import shadow
 from fibreflow.serving.upstream import Answer, UpstreamFailed, Upstreams, ensure_adapter, usage_of
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, model_validator
 
 log = logging.getLogger("fibreflow.serving")
 CHAT, COMPLETIONS = "/chat/completions", "/completions"
 RECENT_KEEP = 100_000  # response ids remembered for feedback
 # streamed chunks carrying text (OpenAI servers send compact JSON, about one token per chunk)
 _TOKEN_MARKS, _EMPTY_MARKS = (b'"content":"', b'"text":"'), (b'"content":""', b'"text":""')
-
-
-class Feedback(BaseModel):
-    response_id: str
-    score: float | None = Field(default=None, ge=0, le=1)
-    thumbs: Literal["up", "down"] | None = None
-    comment: str | None = Field(default=None, max_length=2000)
-
-    @model_validator(mode="after")
-    def _one(self) -> Feedback:
-        if (self.score is None) == (self.thumbs is None):
-            raise ValueError("give exactly one of score (0..1) or thumbs (up|down)")
-        return self
-
-    @property
-    def value(self) -> float:
-        return self.score if self.score is not None else float(self.thumbs == "up")
-
-
-@dataclass
-class Call:
-    """One request as the router saw it: what metrics, limits and the audit row are made of."""
-
-    started: float
-    endpoint: str
-    caller: str
-    key_id: str | None = None
-    key: KeyRecord | None = None
-    model: str | None = None
-    arm: str | None = None
-    version: str | None = None
-    status: int = 200
-    kind: str | None = None  # error kind for the metrics
-    usage: dict[str, Any] = field(default_factory=dict)
-    cache: str | None = None
-    error: str | None = None
-    prompt: str | None = None
-    streaming: bool = False
-
-    @property
-    def limit_id(self) -> str:
-        return self.key_id or f"ip:{self.caller}"
-
-    def row(self, elapsed_s: float) -> AuditRow:
-        u = self.usage
-        return AuditRow(
-            dt.datetime.now(dt.UTC),
-            self.key_id,
-            self.caller,
-            self.endpoint,
-            self.model,
-            self.arm,
-            self.version,
-            self.status,
-            u.get("prompt_tokens"),
-            u.get("completion_tokens"),
-            elapsed_s * 1000,
-            self.cache,
-            self.error,
-            self.prompt,
-        )
 
 
 class Router:
@@ -115,6 +52,9 @@ class Router:
         self.cfg, self.rc = cfg, cfg.router
         self.targets = Targets(cfg.registered_model, self.rc.experiments)
         self.cache = ResponseCache(self.rc.cache, redis_url)
+        self.guard = Guard(self.rc.resilience)
+        fb = self.rc.fallback
+        self.fallback = Target(fb.upstream, fb.model, None) if fb is not None else None
         self.limiter = Limiter(redis_url, self.rc.limits.redis_timeout_s)
         self.database_url = database_url
         self.keys = KeyCache(database_url, self.rc.auth.cache_s) if self.rc.auth.required and database_url else None
@@ -176,7 +116,9 @@ class Router:
             raise ApiError(400, "prompt: field required", param="prompt")
         return body
 
-    def assign(self, body: dict[str, Any], request: Request, caller: str) -> tuple[Experiment, Arm, Target]:
+    def assign(self, body: dict[str, Any], request: Request, caller: str) -> tuple[Experiment, str, Target, str | None]:
+        """(experiment, arm, target, fallback reason): the forced arm, else the schedule's route, else the sticky
+        split; the fallback instead when the schedule says so, the router is overloaded or the arm's breaker is open."""
         model = body["model"]
         exp = self.targets.experiments.get(model)
         if exp is None:
@@ -187,29 +129,81 @@ class Router:
         available = self.targets.available(model)
         forced = request.headers.get(self.rc.arm_header)
         if forced is not None:
-            arm = next((a for a in exp.arms if a.name == forced), None)
-            if arm is None or forced not in available:
+            if forced not in available:
                 raise ApiError(
                     400,
                     f"{self.rc.arm_header}: arm {forced!r} of {model} is unknown or has no target "
                     f"(available: {', '.join(sorted(available))})",
                 )
+            target = self.targets.get(model, forced)
+            assert target is not None
+            return exp, forced, target, None
+        now = period(self.rc.schedule) if self.rc.schedule.periods else None
+        route = now.route if now is not None else "experiment"
+        if route == "fallback" and self.fallback is not None:
+            return exp, "fallback", self.fallback, f"schedule_{now.name if now else ''}"
+        if route in available:
+            name = route
         else:
-            user = body.get("user") if isinstance(body.get("user"), str) else caller
-            arm = choose(exp, user, available)
+            arm = choose(exp, body["user"] if isinstance(body.get("user"), str) else caller, available)
             if arm is None:
+                if self.fallback is not None:
+                    return exp, "fallback", self.fallback, "no_arm"
                 raise ApiError(503, f"no arm of {model} has a model to serve (registry aliases unset?)")
-        target = self.targets.get(model, arm.name)
+            name = arm.name
+        target = self.targets.get(model, name)
         assert target is not None
-        return exp, arm, target
+        if self.fallback is not None:
+            breaker = self.guard.breaker(target.upstream, target.model)
+            why = self.guard.overloaded() or (None if breaker.allow() else "breaker_open")
+            if why is not None:
+                return exp, "fallback", self.fallback, why
+        return exp, name, target, None
 
-    async def call(self, arm: Arm, target: Target, path: str, payload: bytes) -> Answer:
-        """The upstream's answer; one retry on a timeout, refused connection or 5xx."""
+    async def _attempts(self, arm: str, target: Target, fn: Any) -> Any:
+        """`fn()` retried on a timeout, refused connection or 5xx; feeds the target's breaker and the load."""
+        breaker = self.guard.breaker(target.upstream, target.model)
+        self.guard.in_flight += 1
+        started = time.perf_counter()
         try:
-            return await self.upstreams.post(target.upstream, path, payload)
-        except UpstreamFailed:
-            self.metrics.retries.labels(arm.name, target.upstream).inc()
-            return await self.upstreams.post(target.upstream, path, payload)
+            for attempt in range(self.rc.resilience.retries + 1):
+                try:
+                    out = await fn()
+                except UpstreamFailed:
+                    if attempt == self.rc.resilience.retries:
+                        breaker.record(False)
+                        raise
+                    self.metrics.retries.labels(arm, target.upstream).inc()
+                else:
+                    breaker.record(True)
+                    self.guard.observe(time.perf_counter() - started)
+                    return out
+        finally:
+            self.guard.in_flight -= 1
+
+    async def forward(self, call: Call, body: dict[str, Any], path: str, target: Target, stream: bool) -> Any:
+        """The upstream's answer (an `Answer`, or the open streamed response); after the retries, the fallback's.
+        Updates `call` (arm, version, fallback reason) when the fallback answered."""
+
+        def attempt(t: Target) -> Any:
+            payload = orjson.dumps({**body, "model": t.model})
+            if stream:
+                return lambda: self.upstreams.open_stream(t.upstream, path, payload)
+            return lambda: self.upstreams.post(t.upstream, path, payload)
+
+        try:
+            return await self._attempts(call.arm or "", target, attempt(target))
+        except UpstreamFailed as exc:
+            if self.fallback is None or call.arm == "fallback":
+                call.kind = exc.kind.split(":")[0]
+                raise ApiError(exc.status, f"upstream {target.upstream} for arm {call.arm}: {exc.kind}") from None
+        self.metrics.fallbacks.labels("upstream_error").inc()
+        call.arm, call.version, call.fallback = "fallback", self.fallback.model, "upstream_error"
+        try:
+            return await self._attempts("fallback", self.fallback, attempt(self.fallback))
+        except UpstreamFailed as exc:
+            call.kind = exc.kind.split(":")[0]
+            raise ApiError(exc.status, f"upstream {target.upstream} and the fallback failed: {exc.kind}") from None
 
     async def cached(self, key: str, arm: str) -> bytes | None:
         try:
@@ -265,21 +259,7 @@ class Router:
     async def authenticate(self, request: Request, scope: str, call: Call) -> None:
         """The caller's key (when keys are required): valid, unexpired, unrevoked, with `scope`; then its limits."""
         if self.keys is not None:
-            header = request.headers.get("authorization", "")
-            if not header.startswith("Bearer "):
-                raise ApiError(401, "missing API key: send `Authorization: Bearer ffk_...` (`fibreflow keys create`)")
-            parts = split(header[7:].strip())
-            if parts is None:
-                raise ApiError(401, "malformed API key: expected ffk_<id>.<secret>")
-            record = await self.keys.lookup(parts[0])
-            if record is None or not matches(record, parts[1]):
-                raise ApiError(401, "invalid API key")
-            call.key_id = record.id
-            if (why := record.problem(dt.datetime.now(dt.UTC))) is not None:
-                raise ApiError(401, why)
-            if scope not in record.scopes:
-                raise ApiError(403, f"this API key lacks the {scope} scope")
-            call.key = record
+            call.key = await self.keys.authenticate(request.headers.get("authorization", ""), scope, call)
         rpm = (call.key and call.key.requests_per_minute) or self.rc.limits.requests_per_minute
         tpm = (call.key and call.key.tokens_per_minute) or self.rc.limits.tokens_per_minute
         try:
@@ -318,57 +298,39 @@ class Router:
         call.model = body["model"]
         if self.rc.audit.log_prompts:
             call.prompt = last_user_text(body)
-        exp, arm, target = self.assign(body, request, call.key_id or call.caller)
-        call.arm, call.version = arm.name, target.version or target.model
-        headers = {"x-fibreflow-arm": arm.name, "x-fibreflow-model-version": call.version}
+        exp, call.arm, target, call.fallback = self.assign(body, request, call.key_id or call.caller)
+        if call.fallback is not None:
+            self.metrics.fallbacks.labels(call.fallback).inc()
+        call.version = target.version or target.model
         _, ttl = self.cache.policy(body)
         key = self.cache.key(body, target.model) if ttl else None
         call.cache = "miss" if key else "bypass"
-        if key is not None and (hit := await self.cached(key, arm.name)) is not None:
+        if key is not None and (hit := await self.cached(key, call.arm)) is not None:
             call.cache = "hit"
-            return Response(hit, 200, headers | {"x-fibreflow-cache": "hit"}, media_type="application/json")
-        payload = orjson.dumps({**body, "model": target.model})
+            return Response(hit, 200, call.headers(), media_type="application/json")
         if body.get("stream"):
-            return await self.stream(exp, arm, target, path, payload, body, headers, call)
-        try:
-            answer = await self.call(arm, target, path, payload)
-        except UpstreamFailed as exc:
-            call.kind = exc.kind.split(":")[0]
-            raise ApiError(exc.status, f"upstream {target.upstream} for arm {arm.name}: {exc.kind}") from None
+            return await self.stream(exp, target, path, body, call)
+        answer: Answer = await self.forward(call, body, path, target, stream=False)
         call.status = answer.status
         call.usage = usage_of(answer.body) if answer.status == 200 else {}
-        self.remember(call.usage.get("id"), arm.name, call.version)
-        if key is not None and answer.status == 200:
-            await self.store(key, answer.body, ttl, arm.name)
-        if exp.shadow and exp.shadow != arm.name:
+        self.remember(call.usage.get("id"), call.arm, call.version)
+        if key is not None and answer.status == 200 and call.fallback != "upstream_error":
+            await self.store(key, answer.body, ttl, call.arm)
+        if exp.shadow and exp.shadow != call.arm:
             self.spawn(shadow(self, exp, body, path, answer.body))
-        headers["x-fibreflow-cache"] = call.cache
-        return Response(answer.body, answer.status, headers, media_type=answer.content_type)
+        return Response(answer.body, answer.status, call.headers(), media_type=answer.content_type)
 
-    async def stream(
-        self,
-        exp: Experiment,
-        arm: Arm,
-        target: Target,
-        path: str,
-        payload: bytes,
-        body: dict[str, Any],
-        headers: dict[str, str],
-        call: Call,
-    ) -> Response:
-        try:
-            resp = await self.upstreams.open_stream(target.upstream, path, payload)
-        except UpstreamFailed as exc:
-            call.kind = exc.kind.split(":")[0]
-            raise ApiError(exc.status, f"upstream {target.upstream} for arm {arm.name}: {exc.kind}") from None
+    async def stream(self, exp: Experiment, target: Target, path: str, body: dict[str, Any], call: Call) -> Response:
+        resp = await self.forward(call, body, path, target, stream=True)
         if resp.status != 200:  # the upstream's own 4xx, passed on as it is
             data = await resp.read()
             resp.release()
             call.status = resp.status
-            return Response(data, resp.status, headers, media_type="application/json")
-        if exp.shadow and exp.shadow != arm.name:
+            return Response(data, resp.status, call.headers(), media_type="application/json")
+        if exp.shadow and exp.shadow != call.arm:
             self.spawn(shadow(self, exp, body, path, None))
         call.streaming = True
+        arm = call.arm or ""
 
         async def relay() -> AsyncIterator[bytes]:
             first, chunks, rid = None, 0, None
@@ -377,7 +339,7 @@ class Router:
                     tokens = sum(data.count(m) for m in _TOKEN_MARKS) - sum(data.count(m) for m in _EMPTY_MARKS)
                     if first is None and tokens > 0:
                         first = time.perf_counter()
-                        self.metrics.ttft.labels(arm.name).observe(first - call.started)
+                        self.metrics.ttft.labels(arm).observe(first - call.started)
                     chunks += tokens
                     if rid is None and (i := data.find(b'"id":"')) >= 0:
                         rid = data[i + 6 : data.find(b'"', i + 6)].decode()
@@ -385,10 +347,10 @@ class Router:
             finally:
                 resp.release()
                 call.usage = {"completion_tokens": chunks}
-                self.remember(rid, arm.name, headers["x-fibreflow-model-version"])
+                self.remember(rid, arm, call.version or "")
                 self.finish(call)
 
-        return StreamingResponse(relay(), 200, headers, media_type="text/event-stream")
+        return StreamingResponse(relay(), 200, call.headers(), media_type="text/event-stream")
 
     def feedback(self, fb: Feedback) -> dict[str, Any]:
         found = self.recent.get(fb.response_id)

@@ -1,0 +1,119 @@
+"""Retries, fallback, circuit breaker, overload and the workload schedule."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fibreflow.serving.config import Period, Schedule
+from fibreflow.serving.model_server import create_model_app
+from fibreflow.serving.resilience import Breaker, period
+from fibreflow.serving.router import create_app
+from serving_helpers import config, metric
+
+MSG = [{"role": "user", "content": "What is a BOQ?"}]
+
+
+def test_breaker_opens_half_opens_and_closes() -> None:
+    b = Breaker(failures=2, reset_s=0.2)
+    b.record(False)
+    assert b.allow() and b.state == "closed"
+    b.record(False)
+    assert b.state == "open" and not b.allow()
+    time.sleep(0.25)
+    assert b.allow() and not b.allow()  # half-open: exactly one trial
+    b.record(False)  # the trial failed: open again
+    assert not b.allow()
+    time.sleep(0.25)
+    assert b.allow()
+    b.record(True)
+    assert b.state == "closed" and b.allow() and b.allow()
+
+
+def test_schedule_periods_in_local_time() -> None:
+    sched = Schedule.model_validate({"timezone": "Africa/Johannesburg", "periods": [
+        {"name": "month_end", "last_days_of_month": 2, "route": "fallback"},
+        {"name": "weekends", "weekdays": ["sat", "sun"], "route": "champion"},
+        {"name": "business_hours", "weekdays": ["mon", "tue", "wed", "thu", "fri"], "hours": [7, 18],
+         "route": "experiment"},
+        {"name": "after_hours", "route": "champion"}]})  # fmt: skip
+
+    def at(*args: int) -> str | None:
+        p = period(sched, dt.datetime(*args, tzinfo=dt.UTC))
+        return p.name if isinstance(p, Period) else None
+
+    assert at(2026, 11, 26, 8, 0) == "business_hours"  # Thursday 10:00 in Johannesburg
+    assert at(2026, 11, 26, 16, 30) == "after_hours"  # 18:30 local
+    assert at(2026, 11, 26, 4, 59) == "after_hours"  # 06:59 local (UTC+2)
+    assert at(2026, 11, 26, 5, 0) == "business_hours"  # 07:00 local
+    assert at(2026, 11, 28, 10, 0) == "weekends"
+    assert at(2026, 11, 29, 10, 0) == "month_end"  # the 29th of a 30-day month
+    assert at(2026, 2, 27, 10, 0) == "month_end"  # February: 27th and 28th
+
+
+@pytest.fixture
+def upstream(tiny_engine: Any, run_app: Any) -> str:
+    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
+
+
+def shaky(upstream: str, **router: Any) -> Any:
+    """Arms a and b on a dead upstream; the fallback is the tiny base on the live one."""
+    cfg = config(upstream, fallback={"upstream": "local", "model": "tiny"}, **router)
+    dead = {"url": "http://127.0.0.1:9/v1", "timeout_s": 2, "connect_timeout_s": 0.5}
+    arms = [a.model_copy(update={"upstream": "dead"}) for a in cfg.router.experiments[0].arms]
+    exp = cfg.router.experiments[0].model_copy(update={"arms": arms})
+    upstreams = cfg.router.upstreams | {"dead": cfg.router.upstreams["local"].model_validate(dead)}
+    return cfg.model_copy(
+        update={"router": cfg.router.model_copy(update={"experiments": [exp], "upstreams": upstreams})}
+    )
+
+
+def post(base: str, **kw: Any) -> httpx.Response:
+    body = {"model": "assistant", "messages": MSG, "max_tokens": 4, "temperature": 0, "user": "u1"} | kw
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+
+
+@pytest.mark.integration
+def test_upstream_down_retries_then_falls_back_then_breaker_opens(
+    upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    cfg = shaky(upstream, resilience={"retries": 1, "breaker_failures": 2, "breaker_reset_s": 60})
+    base = run_app(create_app(cfg, redis_url="", watch=False))
+    direct = httpx.post(f"{upstream}/v1/chat/completions", json={"model": "tiny", "messages": MSG, "max_tokens": 4,
+                                                                 "temperature": 0}).json()  # fmt: skip
+    reasons = []
+    for i in range(4):
+        r = post(base, messages=[{"role": "user", "content": f"What is a BOQ? ({i})"}])
+        assert r.status_code == 200 and r.headers["x-fibreflow-arm"] == "fallback"
+        assert r.headers["x-fibreflow-model-version"] == "tiny"
+        reasons.append(r.headers["x-fibreflow-fallback"])
+    assert reasons == ["upstream_error", "upstream_error", "breaker_open", "breaker_open"]
+    assert post(base).json()["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    arm = r.headers["x-fibreflow-arm"]
+    assert arm == "fallback"
+    assert sum(metric(base, "fibreflow_router_upstream_retries_total", arm=a) for a in "ab") == 2  # 1 per failure
+    assert metric(base, "fibreflow_router_fallbacks_total", reason="breaker_open") >= 2
+
+
+@pytest.mark.integration
+def test_overload_and_schedule_route_to_the_fallback(upstream: str, run_app: Any, project_tmp: Path) -> None:
+    cfg = config(
+        upstream, fallback={"upstream": "local", "model": "tiny"}, resilience={"max_latency_s": 0.000001}
+    )  # any answer is "too slow" afterwards
+    base = run_app(create_app(cfg, redis_url="", watch=False))
+    first, second = post(base, temperature=0.5), post(base, temperature=0.5)
+    assert "x-fibreflow-fallback" not in first.headers and first.headers["x-fibreflow-arm"] in ("a", "b")
+    assert second.headers["x-fibreflow-fallback"] == "overload_latency"
+    always = {"timezone": "UTC", "periods": [{"name": "month_end", "route": "fallback"}]}
+    sched = run_app(create_app(config(upstream, fallback={"upstream": "local", "model": "tiny"}, schedule=always),
+                               redis_url="", watch=False))  # fmt: skip
+    assert post(sched).headers["x-fibreflow-fallback"] == "schedule_month_end"
+    to_b = {"timezone": "UTC", "periods": [{"name": "after_hours", "route": "b"}]}
+    only_b = run_app(create_app(config(upstream, schedule=to_b), redis_url="", watch=False))
+    assert {post(only_b, user=f"user{i}").headers["x-fibreflow-arm"] for i in range(8)} == {"b"}
+    with pytest.raises(ValueError, match="no fallback is configured"):
+        config(upstream, schedule=always)
