@@ -92,12 +92,14 @@ class ResponseCache:
         self.kind = "redis" if redis_url else "memory"
         self._patterns = [(p.name, re.compile(p.regex, re.IGNORECASE), p.ttl_s) for p in cfg.patterns]
 
-    def policy(self, body: dict[str, Any]) -> tuple[str, int]:
-        """(pattern name, TTL seconds) for this request; TTL 0 = not cached."""
+    def policy(self, body: dict[str, Any], pattern: str | None = None) -> tuple[str, int]:
+        """(pattern name, TTL seconds) for this request; TTL 0 = not cached. `pattern` names it directly."""
         if not self.cfg.enabled or body.get("stream"):
             return "none", 0
         if float(body.get("temperature", 1.0) or 0.0) > 0 and not self.cfg.cache_sampled:
             return "sampled", 0
+        if pattern is not None:
+            return pattern, next((ttl for name, _, ttl in self._patterns if name == pattern), self.cfg.default_ttl_s)
         text = last_user_text(body)
         for name, regex, ttl in self._patterns:
             if regex.search(text):

@@ -136,6 +136,20 @@ class Schedule(Strict):
     periods: list[Period] = Field(default_factory=list)
 
 
+class FibreflowApi(Strict):
+    """The frontend's endpoints (/v1/fibreflow/...)."""
+
+    model: str = "fibreflow-assistant"  # the experiment that answers them
+    k: PositiveInt = 4  # records retrieved for /ask
+    max_tokens: PositiveInt = 256
+
+
+class Embeddings(Strict):
+    model: str = "bundled"  # all-MiniLM-L6-v2 (384-d), or a local sentence-transformers folder (bge-large)
+    cache_ttl_s: PositiveInt = 3600
+    max_inputs: PositiveInt = 256
+
+
 class Router(Strict):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -151,6 +165,8 @@ class Router(Strict):
     fallback: Fallback | None = None
     resilience: Resilience = Resilience()
     schedule: Schedule = Schedule()
+    fibreflow: FibreflowApi = FibreflowApi()
+    embeddings: Embeddings = Embeddings()
     cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -25,10 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response, StreamingResponse
 from fibreflow.core.config import resolve_path
+from fibreflow.core.errors import FibreFlowError
 from fibreflow.serving.ab import Target, Targets, choose
 from fibreflow.serving.audit import AuditWriter, Call
 from fibreflow.serving.cache import ResponseCache, last_user_text
 from fibreflow.serving.config import Experiment, ServingConfig, served_name
+from fibreflow.serving.fibreflow_api import add_fibreflow_routes
 from fibreflow.serving.keys import KeyCache
 from fibreflow.serving.limits import Limiter
 from fibreflow.serving.metrics import Metrics
@@ -280,10 +282,15 @@ class Router:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def handle(self, request: Request, path: str) -> Response:
+    async def handle(self, request: Request, path: str, work: Any = None) -> Response:
+        """Run `work(request, call)` (default: a proxied OpenAI call to `path`) with the audit row and metrics
+        every request gets, whether it is answered or refused."""
         call = Call(time.perf_counter(), path, request.client.host if request.client else "unknown")
         try:
-            response = await self._handle(request, path, call)
+            try:
+                response = await (work(request, call) if work else self._handle(request, path, call))
+            except FibreFlowError as exc:  # the database or an index is not as it must be: say what to do
+                raise ApiError(503, str(exc)) from None
         except ApiError as exc:
             call.status, call.error = exc.status, exc.message
             self.finish(call)
@@ -294,7 +301,12 @@ class Router:
 
     async def _handle(self, request: Request, path: str, call: Call) -> Response:
         await self.authenticate(request, "chat", call)
-        body = self.parse(await request.body(), path)
+        return await self.dispatch(request, path, self.parse(await request.body(), path), call)
+
+    async def dispatch(
+        self, request: Request, path: str, body: dict[str, Any], call: Call, pattern: str | None = None
+    ) -> Response:
+        """A parsed request through arm assignment, cache and upstream (`pattern` forces a cache TTL pattern)."""
         call.model = body["model"]
         if self.rc.audit.log_prompts:
             call.prompt = last_user_text(body)
@@ -302,7 +314,7 @@ class Router:
         if call.fallback is not None:
             self.metrics.fallbacks.labels(call.fallback).inc()
         call.version = target.version or target.model
-        _, ttl = self.cache.policy(body)
+        _, ttl = self.cache.policy(body, pattern)
         key = self.cache.key(body, target.model) if ttl else None
         call.cache = "miss" if key else "bypass"
         if key is not None and (hit := await self.cached(key, call.arm)) is not None:
@@ -371,14 +383,16 @@ class Router:
 
 
 def _database(cfg: ServingConfig, url: str | None) -> str | None:
-    """The database of keys and audit rows (checked to be migrated), or None when neither is on."""
-    if not (cfg.router.auth.required or cfg.router.audit.enabled):
+    """The database of keys, audit rows and the frontend's data: `url`, else DATABASE_URL or the embedded one
+    when keys or audit need it at start (checked to be migrated), else found on first use."""
+    if url is None and not (cfg.router.auth.required or cfg.router.audit.enabled):
         return None
     from fibreflow.core.db import check_schema, connect, database_url, load_db_config
 
     url = url or database_url(load_db_config())
-    with connect(url) as conn:
-        check_schema(conn)
+    if cfg.router.auth.required or cfg.router.audit.enabled:
+        with connect(url) as conn:
+            check_schema(conn)
     return url
 
 
@@ -443,6 +457,8 @@ def create_app(
     @app.post("/v1/feedback", summary="A score (0..1) or thumbs up/down for a response id")
     async def feedback(fb: Feedback) -> dict[str, Any]:
         return router.feedback(fb)
+
+    add_fibreflow_routes(app, router)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

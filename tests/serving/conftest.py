@@ -70,7 +70,7 @@ def tiny_engine(tiny_llama: Path, two_adapters: dict[str, Path]) -> Iterator[Any
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    engine = Engine(model, load_tokenizer(str(tiny_llama)), base_name="tiny", max_context=256, batch_wait_ms=20)
+    engine = Engine(model, load_tokenizer(str(tiny_llama)), base_name="tiny", max_context=1024, batch_wait_ms=20)
     for name, path in two_adapters.items():
         engine.load_adapter(name, str(path))
     yield engine

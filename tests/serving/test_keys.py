@@ -91,7 +91,7 @@ def test_keys_are_checked_and_every_request_is_audited(
         wrong = openai.OpenAI(base_url=f"{base}/v1", api_key=f"{kid}.nope", max_retries=0)
         wrong.chat.completions.create(model="assistant", messages=MSG)
     big = ask(base, good, messages=[{"role": "user", "content": "x" * 1_100_000}])
-    too_long = ask(base, good, messages=[{"role": "user", "content": "pole " * 300}])
+    too_long = ask(base, good, messages=[{"role": "user", "content": "pole " * 1100}])
     assert (big.status_code, too_long.status_code) == (413, 400)
     rows = audit_rows(keys_db, 10)
     assert [r["status"] for r in rows] == [200, 401, 401, 401, 401, 401, 403, 401, 413, 400]

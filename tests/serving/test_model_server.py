@@ -40,7 +40,7 @@ def test_models_lists_the_base_and_every_adapter(server: str, two_adapters: dict
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {"tiny", "alpha", "beta"}
     assert cards["alpha"].model_extra["parent"] == "tiny"
-    assert cards["tiny"].model_extra["max_model_len"] == 256
+    assert cards["tiny"].model_extra["max_model_len"] == 1024
 
 
 @pytest.mark.integration
@@ -125,8 +125,8 @@ def test_bad_requests_get_openai_errors(server: str) -> None:
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.chat.completions.create(model="nope", messages=msgs)
-    with pytest.raises(openai.BadRequestError, match="maximum context length is 256"):
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "pole " * 300}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 1024"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "pole " * 1100}])
     with pytest.raises(openai.BadRequestError, match="n > 1"):
         client.chat.completions.create(model="tiny", messages=msgs, n=2)
     with pytest.raises(openai.BadRequestError, match="tools"):

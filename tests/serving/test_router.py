@@ -111,7 +111,7 @@ def test_forced_arm_and_bad_requests(router: str) -> None:
     with pytest.raises(openai.NotFoundError, match="`nope` does not exist"):
         via.chat.completions.create(model="nope", messages=MSG)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):  # the upstream's 400, passed on
-        via.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "pole " * 300}])
+        via.chat.completions.create(model="assistant", messages=[{"role": "user", "content": "pole " * 1100}])
     bad = httpx.post(f"{router}/v1/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["message"] == "request body is not valid JSON"
     assert (

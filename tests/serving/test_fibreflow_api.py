@@ -1,0 +1,82 @@
+"""The frontend's endpoints and /v1/embeddings against the real embedded database (seeded, embedded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import psycopg
+import pytest
+from fibreflow.serving.model_server import create_model_app
+from fibreflow.serving.router import create_app
+from serving_helpers import config, metric
+
+
+@pytest.fixture
+def api(embedded_url: str, tiny_engine: Any, run_app: Any, project_tmp: Path) -> str:
+    upstream = run_app(create_model_app(tiny_engine, default_max_tokens=8))
+    cfg = config(upstream, fibreflow={"model": "assistant", "k": 3, "max_tokens": 8})
+    return run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
+
+
+@pytest.mark.integration
+def test_ask_retrieves_within_filters_and_cites_the_records(api: str, embedded_url: str, embedder: Any) -> None:
+    from fibreflow.datasets.retrieval import Filters, Retriever
+
+    with psycopg.connect(embedded_url, autocommit=True) as conn:
+        project = conn.execute("SELECT id FROM projects ORDER BY id LIMIT 1").fetchone()[0]
+        want = Retriever(conn, embedder, "record_embeddings").search("Which tasks are blocked?", 3,
+                                                                     Filters(project_id=project))  # fmt: skip
+    r = httpx.post(f"{api}/v1/fibreflow/ask", json={"question": "Which tasks are blocked?",
+                                                   "filters": {"project_id": project}}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["record_ids"] == [h.record_id for h in want] and len(out["record_ids"]) == 3
+    assert {s["project_id"] for s in out["sources"]} == {project}
+    assert isinstance(out["answer"], str) and out["arm"] in ("a", "b") and out["response_id"]
+    bad = httpx.post(f"{api}/v1/fibreflow/ask", json={"question": ""})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "question"
+
+
+@pytest.mark.integration
+def test_project_summary_and_health_rest_on_computed_facts_and_are_cached(api: str, embedded_url: str) -> None:
+    with psycopg.connect(embedded_url, autocommit=True) as conn:
+        project, n_tasks = conn.execute(
+            "SELECT p.id, count(t.id) FROM projects p JOIN tasks t ON t.project_id = p.id GROUP BY p.id LIMIT 1"
+        ).fetchone()
+    first = httpx.get(f"{api}/v1/fibreflow/projects/{project}/summary", timeout=60)
+    assert first.status_code == 200, first.text
+    facts = first.json()["facts"]
+    assert sum(facts["tasks_by_status"].values()) == n_tasks and facts["project"]["id"] == project
+    assert facts["as_of"] == "2026-10-31"  # the demo data's date, not today's
+    again = httpx.get(f"{api}/v1/fibreflow/projects/{project}/summary", timeout=60).json()
+    assert (first.json()["cache"], again["cache"]) == ("miss", "hit") and again["answer"] == first.json()["answer"]
+    health = httpx.get(f"{api}/v1/fibreflow/projects/{project}/health", timeout=60)
+    assert health.status_code == 200 and health.json()["kind"] == "health"
+    missing = httpx.get(f"{api}/v1/fibreflow/projects/NOPE-1/summary")
+    assert missing.status_code == 404 and "no project 'NOPE-1'" in missing.json()["error"]["message"]
+    schema = httpx.get(f"{api}/openapi.json").json()["paths"]
+    assert {"/v1/fibreflow/ask", "/v1/fibreflow/projects/{project_id}/summary", "/v1/embeddings",
+            "/v1/chat/completions", "/v1/feedback"} <= set(schema)  # fmt: skip
+
+
+@pytest.mark.integration
+def test_embeddings_are_the_bundled_models_with_cache_and_space_checks(api: str, embedder: Any) -> None:
+    client = openai.OpenAI(base_url=f"{api}/v1", api_key="none", max_retries=0)
+    name = embedder.spec.name
+    texts = ["pole planted on Main Street", "BOQ total for trenching"]
+    got = client.embeddings.with_raw_response.create(model=name, input=texts)  # the SDK asks for base64
+    assert got.headers["x-fibreflow-embedding-dim"] == "384"
+    vectors = np.array([d.embedding for d in got.parse().data], dtype=np.float32)
+    assert np.allclose(vectors, embedder.encode(texts), atol=1e-5)
+    as_floats = httpx.post(f"{api}/v1/embeddings", json={"model": name, "input": texts[0],
+                                                         "encoding_format": "float"}).json()  # fmt: skip
+    assert np.allclose(as_floats["data"][0]["embedding"], vectors[0], atol=1e-5) and as_floats["dimensions"] == 384
+    assert metric(api, "fibreflow_router_cache_total", arm="embeddings", result="hit") == 1
+    with pytest.raises(openai.NotFoundError, match="must never be mixed"):
+        client.embeddings.create(model="BAAI/bge-large-en-v1.5", input="x")
+    with pytest.raises(openai.BadRequestError, match="384-d vectors, not 1024"):
+        client.embeddings.create(model=name, input="x", dimensions=1024)
