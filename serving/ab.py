@@ -62,6 +62,23 @@ class Targets:
                     self._targets[(exp.model, arm.name)] = self._versioned(arm, str(arm.version))
         self.experiments = {e.model: e for e in experiments}
 
+    def put(self, exp: Experiment, alias_versions: dict[str, str | None]) -> None:
+        """Add or replace an experiment (admin API); alias arms point at the aliases' current versions."""
+        with self._lock:
+            self.remove(exp.model)
+            for arm in exp.arms:
+                version = str(arm.version) if arm.version is not None else alias_versions.get(arm.alias or "")
+                if arm.model is not None:
+                    self._targets[(exp.model, arm.name)] = Target(arm.upstream, arm.model, None)
+                elif version is not None:
+                    self._targets[(exp.model, arm.name)] = self._versioned(arm, version)
+            self.experiments = self.experiments | {exp.model: exp}
+
+    def remove(self, model: str) -> None:
+        for key in [k for k in self._targets if k[0] == model]:
+            del self._targets[key]
+        self.experiments = {m: e for m, e in self.experiments.items() if m != model}
+
     def _versioned(self, arm: Arm, version: str) -> Target:
         return Target(arm.upstream, served_name(self.registered_model, version), version)
 

@@ -27,6 +27,7 @@ from fastapi.responses import Response, StreamingResponse
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import FibreFlowError
 from fibreflow.serving.ab import Target, Targets, choose
+from fibreflow.serving.admin import add_admin_routes
 from fibreflow.serving.audit import AuditWriter, Call
 from fibreflow.serving.cache import ResponseCache, last_user_text
 from fibreflow.serving.config import Experiment, ServingConfig, served_name
@@ -459,6 +460,8 @@ def create_app(
         return router.feedback(fb)
 
     add_fibreflow_routes(app, router)
+
+    add_admin_routes(app, router)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:

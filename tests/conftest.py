@@ -11,7 +11,7 @@ import os
 import socket
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -192,3 +192,53 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def _train_run(tiny: Path, out: Path, seed: int) -> str:
+    """A finished training run as `fibreflow train` leaves it: lineage tags, params, metrics, the logged adapter."""
+    import mlflow
+    import torch
+    from fibreflow.training.publish import log_adapter
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny)
+    peft.save_pretrained(out)
+    tok.save_pretrained(out)
+    mlflow.set_experiment("fibreflow-train")
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"config_hash": f"hash{seed}", "base_model": "smollm2-135m-instruct", "git_sha": "abc123",
+                         "base_model_path": str(tiny), "dataset_version": "v-test"})  # fmt: skip
+        mlflow.log_params({"quantization": None, "dtype": "float32"})
+        mlflow.log_metrics({"heldout_known_tuned": 0.5, "heldout_known_gain": 0.25})
+        log_adapter(peft.eval(), tok, str(tiny))
+    return run.info.run_id
+
+
+@pytest.fixture
+def train_run() -> Callable[[Path, Path, int], str]:
+    """Makes a finished training run as `fibreflow train` leaves it (tiny Llama + a random LoRA adapter)."""
+    return _train_run
+
+
+@pytest.fixture
+def tiny_home(tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project home (own configs, own MLflow sqlite) whose catalogue points the default base at the tiny Llama."""
+    import shutil
+
+    import mlflow
+    import yaml
+
+    home = tmp_path / "home"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", home / "configs")
+    models = yaml.safe_load((home / "configs/models.yaml").read_text())
+    models["models"]["smollm2-135m-instruct"] = {"path": str(tiny_llama), "max_context": 1024}
+    (home / "configs/models.yaml").write_text(yaml.safe_dump(models))
+    monkeypatch.setenv("FIBREFLOW_HOME", str(home))
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return home

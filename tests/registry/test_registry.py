@@ -7,26 +7,19 @@ so A is right on every question and any other adapter is wrong on most: a known 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = [f"What does fibreflow code {i} mean?" for i in range(8)]
 
 
 @pytest.fixture
-def home(tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project home whose catalogue points the default base at the tiny Llama, gated on accuracy alone."""
-    import mlflow
-
-    home = tmp_path / "home"
-    shutil.copytree(ROOT / "configs", home / "configs")
-    models = yaml.safe_load((home / "configs/models.yaml").read_text())
-    models["models"]["smollm2-135m-instruct"] = {"path": str(tiny_llama), "max_context": 1024}
-    (home / "configs/models.yaml").write_text(yaml.safe_dump(models))
+def home(tiny_home: Path) -> Path:
+    """The tiny home, gated on accuracy alone, evaluating on its own test set without RAG."""
+    home = tiny_home
     (home / "configs/gates.yaml").write_text(
         yaml.safe_dump({"metrics": {"accuracy": {"min": 0.5, "max_regression": 0.02}}})
     )
@@ -35,35 +28,7 @@ def home(tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> P
            "generation": {"batch_size": 8, "max_new_tokens": 8, "dtype": "float32"},
            "bootstrap": {"resamples": 1000, "seed": 0, "confidence": 0.95}}  # fmt: skip
     (home / "configs/eval.yaml").write_text(yaml.safe_dump(ev))
-    monkeypatch.setenv("FIBREFLOW_HOME", str(home))
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
     return home
-
-
-def _train_run(tiny: Path, out: Path, seed: int) -> str:
-    """A finished training run as `fibreflow train` leaves it: lineage tags, params, metrics, the logged adapter."""
-    import mlflow
-    import torch
-    from fibreflow.training.publish import log_adapter
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
-                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
-    tok = AutoTokenizer.from_pretrained(tiny)
-    peft.save_pretrained(out)
-    tok.save_pretrained(out)
-    mlflow.set_experiment("fibreflow-train")
-    with mlflow.start_run() as run:
-        mlflow.set_tags({"config_hash": f"hash{seed}", "base_model": "smollm2-135m-instruct", "git_sha": "abc123",
-                         "base_model_path": str(tiny), "dataset_version": "v-test"})  # fmt: skip
-        mlflow.log_params({"quantization": None, "dtype": "float32"})
-        mlflow.log_metrics({"heldout_known_tuned": 0.5, "heldout_known_gain": 0.25})
-        log_adapter(peft.eval(), tok, str(tiny))
-    return run.info.run_id
 
 
 def _write_test_set(home: Path, adapter: Path) -> None:
@@ -87,11 +52,13 @@ def _write_test_set(home: Path, adapter: Path) -> None:
 
 
 @pytest.mark.integration
-def test_register_promote_refuse_force_and_roll_back(home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+def test_register_promote_refuse_force_and_roll_back(
+    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
     import mlflow
     from fibreflow.registry.registry import RegistryError, history, promote, register, rollback
 
-    run_a = _train_run(tiny_llama, tmp_path / "a", seed=1)
+    run_a = train_run(tiny_llama, tmp_path / "a", seed=1)
     _write_test_set(home, tmp_path / "a")
     client = mlflow.MlflowClient()
 
@@ -112,7 +79,7 @@ def test_register_promote_refuse_force_and_roll_back(home: Path, tiny_llama: Pat
     assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
 
     # a worse challenger is refused and the champion stays
-    register(_train_run(tiny_llama, tmp_path / "b", seed=2))
+    register(train_run(tiny_llama, tmp_path / "b", seed=2))
     refused = promote()
     assert refused["promoted"] is False and refused["decision"] == "refused"
     assert any("accuracy" in r and "minimum" in r for r in refused["reasons"])
@@ -161,7 +128,7 @@ def test_registering_something_that_is_not_a_training_run_fails(home: Path) -> N
 
 
 @pytest.mark.integration
-def test_alias_moves_reach_a_watcher(home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+def test_alias_moves_reach_a_watcher(train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path) -> None:
     """What the serving layer subscribes to: a promotion and a rollback are seen by polling, in order."""
     import time
 
@@ -170,7 +137,7 @@ def test_alias_moves_reach_a_watcher(home: Path, tiny_llama: Path, tmp_path: Pat
     from fibreflow.registry.watch import AliasWatcher
 
     client = mlflow.MlflowClient()
-    register(_train_run(tiny_llama, tmp_path / "a", seed=1))
+    register(train_run(tiny_llama, tmp_path / "a", seed=1))
     seen: list[tuple[str, str | None, str | None]] = []
 
     def wait_for(event: tuple[str, str | None, str | None]) -> None:
@@ -185,7 +152,7 @@ def test_alias_moves_reach_a_watcher(home: Path, tiny_llama: Path, tmp_path: Pat
         assert watcher.versions == {"champion": None, "challenger": "1"}
         client.set_registered_model_alias("fibreflow-assistant", "champion", "1")
         wait_for(("champion", None, "1"))
-        register(_train_run(tiny_llama, tmp_path / "b", seed=2))
+        register(train_run(tiny_llama, tmp_path / "b", seed=2))
         wait_for(("challenger", "1", "2"))
         client.set_model_version_tag("fibreflow-assistant", "2", "previous_champion", "1")
         client.set_registered_model_alias("fibreflow-assistant", "champion", "2")
@@ -198,11 +165,13 @@ def test_alias_moves_reach_a_watcher(home: Path, tiny_llama: Path, tmp_path: Pat
 
 
 @pytest.mark.integration
-def test_an_interrupted_registration_is_completed_not_duplicated(home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+def test_an_interrupted_registration_is_completed_not_duplicated(
+    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
     import mlflow
     from fibreflow.registry.registry import register
 
-    run_id = _train_run(tiny_llama, tmp_path / "a", seed=1)
+    run_id = train_run(tiny_llama, tmp_path / "a", seed=1)
     mlflow.register_model(f"runs:/{run_id}/adapter", "fibreflow-assistant")  # stopped right after this call
     out = register(run_id)
     assert out["version"] == "1" and out["reused"] is False
