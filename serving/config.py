@@ -93,6 +93,7 @@ class Limits(Strict):
     requests_per_minute: PositiveInt | None = 120
     tokens_per_minute: PositiveInt | None = 60_000
     redis_timeout_s: float = Field(0.05, gt=0)
+    shared_staleness_s: float = Field(1.0, ge=0)  # with Redis: other routers' counts may be this old (0 = exact)
 
 
 class Audit(Strict):

@@ -52,4 +52,5 @@ class Metrics:
             buckets=(0.25, 0.5, 0.75, 1.0),
             registry=r,
         )
+        self.limiter_errors = Gauge(p + "limiter_sync_errors", "Failed exchanges with the limits' Redis", registry=r)
         self.alias_moves = Counter(p + "alias_moves", "Registry alias moves picked up", ["alias"], registry=r)

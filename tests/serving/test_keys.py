@@ -138,8 +138,9 @@ def test_limits_answer_429_with_retry_after(
     url = "redis://127.0.0.1:6379/15" if shared else ""
     if url:
         redis.Redis.from_url(url).flushdb()
+    exact = {"requests_per_minute": 1000, "tokens_per_minute": None, "shared_staleness_s": 0}  # see limits.py
     routers = [
-        run_app(create_app(guarded(upstream), redis_url=url, database_url=keys_db, watch=False))
+        run_app(create_app(guarded(upstream, limits=exact), redis_url=url, database_url=keys_db, watch=False))
         for _ in range(2 if shared else 1)
     ]
     key = new_key(keys_db, requests_per_minute=3)
@@ -194,3 +195,35 @@ def test_keys_cli_and_prompt_logging(
     assert missing.exit_code == 2 and "fibreflow db migrate" in missing.output
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("DROP DATABASE keys_unmigrated WITH (FORCE)")
+
+
+@pytest.mark.integration
+def test_shared_limits_converge_through_redis() -> None:
+    import asyncio
+
+    import redis
+    from fibreflow.serving.limits import Limiter
+
+    url = "redis://127.0.0.1:6379/15"
+    redis.Redis.from_url(url).flushdb()
+
+    async def scenario() -> tuple[list[float | None], float | None, float | None]:
+        a, b = Limiter(url, 0.5, stale_s=1.0), Limiter(url, 0.5, stale_s=1.0)
+        on_a = [await a.admit("k", 3, None) for _ in range(4)]
+        await asyncio.sleep(0.05)  # a's increments reach Redis right after each decision
+        first_on_b = await b.admit("k", 3, None)  # a key new to b: b asks Redis before deciding
+        down = Limiter("redis://127.0.0.1:1/0", 0.2)
+        try:
+            await down.admit("k", 3, None)
+        except Exception:
+            unreachable = None
+        else:
+            unreachable = 1.0
+        await a.close()
+        await b.close()
+        return on_a, first_on_b, unreachable
+
+    on_a, first_on_b, unreachable = asyncio.run(scenario())
+    assert on_a[:3] == [None, None, None] and on_a[3] is not None and 0 < on_a[3] <= 60
+    assert first_on_b is not None  # refused: a used the shared budget
+    assert unreachable is None  # an unreachable Redis raises; the router lets the request through (counted)
