@@ -126,7 +126,7 @@ def main() -> None:
                 "--set",
                 f"router.port={rport}",
                 "--set",
-                f"router.upstreams.local.url=http://127.0.0.1:{mport}/v1",
+                f"router.upstreams.primary.url=http://127.0.0.1:{mport}/v1",
                 "--set",
                 "router.cache.enabled=false",
                 "--set",

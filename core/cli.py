@@ -264,12 +264,20 @@ def serve_model(
 
 @app.command("serve")
 @friendly
-def serve(set_: Overrides = None) -> None:
-    """The OpenAI-compatible A/B router (configs/serving.yaml `router`); REDIS_URL backs its cache."""
+def serve(
+    backend: Annotated[str, typer.Option(help="Upstream to start first: local (model server), vllm, none.")] = "local",
+    upstream_url: Annotated[str | None, typer.Option(help="Use this running upstream (…/v1) instead.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="With --backend vllm: print its command line, start nothing.")] = False,
+    set_: Overrides = None,
+) -> None:
+    """The OpenAI-compatible A/B router (configs/serving.yaml `router`); REDIS_URL backs its cache and limits."""
+    from fibreflow.core.errors import ConfigError
     from fibreflow.serving.config import load_serving_config
-    from fibreflow.serving.router import serve as run_serve
+    from fibreflow.serving.launch import serve as run_serve
 
-    run_serve(load_serving_config(_overrides(set_)))
+    if backend not in ("local", "vllm", "none"):
+        raise ConfigError(f"--backend must be local, vllm or none, not {backend!r}")
+    run_serve(load_serving_config(_overrides(set_)), backend, upstream_url, dry_run)  # type: ignore[arg-type]
 
 
 @keys_app.command("create")

@@ -187,9 +187,31 @@ class Router(Strict):
         return self
 
 
+class Vllm(Strict):
+    """`fibreflow serve --backend vllm`: the production upstream, started from the registry's serving specs."""
+
+    launcher: list[str] = Field(  # GPU deployments: ["vllm", "serve"]
+        default_factory=lambda: [".venv-vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    )
+    host: str = "127.0.0.1"
+    port: int = 8002
+    dtype: str = "bfloat16"
+    max_num_seqs: PositiveInt = 32
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    max_model_len: PositiveInt | None = None  # None: the smallest max_context of the served versions
+    max_lora_rank: PositiveInt = 64
+    max_loras: PositiveInt = 4
+    always_enable_lora: bool = True  # also with no adapter yet, so a later promotion can be loaded at run time
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    start_timeout_s: float = Field(600.0, gt=0)
+
+
 class ServingConfig(Strict):
     registered_model: str = "fibreflow-assistant"
     model_server: ModelServer = ModelServer()
+    vllm: Vllm = Vllm()
     router: Router
 
 

@@ -17,7 +17,6 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, ClassVar
 
 import orjson
@@ -491,18 +490,3 @@ def create_app(
         return {"status": "ok", "arms": router.targets.versions(), "cache": router.cache.kind}
 
     return app
-
-
-def serve(cfg: ServingConfig) -> None:
-    import uvicorn
-
-    Path(resolve_path("var/serving")).mkdir(parents=True, exist_ok=True)
-    uvicorn.run(
-        create_app(cfg),
-        host=cfg.router.host,
-        port=cfg.router.port,
-        log_level="warning",
-        loop="uvloop",
-        http="httptools",
-        proxy_headers=False,
-    )

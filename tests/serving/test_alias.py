@@ -35,7 +35,7 @@ def test_a_promotion_reaches_the_router_and_the_model_server(
         assert engine.models() == ["smollm2-135m-instruct", "fibreflow-assistant-v1"]
         upstream = run_app(create_model_app(engine, default_max_tokens=8))
         cfg = load_serving_config({
-            "router.upstreams.local.url": f"{upstream}/v1", "router.alias_poll_s": 0.2,
+            "router.upstreams.primary.url": f"{upstream}/v1", "router.alias_poll_s": 0.2,
             "router.auth.required": False, "router.audit.enabled": False, "router.schedule.periods": [],
             "router.cache.enabled": False})  # fmt: skip
         base = run_app(create_app(cfg, redis_url=""))

