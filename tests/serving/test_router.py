@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from fastapi import FastAPI, Request
 from fibreflow.serving.ab import choose, unit_hash
 from fibreflow.serving.config import Experiment
 from fibreflow.serving.model_server import create_model_app
@@ -223,3 +224,34 @@ def test_feedback_and_upstream_down(router: str, run_app: Any, project_tmp: Path
     down = httpx.post(f"{dead}/v1/chat/completions", json={"model": "assistant", "messages": MSG})
     assert down.status_code == 502 and "unreachable" in down.json()["error"]["message"]
     assert sum(metric(dead, "fibreflow_router_upstream_retries_total", arm=a) for a in "ab") == 1
+
+
+@pytest.mark.integration
+def test_tools_and_other_fields_pass_through_to_the_upstream(run_app: Any, project_tmp: Path) -> None:
+    """An upstream that records what it receives (as vLLM would get it) and answers with a tool call."""
+
+    seen: list[dict[str, Any]] = []
+    fake = FastAPI()
+
+    @fake.post("/v1/chat/completions")
+    async def chat(request: Request) -> dict[str, Any]:
+        seen.append(await request.json())
+        call = {"id": "call_1", "type": "function", "function": {"name": "project_status", "arguments": "{}"}}
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": seen[-1]["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}  # fmt: skip
+
+    base = run_app(create_app(config(run_app(fake)), redis_url="", watch=False))
+    tool = {"type": "function", "function": {"name": "project_status", "parameters": {"type": "object",
+                                                                                     "properties": {}}}}  # fmt: skip
+    via = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+    out = via.chat.completions.create(
+        model="assistant", messages=MSG, tools=[tool], tool_choice="auto", response_format={"type": "json_object"},
+        stop=["\n\n"], seed=7, logprobs=True, top_logprobs=2, temperature=0.3, user="ann",
+    )  # fmt: skip
+    assert out.choices[0].message.tool_calls[0].function.name == "project_status"
+    got = seen[-1]
+    assert got["model"] in ("alpha", "beta")  # renamed to what the upstream serves; everything else as sent
+    assert got["tools"] == [tool] and got["tool_choice"] == "auto" and got["response_format"] == {"type": "json_object"}
+    assert (got["stop"], got["seed"], got["logprobs"], got["top_logprobs"]) == (["\n\n"], 7, True, 2)
