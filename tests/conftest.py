@@ -194,8 +194,9 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     return out
 
 
-def _train_run(tiny: Path, out: Path, seed: int) -> str:
-    """A finished training run as `fibreflow train` leaves it: lineage tags, params, metrics, the logged adapter."""
+def _train_run(tiny: Path, out: Path, seed: int, steps: int = 0) -> str:
+    """A finished training run as `fibreflow train` leaves it: lineage tags, params, metrics, the logged adapter
+    (random LoRA weights, then `steps` AdamW steps on a glossary sentence)."""
     import mlflow
     import torch
     from fibreflow.training.publish import log_adapter
@@ -206,6 +207,14 @@ def _train_run(tiny: Path, out: Path, seed: int) -> str:
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
     tok = AutoTokenizer.from_pretrained(tiny)
+    if steps:
+        batch = tok(["A BOQ is the bill of quantities: every item, unit, quantity and rate of a project."],
+                    return_tensors="pt")  # fmt: skip
+        optim = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(steps):
+            peft(**batch, labels=batch["input_ids"]).loss.backward()
+            optim.step()
+            optim.zero_grad()
     peft.save_pretrained(out)
     tok.save_pretrained(out)
     mlflow.set_experiment("fibreflow-train")
@@ -219,7 +228,7 @@ def _train_run(tiny: Path, out: Path, seed: int) -> str:
 
 
 @pytest.fixture
-def train_run() -> Callable[[Path, Path, int], str]:
+def train_run() -> Callable[..., str]:
     """Makes a finished training run as `fibreflow train` leaves it (tiny Llama + a random LoRA adapter)."""
     return _train_run
 

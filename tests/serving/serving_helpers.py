@@ -23,6 +23,14 @@ def config(upstream: str, **router: Any) -> ServingConfig:
     return ServingConfig.model_validate({"router": tree})
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def metric(base: str, name: str, **labels: str) -> float:
     """A sample's value from the router's /metrics (0 when absent)."""
     from prometheus_client.parser import text_string_to_metric_families

