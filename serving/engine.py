@@ -27,6 +27,14 @@ class EngineError(FibreFlowError):
     """A request the engine cannot serve as asked (unknown model, too long, bad adapter)."""
 
 
+class UnknownModel(EngineError):
+    """The request names a model (base or adapter) this engine does not serve."""
+
+
+class TooLong(EngineError):
+    """Prompt plus completion budget exceed the context length."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0
@@ -184,9 +192,9 @@ class Engine:
     def check(self, model: str, ids: list[int], max_tokens: int) -> str:
         """The adapter for `model` after checking it exists and the request fits the context."""
         if model != self.base_name and model not in self.adapters:
-            raise EngineError(f"The model `{model}` does not exist (served: {', '.join(self.models())})")
+            raise UnknownModel(f"The model `{model}` does not exist (served: {', '.join(self.models())})")
         if len(ids) + max_tokens > self.max_context:
-            raise EngineError(
+            raise TooLong(
                 f"This model's maximum context length is {self.max_context} tokens. However, you requested "
                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion."

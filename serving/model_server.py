@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from fibreflow.eval.models import Weights
 from fibreflow.serving.config import ServingConfig, served_name
-from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling
+from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling, TooLong, UnknownModel
 from fibreflow.serving.protocol import (
     SSE_DONE,
     ApiError,
@@ -117,14 +117,10 @@ def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
         max_tokens = budget(req, ids)
         try:
             engine.check(req.model, ids, max_tokens)
-        except EngineError as exc:
-            status = 404 if "does not exist" in str(exc) else 400
-            raise ApiError(
-                status,
-                str(exc),
-                param="model" if status == 404 else "messages",
-                code="model_not_found" if status == 404 else "context_length_exceeded",
-            ) from None
+        except UnknownModel as exc:
+            raise ApiError(404, str(exc), param="model", code="model_not_found") from None
+        except TooLong as exc:
+            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         if not req.stream:
             text, fin = await engine.complete(req.model, ids, max_tokens, sampling(req), req.stops)
             return JSONResponse(whole(rid, req.model, text, fin.reason, fin.prompt_tokens, fin.completion_tokens))

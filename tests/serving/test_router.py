@@ -255,3 +255,19 @@ def test_tools_and_other_fields_pass_through_to_the_upstream(run_app: Any, proje
     assert got["model"] in ("alpha", "beta")  # renamed to what the upstream serves; everything else as sent
     assert got["tools"] == [tool] and got["tool_choice"] == "auto" and got["response_format"] == {"type": "json_object"}
     assert (got["stop"], got["seed"], got["logprobs"], got["top_logprobs"]) == (["\n\n"], 7, True, 2)
+
+
+@pytest.mark.integration
+def test_cors_headers_on_the_fast_path_and_preflight(upstream: str, run_app: Any, project_tmp: Path) -> None:
+    base = run_app(create_app(config(upstream, cors_origins=["https://app.fibreflow.example"]), redis_url="",
+                              watch=False))  # fmt: skip
+    origin = {"Origin": "https://app.fibreflow.example"}
+    pre = httpx.options(f"{base}/v1/chat/completions", headers=origin | {"Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.fibreflow.example"
+    r = httpx.post(f"{base}/v1/chat/completions", headers=origin,
+                   json={"model": "assistant", "messages": MSG, "max_tokens": 4})  # fmt: skip
+    assert r.headers["access-control-allow-origin"] == "https://app.fibreflow.example"
+    assert "x-fibreflow-arm" in r.headers["access-control-expose-headers"]
+    other = httpx.post(f"{base}/v1/chat/completions", headers={"Origin": "https://evil.example"},
+                       json={"model": "assistant", "messages": MSG, "max_tokens": 4})  # fmt: skip
+    assert "access-control-allow-origin" not in other.headers
