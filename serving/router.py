@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import FibreFlowError
 from fibreflow.serving.ab import Target, Targets, choose
@@ -224,7 +224,6 @@ class Router:
             self._cache_failed(arm, exc)
         else:
             self.metrics.cache_up.labels(self.cache.kind).set(1)
-        self.metrics.limiter_errors.set_function(lambda: self.limiter.sync_errors)
 
     def _cache_failed(self, arm: str, exc: Exception) -> None:
         self.metrics.cache.labels(arm, "error").inc()
@@ -297,6 +296,9 @@ class Router:
 
     async def _handle(self, request: Request, path: str, call: Call) -> Response:
         await self.authenticate(request, "chat", call)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.rc.max_body_bytes:  # refused before reading it
+            raise ApiError(413, f"request body is {declared} bytes, over the limit of {self.rc.max_body_bytes}")
         return await self.dispatch(request, path, self.parse(await request.body(), path), call)
 
     async def dispatch(
@@ -470,8 +472,12 @@ def create_app(
         return await router.handle(request, COMPLETIONS)
 
     @app.get("/v1/models", summary="The models clients can ask for, with each arm's current model")
-    async def models() -> dict[str, Any]:
-        return router.models()
+    async def models(request: Request) -> Response:
+        async def work(request: Request, call: Call) -> Response:
+            await router.authenticate(request, "chat", call)
+            return JSONResponse(router.models())
+
+        return await router.handle(request, "/models", work)
 
     @app.post("/v1/feedback", summary="A score (0..1) or thumbs up/down for a response id")
     async def feedback(fb: Feedback) -> dict[str, Any]:

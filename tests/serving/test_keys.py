@@ -87,14 +87,17 @@ def test_keys_are_checked_and_every_request_is_audited(
     for key, status, message in cases:
         r = ask(base, key)
         assert r.status_code == status and message in r.json()["error"]["message"], (key, r.text)
+    wrong = openai.OpenAI(base_url=f"{base}/v1", api_key=f"{kid}.nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="invalid API key"):
-        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key=f"{kid}.nope", max_retries=0)
         wrong.chat.completions.create(model="assistant", messages=MSG)
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        wrong.models.list()
+    assert [m.id for m in client.models.list().data] == ["assistant"]
     big = ask(base, good, messages=[{"role": "user", "content": "x" * 1_100_000}])
     too_long = ask(base, good, messages=[{"role": "user", "content": "pole " * 1100}])
     assert (big.status_code, too_long.status_code) == (413, 400)
-    rows = audit_rows(keys_db, 10)
-    assert [r["status"] for r in rows] == [200, 401, 401, 401, 401, 401, 403, 401, 413, 400]
+    rows = audit_rows(keys_db, 12)
+    assert [r["status"] for r in rows] == [200, 401, 401, 401, 401, 401, 403, 401, 401, 200, 413, 400]
     assert rows[0]["key_id"] == kid and rows[0]["arm"] in ("a", "b") and rows[0]["completion_tokens"] >= 1
     assert rows[-1]["key_id"] == kid and rows[-1]["arm"] and rows[-2]["arm"] is None  # 413: before any arm
     flat = " ".join(str(v) for r in rows for v in r.values())
