@@ -203,6 +203,9 @@ class Vllm(Strict):
     max_lora_rank: PositiveInt = 64
     max_loras: PositiveInt = 4
     always_enable_lora: bool = True  # also with no adapter yet, so a later promotion can be loaded at run time
+    merged_aliases: list[str] = Field(default_factory=list)  # served merged, one vLLM each (faster than LoRA)
+    merged_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    replaced_grace_s: float = Field(30.0, ge=0)  # a replaced merged vLLM finishes its requests this long
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     start_timeout_s: float = Field(600.0, gt=0)

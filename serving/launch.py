@@ -12,11 +12,14 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.serving.config import ServingConfig
+
+if TYPE_CHECKING:
+    from fibreflow.serving.vllm import MergedArms
 
 Backend = Literal["none", "local", "vllm"]
 
@@ -46,13 +49,50 @@ def start_local(cfg: ServingConfig) -> tuple[subprocess.Popen[bytes], str]:
     return launch(cmd, {}, url, 600), url
 
 
+def prepare_vllm(cfg: ServingConfig) -> tuple[ServingConfig, subprocess.Popen[bytes], MergedArms]:
+    """Start vLLM for the LoRA aliases (the `primary` upstream) and one per merged alias (upstream
+    `merged-<alias>`, the arms on that alias pointed at it); returns the config to serve with, the LoRA vLLM and
+    the merged arms (their `serve` is the router's alias hook)."""
+    import mlflow
+    from fibreflow.serving.vllm import MergedArms, start_vllm
+
+    merged = MergedArms(cfg)
+    ups = dict(cfg.router.upstreams)
+    client = mlflow.MlflowClient()
+    for alias in cfg.vllm.merged_aliases:
+        try:
+            version: str | None = str(client.get_model_version_by_alias(cfg.registered_model, alias).version)
+        except mlflow.exceptions.MlflowException:
+            version = None  # not set yet: started when it is
+        url = merged.serve(alias, version) if version else "http://127.0.0.1:9/v1"
+        ups[merged.upstream(alias)] = ups["primary"].model_copy(update={"url": url})
+    exps = [
+        e.model_copy(
+            update={
+                "arms": [
+                    a.model_copy(update={"upstream": merged.upstream(a.alias)})
+                    if a.alias in cfg.vllm.merged_aliases
+                    else a
+                    for a in e.arms
+                ]
+            }
+        )
+        for e in cfg.router.experiments
+    ]
+    proc, url = start_vllm(cfg)
+    router = cfg.router.model_copy(update={"upstreams": ups, "experiments": exps})
+    return with_primary(cfg.model_copy(update={"router": router}), url), proc, merged
+
+
 def serve(
     cfg: ServingConfig, backend: Backend = "local", upstream_url: str | None = None, dry_run: bool = False
 ) -> None:
     import uvicorn
     from fibreflow.serving.router import create_app
 
-    child = None
+    child: subprocess.Popen[bytes] | None = None
+    merged: MergedArms | None = None
+    hook = None
     try:
         if upstream_url:
             cfg = with_primary(cfg, upstream_url)
@@ -65,16 +105,14 @@ def serve(
             print(shlex.join(vllm_command(cfg, alias_specs(cfg), base, cfg.vllm.port)))
             return
         elif backend == "vllm":
-            from fibreflow.serving.vllm import start_vllm
-
-            child, url = start_vllm(cfg)
-            cfg = with_primary(cfg, url)
+            cfg, child, merged = prepare_vllm(cfg)
+            hook = merged.serve
         elif backend == "local":
             child, url = start_local(cfg)
             cfg = with_primary(cfg, url)
         resolve_path("var/serving").mkdir(parents=True, exist_ok=True)
         uvicorn.run(
-            create_app(cfg),
+            create_app(cfg, alias_hook=hook),
             host=cfg.router.host,
             port=cfg.router.port,
             log_level="warning",
@@ -86,3 +124,5 @@ def serve(
         if child is not None:
             child.terminate()
             child.wait(timeout=60)
+        if merged is not None:
+            merged.close()

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
@@ -43,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 log = logging.getLogger("fibreflow.serving")
 CHAT, COMPLETIONS = "/chat/completions", "/completions"
 RECENT_KEEP = 100_000  # response ids remembered for feedback
+AliasHook = Callable[[str, str], str | None]  # (alias, new version) -> the URL now serving it, or None
 # streamed chunks carrying text (OpenAI servers send compact JSON, about one token per chunk)
 _TOKEN_MARKS, _EMPTY_MARKS = (b'"content":"', b'"text":"'), (b'"content":""', b'"text":""')
 
@@ -50,8 +51,10 @@ _TOKEN_MARKS, _EMPTY_MARKS = (b'"content":"', b'"text":"'), (b'"content":""', b'
 class Router:
     """The router's state: config, targets, cache, keys, limits, audit, upstream pool, metrics."""
 
-    def __init__(self, cfg: ServingConfig, redis_url: str | None, database_url: str | None) -> None:
-        self.cfg, self.rc = cfg, cfg.router
+    def __init__(
+        self, cfg: ServingConfig, redis_url: str | None, database_url: str | None, alias_hook: AliasHook | None = None
+    ) -> None:
+        self.cfg, self.rc, self.alias_hook = cfg, cfg.router, alias_hook
         self.targets = Targets(cfg.registered_model, self.rc.experiments)
         self.cache = ResponseCache(self.rc.cache, redis_url)
         self.guard = Guard(self.rc.resilience)
@@ -74,9 +77,19 @@ class Router:
     # ---- registry aliases ----------------------------------------------------------------------------------
 
     def on_alias(self, alias: str, old: str | None, new: str | None) -> None:
-        """The alias moved: load the new version on every upstream that serves an arm on it, then repoint."""
+        """The alias moved: have every upstream serving an arm on it serve the new version, then repoint. An
+        `alias_hook` (merged arms: a new vLLM per version) answers with the URL that serves it; otherwise the
+        version's adapter is loaded on the arm's upstream."""
         if new is not None:
+            try:
+                url = self.alias_hook(alias, new) if self.alias_hook is not None else None
+            except Exception as exc:
+                log.warning("alias %s -> v%s: the new version could not be started: %s", alias, new, exc)
+                return  # the arm keeps serving the version it has
             for _, arm in self.targets.alias_arms(alias):
+                if url is not None:
+                    self.rc.upstreams[arm.upstream] = self.rc.upstreams[arm.upstream].model_copy(update={"url": url})
+                    continue
                 try:
                     served = served_name(self.cfg.registered_model, new)
                     ensure_adapter(self.rc.upstreams[arm.upstream], served, self.cfg.registered_model, new)
@@ -417,13 +430,17 @@ def _database(cfg: ServingConfig, url: str | None) -> str | None:
 
 
 def create_app(
-    cfg: ServingConfig, *, redis_url: str | None = None, database_url: str | None = None, watch: bool = True
+    cfg: ServingConfig,
+    *,
+    redis_url: str | None = None,
+    database_url: str | None = None,
+    watch: bool = True,
+    alias_hook: AliasHook | None = None,
 ) -> FastAPI:
     """The router app. `redis_url` (default: $REDIS_URL; "" = none) backs the cache and the limits; the database
     (default: DATABASE_URL or the embedded one) holds keys and audit rows; `watch` follows registry aliases."""
-    router = Router(
-        cfg, redis_url if redis_url is not None else os.environ.get("REDIS_URL"), _database(cfg, database_url)
-    )
+    redis_url = redis_url if redis_url is not None else os.environ.get("REDIS_URL")
+    router = Router(cfg, redis_url, _database(cfg, database_url), alias_hook)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -24,7 +24,8 @@ from fibreflow.serving.config import ServingConfig, served_name
 
 
 def alias_specs(cfg: ServingConfig) -> dict[str, dict[str, Any]]:
-    """Served name -> serving spec (with `adapter_path`, the local adapter folder) of each alias that is set."""
+    """Served name -> serving spec (with `adapter_path`, the local adapter folder) of each alias that is set and
+    served as a LoRA module (not in `vllm.merged_aliases`)."""
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
     from fibreflow.serving.upstream import adapter_folder
@@ -32,6 +33,8 @@ def alias_specs(cfg: ServingConfig) -> dict[str, dict[str, Any]]:
     setup_mlflow("fibreflow-serving")
     client, out = mlflow.MlflowClient(), {}
     for alias in cfg.model_server.registry_aliases:
+        if alias in cfg.vllm.merged_aliases:
+            continue  # served by its own vLLM (MergedArms)
         try:
             mv = client.get_model_version_by_alias(cfg.registered_model, alias)
         except mlflow.exceptions.MlflowException:
@@ -46,21 +49,14 @@ def alias_specs(cfg: ServingConfig) -> dict[str, dict[str, Any]]:
     return out
 
 
-def vllm_command(cfg: ServingConfig, specs: dict[str, dict[str, Any]], base: str, port: int) -> list[str]:
-    """The vLLM server's command line: `base` with the adapters in `specs`, on `port`."""
+def _common(cfg: ServingConfig, model: str, served: str, port: int, max_context: int | None) -> list[str]:
     v = cfg.vllm
-    bases = {Path(s["base_model_path"]).resolve() for s in specs.values()}
-    if bases and bases != {Path(base).resolve()}:
-        raise ConfigError(f"the adapters were trained on {', '.join(map(str, bases))}, not on {base}")
-    quants = {str(s.get("quantization")) for s in specs.values()}
-    if len(quants) > 1:
-        raise ConfigError("the adapters were trained on differently quantized bases; one vLLM serves one base")
     launcher = [str(resolve_path(a)) if a.startswith(".venv") else a for a in v.launcher]
     cmd = [
         *launcher,
-        base,
+        model,
         "--served-model-name",
-        cfg.model_server.model,
+        served,
         "--host",
         v.host,
         "--port",
@@ -76,9 +72,22 @@ def vllm_command(cfg: ServingConfig, specs: dict[str, dict[str, Any]], base: str
     ]
     if v.enable_prefix_caching:
         cmd.append("--enable-prefix-caching")
+    if v.max_model_len or max_context:
+        cmd += ["--max-model-len", str(v.max_model_len or max_context)]
+    return cmd
+
+
+def vllm_command(cfg: ServingConfig, specs: dict[str, dict[str, Any]], base: str, port: int) -> list[str]:
+    """The vLLM server's command line: `base` with the adapters in `specs`, on `port`."""
+    v = cfg.vllm
+    bases = {Path(s["base_model_path"]).resolve() for s in specs.values()}
+    if bases and bases != {Path(base).resolve()}:
+        raise ConfigError(f"the adapters were trained on {', '.join(map(str, bases))}, not on {base}")
+    quants = {str(s.get("quantization")) for s in specs.values()}
+    if len(quants) > 1:
+        raise ConfigError("the adapters were trained on differently quantized bases; one vLLM serves one base")
     contexts = [s["max_context"] for s in specs.values() if s.get("max_context")]
-    if v.max_model_len or contexts:
-        cmd += ["--max-model-len", str(v.max_model_len or min(contexts))]
+    cmd = _common(cfg, base, cfg.model_server.model, port, min(contexts) if contexts else None)
     if any(s.get("quantization") for s in specs.values()):
         cmd += ["--quantization", "bitsandbytes"]  # the base as the QLoRA adapters were trained on it
     if specs or v.always_enable_lora:
@@ -86,6 +95,11 @@ def vllm_command(cfg: ServingConfig, specs: dict[str, dict[str, Any]], base: str
     if specs:
         cmd += ["--lora-modules", *(f"{name}={s['adapter_path']}" for name, s in specs.items())]
     return cmd + list(v.extra_args)
+
+
+def merged_command(cfg: ServingConfig, folder: Path, served: str, port: int, max_context: int | None) -> list[str]:
+    """The command line of a vLLM serving one version's merged weights under its served name."""
+    return _common(cfg, str(folder), served, port, max_context) + list(cfg.vllm.extra_args)
 
 
 def launch(cmd: list[str], env: dict[str, str], url: str, timeout_s: float) -> subprocess.Popen[bytes]:
@@ -117,3 +131,48 @@ def start_vllm(cfg: ServingConfig) -> tuple[subprocess.Popen[bytes], str]:
     url = f"http://{v.host}:{v.port}/v1"
     cmd = vllm_command(cfg, alias_specs(cfg), base, v.port)
     return launch(cmd, {k: str(val) for k, val in v.env.items()}, url, v.start_timeout_s), url
+
+
+class MergedArms:
+    """One vLLM per alias in `vllm.merged_aliases`, serving that alias's version merged (serving/merge.py). When
+    the alias moves, a new vLLM with the new version starts on a fresh port; once it answers, the router's
+    upstream points at it and the old one stops after `replaced_grace_s` (blue/green, no restart of the router)."""
+
+    def __init__(self, cfg: ServingConfig) -> None:
+        self.cfg = cfg
+        self.running: dict[str, tuple[str, subprocess.Popen[bytes], str]] = {}  # alias -> (version, process, url)
+        self._next_port = cfg.vllm.port + 1
+
+    def upstream(self, alias: str) -> str:
+        return f"merged-{alias}"
+
+    def serve(self, alias: str, version: str) -> str | None:
+        """The URL serving `version` of `alias` merged (started if needed); None for aliases served as LoRA."""
+        import threading
+
+        from fibreflow.eval.config import load_eval_config
+        from fibreflow.eval.models import weights
+        from fibreflow.serving.merge import merge
+
+        if alias not in self.cfg.vllm.merged_aliases:
+            return None
+        if alias in self.running and self.running[alias][0] == version:
+            return self.running[alias][2]
+        v, name = self.cfg.vllm, served_name(self.cfg.registered_model, version)
+        w = weights(f"models:/{self.cfg.registered_model}/{version}", load_eval_config())
+        folder = merge(w, name, v.merged_dtype)
+        port, self._next_port = self._next_port, self._next_port + 1
+        url = f"http://{v.host}:{port}/v1"
+        cmd = merged_command(self.cfg, folder, name, port, v.max_model_len)
+        proc = launch(cmd, {k: str(val) for k, val in v.env.items()}, url, v.start_timeout_s)
+        old = self.running.get(alias)
+        self.running[alias] = (version, proc, url)
+        if old is not None:
+            threading.Timer(v.replaced_grace_s, old[1].terminate).start()
+        return url
+
+    def close(self) -> None:
+        for _, proc, _ in self.running.values():
+            proc.terminate()
+        for _, proc, _ in self.running.values():
+            proc.wait(timeout=60)

