@@ -111,7 +111,7 @@ def until_version(base: str, body: dict, arm: str, version: str) -> Any:
 
     import httpx
 
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 480  # a merged arm's move merges, then starts a vLLM (~1-4 min on 2 busy cores)
     while True:
         r = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": arm}, timeout=120)
         if r.headers.get("x-fibreflow-model-version") == version:
