@@ -42,7 +42,7 @@ def new_db(admin: str, name: str) -> str:
 
 def seeded(admin: str, name: str, **seed_overrides: int) -> tuple[str, int, float]:
     from fibreflow.core.db import migrate
-    from fibreflow.core.seed import load_seed_config, seed
+    from fibreflow.datasets.seed import load_seed_config, seed
 
     url = new_db(admin, name)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -55,7 +55,7 @@ def seeded(admin: str, name: str, **seed_overrides: int) -> tuple[str, int, floa
 def bench_seed(admin: str) -> dict[str, str]:
     url, rows, secs = seeded(admin, "b_scale100", scale=100)
     # Baseline: the same kind of rows written one INSERT at a time (first 20k daily-progress rows of the seed).
-    from fibreflow.core.seed import TABLES, load_seed_config, make_project, progress_rows
+    from fibreflow.datasets.seed import TABLES, load_seed_config, make_project, progress_rows
 
     cfg = load_seed_config({"scale": 100})
     sample = []
@@ -87,14 +87,15 @@ BUILD_CHILD = """
 import json, resource, sys, time
 from fibreflow.core.db import connect
 from fibreflow.datasets import build
+from fibreflow.datasets.manifest import read_manifest
 cfg = build.load_data_config({"output_dir": sys.argv[2]})
 t = time.perf_counter()
 with connect(sys.argv[1]) as conn:
-    m = build.build(conn, cfg, progress=False)
+    m = read_manifest(build.build(conn, cfg, progress=False))
 secs = time.perf_counter() - t
 print(json.dumps({"secs": secs, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "db_rows": sum(m["database"]["table_rows"].values()),
-                  "out_rows": sum(v["rows"] for p in m["datasets"].values() for v in p.values())}))
+                  "db_rows": sum(m.database.table_rows.values()),
+                  "out_rows": sum(v.rows for p in m.datasets.values() for v in p.values())}))
 """
 
 

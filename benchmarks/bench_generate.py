@@ -162,10 +162,10 @@ def main() -> None:
     import torch
     from fibreflow.eval.config import load_eval_config
     from fibreflow.eval.generate import generate_local
-    from fibreflow.eval.models import Weights, load_local, weights
+    from fibreflow.training.weights import Weights, load_local, weights
 
     convs = questions(args.questions, args.seed)
-    w: Weights = weights("base", load_eval_config())
+    w: Weights = weights("base", load_eval_config().base_model)
     n, max_new = len(convs), args.max_new_tokens
     print(f"{n} questions, max_new_tokens {max_new}, {torch.get_num_threads()} threads, model {w.base}", flush=True)
 

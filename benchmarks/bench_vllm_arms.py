@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vllm_arms.py [--seconds 20]     # ~6 min on 2 cores; needs .venv-vllm
 
-The merged folder comes from `serving/merge.py` (the adapter merged into its base as trained: NF4-dequantized for
+The merged folder comes from `training/merge.py` (the adapter merged into its base as trained: NF4-dequantized for
 a QLoRA adapter), saved in bf16. The LoRA arm is vLLM's `--enable-lora --lora-modules` on the bf16 base (vLLM's
 CPU build does not load bitsandbytes bases here, so this arm's answers are those of the adapter on the
 unquantized base). For each: completion tokens/s and p95 at 1 and 8 concurrent users (streamed, 64 new tokens,
@@ -78,19 +78,21 @@ def main() -> None:
     args = ap.parse_args()
     if not VLLM_PY.exists():
         sys.exit(f"{VLLM_PY} missing: bash scripts/install_vllm.sh")
+    from fibreflow.core.config import resolve_path
     from fibreflow.core.tracking import setup_mlflow
     from fibreflow.datasets.build import load_data_config
     from fibreflow.eval.config import load_eval_config
-    from fibreflow.eval.models import weights
     from fibreflow.eval.run import test_set_path
     from fibreflow.eval.testset import load_test_set
-    from fibreflow.serving.merge import merge
+    from fibreflow.serving.vllm import MERGED_DIR
+    from fibreflow.training.merge import merge
+    from fibreflow.training.weights import weights
 
     setup_mlflow("fibreflow-serving")
     cfg = load_eval_config()
-    w = weights("models:/fibreflow-assistant@champion", cfg)
+    w = weights("models:/fibreflow-assistant@champion")
     version = w.identity["version"]
-    merged = merge(w, f"fibreflow-assistant-v{version}", "bfloat16")
+    merged = merge(w, resolve_path(MERGED_DIR) / f"fibreflow-assistant-v{version}-bfloat16", "bfloat16")
     samples = [s for s in load_test_set(test_set_path(cfg)) if "terminology" in s.tags][:32]
     system = load_data_config().system_prompt
     name = f"fibreflow-assistant-v{version}"

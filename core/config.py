@@ -6,6 +6,11 @@ Overrides are dotted keys (`seed.scale=5`); errors name the key at fault.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +41,23 @@ def resolve_path(path: str | Path) -> Path:
     """Relative config paths are relative to the project root."""
     p = Path(path)
     return p if p.is_absolute() else project_root() / p
+
+
+@contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """A temp folder beside `dest` to write into; when the block ends without error it replaces `dest` (else it is
+    removed): readers find the old folder or the whole new one, never half of one."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        old = dest.with_name(f".{dest.name}-old-{uuid.uuid4().hex[:8]}")
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -26,6 +26,14 @@ from fibreflow.core.db import check_schema, open_db, redact, schema_version, tab
 from fibreflow.core.errors import DatasetBuildError, first_line
 from fibreflow.datasets import grounded_qa as qa
 from fibreflow.datasets import terminology as term
+from fibreflow.datasets.manifest import FILE as MANIFEST
+from fibreflow.datasets.manifest import (
+    DatabaseSnapshot,
+    DatasetManifest,
+    SplitFile,
+    read_manifest,
+    write_manifest,
+)
 from psycopg.rows import dict_row
 from tqdm import tqdm
 
@@ -108,10 +116,10 @@ class SplitWriter:
             self._writer.write_table(pa.Table.from_pylist(self._buffer, schema=self.schema))
             self._buffer = []
 
-    def close(self) -> dict[str, Any]:
+    def close(self) -> SplitFile:
         self._flush()
         self._writer.close()
-        return {"rows": self.rows, "sha256": self._hash.hexdigest(), "file": self.path.name}
+        return SplitFile(file=self.path.name, rows=self.rows, sha256=self._hash.hexdigest())
 
 
 def stream(conn: psycopg.Connection, sql: str, params: dict[str, Any] | None, cursor_rows: int) -> Iterator[dict]:
@@ -122,20 +130,21 @@ def stream(conn: psycopg.Connection, sql: str, params: dict[str, Any] | None, cu
         yield from cur
 
 
-def _snapshot_info(conn: psycopg.Connection) -> dict[str, Any]:
+def _snapshot_info(conn: psycopg.Connection) -> DatabaseSnapshot:
     meta = conn.execute("SELECT value FROM fibreflow_meta WHERE key = 'data_source'").fetchone()
-    return {
-        "server_version": conn.execute("SHOW server_version").fetchone()[0],
-        "schema_version": schema_version(conn),
-        "snapshot": conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
-        "table_rows": table_counts(conn),
-        "data_source": meta[0] if meta else None,
-    }
+    return DatabaseSnapshot(
+        url=redact(conn.info.dsn),
+        server_version=conn.execute("SHOW server_version").fetchone()[0],
+        schema_version=schema_version(conn),
+        snapshot=conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0],
+        table_rows=table_counts(conn),
+        data_source=meta[0] if meta else None,
+    )
 
 
 def _build_terminology(
     conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any, progress: bool
-) -> dict[str, Any]:
+) -> dict[str, SplitFile]:
     # Pass 1: how many definitions use each word, so a test row's keywords are its definition's rarest words.
     df: dict[str, int] = {}
     for row in stream(conn, GLOSSARY_SQL, None, cfg.cursor_rows):
@@ -185,7 +194,7 @@ def _build_terminology(
 
 def _build_grounded_qa(
     conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any, progress: bool
-) -> tuple[dict[str, Any], list[str]]:
+) -> tuple[dict[str, SplitFile], list[str]]:
     project_ids = [r["id"] for r in stream(conn, PROJECTS_SQL, None, cfg.cursor_rows)]
     if not project_ids:
         raise DatasetBuildError("the projects table is empty: run `fibreflow db seed` (demo) or sync from Supabase")
@@ -213,8 +222,8 @@ def _write_test_row(fh: Any, row: dict[str, Any]) -> None:
     fh.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
 
 
-def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Build all datasets from one snapshot; return the manifest. Same DB state + config -> same version."""
+def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -> Path:
+    """Build all datasets from one snapshot; return the version's folder. Same DB state + config -> same version."""
     check_schema(conn)
     root = resolve_path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -231,34 +240,33 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
             canonical(
                 {
                     "config": cfg.content_config(),
-                    "splits": {name: {s: v["sha256"] for s, v in parts.items()} for name, parts in splits.items()},
+                    "splits": {name: {s: v.sha256 for s, v in parts.items()} for name, parts in splits.items()},
                 }
             )
         ).hexdigest()[:16]
-        manifest = {
-            "version": version,
-            "datasets": splits,
-            "accuracy_test_set": {
-                "file": TEST_SET,
-                "rows": _count_lines(staging / TEST_SET),
-                "sha256": sha256((staging / TEST_SET).read_bytes()).hexdigest(),
-            },
-            "grounded_qa_test_projects": test_projects,
-            "build_config": cfg.content_config(),
-            "source_queries": {
+        manifest = DatasetManifest(
+            version=version,
+            datasets=splits,
+            accuracy_test_set=SplitFile(
+                file=TEST_SET,
+                rows=_count_lines(staging / TEST_SET),
+                sha256=sha256((staging / TEST_SET).read_bytes()).hexdigest(),
+            ),
+            grounded_qa_test_projects=test_projects,
+            build_config=cfg.content_config(),
+            source_queries={
                 "glossary": GLOSSARY_SQL,
                 "projects": PROJECTS_SQL,
                 **{f.name: " ".join(f.sql.split()) for f in qa.FAMILIES},
             },
-            "database": {"url": redact(conn.info.dsn), **db_info},
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
+            database=db_info,
+        )
+        write_manifest(staging, manifest)
         final = root / version
         if not final.exists():
             os.rename(staging, final)  # atomic: the version folder appears complete or not at all
         _atomic_write(root / "LATEST", version + "\n")
-        manifest["path"] = str(final)
-        return manifest
+        return final
     except psycopg.Error as exc:
         raise DatasetBuildError(
             f"database error during the dataset build ({first_line(exc)}); nothing was written"
@@ -289,7 +297,7 @@ def version_dir(cfg: DataConfig, version: str | None = None) -> Path:
             raise DatasetBuildError(f"no datasets built under {root}: run `fibreflow data build`")
         version = latest.read_text().strip()
     path = root / version
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         raise DatasetBuildError(f"dataset version {version} not found under {root}")
     return path
 
@@ -298,10 +306,9 @@ def load_datasets(path: Path) -> dict[str, Any]:
     """`{"terminology": DatasetDict, "grounded_qa": DatasetDict}` of a built version (Parquet, memory-mapped)."""
     from datasets import load_dataset
 
-    manifest = json.loads((path / "manifest.json").read_text())
     return {
-        name: load_dataset("parquet", data_files={s: str(path / name / v["file"]) for s, v in parts.items()})
-        for name, parts in manifest["datasets"].items()
+        name: load_dataset("parquet", data_files={s: str(path / name / v.file) for s, v in parts.items()})
+        for name, parts in read_manifest(path).datasets.items()
     }
 
 
@@ -313,30 +320,31 @@ def log_to_mlflow(path: Path) -> None:
 
     if mlflow.active_run() is None:
         return
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = read_manifest(path)
     for name, dsdict in load_datasets(path).items():
         for split, ds in dsdict.items():
-            info = manifest["datasets"][name][split]
+            info = manifest.split(name, split)
             dataset = mlflow.data.from_huggingface(
                 ds,
-                path=str(path / name / info["file"]),
+                path=str(path / name / info.file),
                 name=f"fibreflow-{name}-{split}",
-                digest=info["sha256"][:16],
+                digest=info.sha256[:16],
             )
-            mlflow.log_input(dataset, context=split, tags={"dataset_version": manifest["version"]})
-    mlflow.set_tag("dataset_version", manifest["version"])
-    mlflow.log_artifact(str(path / "manifest.json"), artifact_path="datasets")
+            mlflow.log_input(dataset, context=split, tags={"dataset_version": manifest.version})
+    mlflow.set_tag("dataset_version", manifest.version)
+    mlflow.log_artifact(str(path / MANIFEST), artifact_path="datasets")
     mlflow.log_artifact(str(path / TEST_SET), artifact_path="datasets")
 
 
 def main(overrides: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
     cfg = load_data_config(overrides)
     with open_db() as conn:
-        manifest = build(conn, cfg, progress=progress)
-    log_to_mlflow(Path(manifest["path"]))
+        path = build(conn, cfg, progress=progress)
+    log_to_mlflow(path)
+    manifest = read_manifest(path)
     return {
-        "version": manifest["version"],
-        "path": manifest["path"],
-        "rows": {n: {s: v["rows"] for s, v in parts.items()} for n, parts in manifest["datasets"].items()}
-        | {"accuracy_test_set": manifest["accuracy_test_set"]["rows"]},
+        "version": manifest.version,
+        "path": str(path),
+        "rows": {n: {s: v.rows for s, v in parts.items()} for n, parts in manifest.datasets.items()}
+        | {"accuracy_test_set": manifest.accuracy_test_set.rows},
     }

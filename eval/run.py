@@ -22,6 +22,7 @@ from fibreflow.eval.config import EvalConfig, load_eval_config
 from fibreflow.eval.gates import Decision, decide, load_gates
 from fibreflow.eval.rag import Prompt, build_prompts, grounded
 from fibreflow.eval.stats import PairedDiff, paired_bootstrap
+from fibreflow.eval.summary import Diff, EvalSummary, Gate, JudgeStats, label, load_summary, log_summary
 from fibreflow.eval.testset import Sample, load_test_set
 
 ROLES = ("champion", "challenger")
@@ -86,15 +87,6 @@ def compare(
     return dict(sorted(out.items()))
 
 
-def diffs_of(summary: dict[str, Any]) -> dict[str, PairedDiff]:
-    """The paired differences recorded in an evaluation's summary (to judge them again, e.g. with new gates)."""
-    a, b = summary["scores"]["champion"], summary["scores"]["challenger"]
-    return {
-        k: PairedDiff(a[k], b[k], d["diff"], d["ci_low"], d["ci_high"], d["n"])
-        for k, d in summary.get("diff", {}).items()
-    }
-
-
 def mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
@@ -108,7 +100,7 @@ def main(
     database_url: str | None = None,
     progress: bool = True,
     reuse: bool = False,
-) -> dict[str, Any]:
+) -> EvalSummary:
     """Evaluate one model, or champion vs challenger (`models`: the first is the champion). With `reuse`, an
     earlier finished evaluation of the same models (by identity), test set and config is returned instead."""
     import mlflow
@@ -159,10 +151,9 @@ def main(
     parent = mlflow.active_run() is not None
     run_id = os.environ.get("MLFLOW_RUN_ID") if not parent else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "eval-" + "-vs-".join(cfg.models), nested=parent):
-        _log(cfg, path, samples, prompts, answers, scores, retrieval, judged, diffs, summary)
+        _log(cfg, samples, prompts, answers, scores, retrieval, judged, diffs, summary)
         mlflow.set_tag("eval_key", key)
-        summary["run_id"] = mlflow.active_run().info.run_id
-    return summary | {"reused": False}
+        return summary.model_copy(update={"run_id": mlflow.active_run().info.run_id})
 
 
 def eval_key(cfg: EvalConfig, path: Path, identities: list[dict[str, str]]) -> str:
@@ -172,15 +163,13 @@ def eval_key(cfg: EvalConfig, path: Path, identities: list[dict[str, str]]) -> s
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _earlier(key: str) -> dict[str, Any] | None:
-    import mlflow
+def _earlier(key: str) -> EvalSummary | None:
     from fibreflow.core.tracking import newest_finished_run
 
     found = newest_finished_run(f"tags.eval_key = '{key}'")
     if found is None:
         return None
-    summary = mlflow.artifacts.load_dict(f"runs:/{found.info.run_id}/eval/summary.json")
-    return summary | {"run_id": found.info.run_id, "reused": True}
+    return load_summary(found.info.run_id).model_copy(update={"reused": True})
 
 
 def _summary(
@@ -194,36 +183,33 @@ def _summary(
     judged: dict[str, m.Judged],
     diffs: dict[str, PairedDiff],
     decision: Decision | None,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "test_set": str(path),
-        "samples": len(samples),
-        "grounded_samples": sum(grounded(s) for s in samples),
-        "models": dict(zip(ROLES, cfg.models, strict=False)),
-        "identity": identity,
-        "generation": settings,
-        "scores": {role: {k: mean(v) for k, v in s.items()} for role, s in scores.items()},
-        "retrieval": {k: mean(v) for k, v in retrieval.items()},
-    }
-    if judged:
-        out["judge"] = {
-            role: {
-                "calls": j.calls,
-                "failures": {k: dict(c) for k, c in j.failures.items() if c},
-                "spread": {k: mean(v) for k, v in j.spread.items()},
-            }
+) -> EvalSummary:
+    return EvalSummary(
+        test_set=str(path),
+        test_set_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        samples=len(samples),
+        grounded_samples=sum(grounded(s) for s in samples),
+        models=dict(zip(ROLES, cfg.models, strict=False)),
+        identity=identity,
+        labels={role: label(ident) for role, ident in identity.items()},
+        generation=settings,
+        scores={role: {k: mean(v) for k, v in s.items()} for role, s in scores.items()},
+        retrieval={k: mean(v) for k, v in retrieval.items()},
+        judge={
+            role: JudgeStats(
+                calls=j.calls,
+                failures={k: dict(c) for k, c in j.failures.items() if c},
+                spread={k: mean(v) for k, v in j.spread.items()},
+            )
             for role, j in judged.items()
-        }
-    if diffs:
-        out["diff"] = {k: {"diff": d.diff, "ci_low": d.low, "ci_high": d.high, "n": d.n} for k, d in diffs.items()}
-    if decision is not None:
-        out["gate"] = {"passed": decision.passed, "reasons": decision.reasons}
-    return out
+        },
+        diff={k: Diff(diff=d.diff, ci_low=d.low, ci_high=d.high, n=d.n) for k, d in diffs.items()},
+        gate=Gate(passed=decision.passed, reasons=decision.reasons) if decision is not None else None,
+    )
 
 
 def _log(
     cfg: EvalConfig,
-    path: Path,
     samples: list[Sample],
     prompts: list[Prompt],
     answers: dict[str, list[str]],
@@ -231,16 +217,15 @@ def _log(
     retrieval: m.Scores,
     judged: dict[str, m.Judged],
     diffs: dict[str, PairedDiff],
-    summary: dict[str, Any],
+    summary: EvalSummary,
 ) -> None:
     import mlflow
     from fibreflow.core.tracking import git_sha
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     mlflow.log_params(
         {
-            "test_set": str(path),
-            "test_set_sha256": digest,
+            "test_set": summary.test_set,
+            "test_set_sha256": summary.test_set_sha256,
             "samples": len(samples),
             "rag.mode": cfg.rag.mode,
             "rag.k": cfg.rag.k,
@@ -248,30 +233,30 @@ def _log(
             "judge.repeats": cfg.judge.repeats if cfg.judge.enabled else 0,
             "bootstrap.confidence": cfg.bootstrap.confidence,
         }
-        | {f"{role}.spec": spec for role, spec in summary["models"].items()}
-        | {f"{role}.gen.{k}": v for role, s in summary["generation"].items() for k, v in s.items() if k != "seconds"}
+        | {f"{role}.spec": spec for role, spec in summary.models.items()}
+        | {f"{role}.gen.{k}": v for role, s in summary.generation.items() for k, v in s.items() if k != "seconds"}
     )
-    tags = {"git_sha": git_sha(), "test_set_sha256": digest[:16]}
-    tags |= {f"{role}.{k}": v for role, ident in summary["identity"].items() for k, v in ident.items()}
-    if "gate" in summary:
-        tags["gate"] = "passed" if summary["gate"]["passed"] else "failed"
+    tags = {"git_sha": git_sha(), "test_set_sha256": summary.test_set_sha256[:16]}
+    tags |= {f"{role}.{k}": v for role, ident in summary.identity.items() for k, v in ident.items()}
+    tags |= {f"{role}.label": name for role, name in summary.labels.items()}
+    if summary.gate is not None:
+        tags["gate"] = "passed" if summary.gate.passed else "failed"
     mlflow.set_tags(tags)
-    flat: dict[str, float] = {}
-    for role, s in summary["scores"].items():
-        flat |= {f"{role}.{k}": v for k, v in s.items() if v is not None}
-        flat[f"{role}.samples_per_s"] = summary["generation"][role]["samples_per_s"]
-    flat |= {f"retrieval.{k}": v for k, v in summary["retrieval"].items() if v is not None}
+    flat = summary.model_metrics()
+    for role in summary.scores:
+        flat[f"model.{summary.labels[role]}.samples_per_s"] = summary.generation[role]["samples_per_s"]
+    flat |= {f"retrieval.{k}": v for k, v in summary.retrieval.items() if v is not None}
     for k, d in diffs.items():
         flat |= {f"diff.{k}": d.diff, f"diff.{k}.ci_low": d.low, f"diff.{k}.ci_high": d.high}
     for role, j in judged.items():
         flat[f"judge.{role}.calls"] = j.calls
         flat |= {f"judge.{role}.failures.{k}": sum(c.values()) for k, c in j.failures.items()}
-        flat |= {f"judge.{role}.spread.{k}": v for k, v in summary["judge"][role]["spread"].items() if v is not None}
-    if "gate" in summary:
-        flat["gate.passed"] = float(summary["gate"]["passed"])
+        flat |= {f"judge.{role}.spread.{k}": v for k, v in summary.judge[role].spread.items() if v is not None}
+    if summary.gate is not None:
+        flat["gate.passed"] = float(summary.gate.passed)
     mlflow.log_metrics(flat)
     mlflow.log_table(_table(samples, prompts, answers, scores, retrieval), artifact_file="eval/samples.json")
-    mlflow.log_dict(summary, "eval/summary.json")
+    log_summary(summary)
     if diffs:
         mlflow.log_figure(plot(summary, diffs), "eval/comparison.png")
 
@@ -296,7 +281,7 @@ def _table(
     return table
 
 
-def plot(summary: dict[str, Any], diffs: dict[str, PairedDiff]) -> Any:
+def plot(summary: EvalSummary, diffs: dict[str, PairedDiff]) -> Any:
     """Left: challenger - champion per metric with its CI (a forest plot). Right: both means per metric."""
     import matplotlib
 
@@ -318,8 +303,8 @@ def plot(summary: dict[str, Any], diffs: dict[str, PairedDiff]) -> Any:
     left.set_xlabel("challenger - champion (95% CI)")
     right.set_xlabel("mean")
     right.legend(loc="lower right")
-    models = summary["models"]
-    verdict = ("gate passed" if summary["gate"]["passed"] else "gate failed") if "gate" in summary else ""
-    fig.suptitle(f"{models['challenger']} vs {models['champion']}  {verdict}")
+    gate = summary.gate
+    verdict = ("gate passed" if gate.passed else "gate failed") if gate is not None else ""
+    fig.suptitle(f"{summary.labels['challenger']} vs {summary.labels['champion']}  {verdict}")
     fig.tight_layout()
     return fig

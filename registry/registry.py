@@ -15,6 +15,9 @@ from typing import Any
 
 from fibreflow.core.config import Strict, load_config
 from fibreflow.core.errors import FibreFlowError
+from fibreflow.eval.summary import EvalSummary
+from fibreflow.registry.spec import TAG as SPEC_TAG
+from fibreflow.registry.spec import ServingSpec, write_spec
 from pydantic import Field
 
 HISTORY_TAG = "alias_history"  # registered-model tag: the last HISTORY_KEEP alias moves, newest last
@@ -41,28 +44,29 @@ def _client() -> Any:
     return mlflow.MlflowClient()
 
 
-def serving_spec(run: Any, version: str, name: str) -> dict[str, Any]:
+def serving_spec(run: Any, version: str, name: str) -> ServingSpec:
     """What the serving layer needs to run this version: base, adapter, quantization, context, chat template."""
-    from fibreflow.eval.models import run_quantization
     from fibreflow.training.config import load_catalogue
     from fibreflow.training.models import load_tokenizer
+    from fibreflow.training.weights import weights
 
     tags, params = run.data.tags, run.data.params
-    entry = load_catalogue().models.get(tags.get("base_model", ""))
-    q = run_quantization(run.info.run_id)
-    return {
-        "registered_model": name,
-        "version": version,
-        "base_model": tags.get("base_model"),
-        "base_model_path": tags.get("base_model_path"),
-        "adapter_uri": f"models:/{name}/{version}",
-        "merged_model_path": tags.get("merged_model_path"),
-        "quantization": q.model_dump() if q else None,
-        "max_context": entry.max_context if entry else None,
-        "max_new_tokens": 128,
-        "chat_template": load_tokenizer(tags["base_model_path"]).chat_template,
-        "dtype": params.get("dtype"),
-    }
+    catalogue = load_catalogue()
+    entry = catalogue.models.get(tags.get("base_model", ""))
+    trained = weights(f"runs:/{run.info.run_id}/adapter")
+    return ServingSpec(
+        registered_model=name,
+        version=version,
+        base_model=tags.get("base_model"),
+        base_model_path=trained.base,
+        adapter_uri=f"models:/{name}/{version}",
+        merged_model_path=tags.get("merged_model_path"),
+        quantization=trained.quantization,
+        max_context=entry.max_context if entry else None,
+        max_new_tokens=catalogue.generation.max_new_tokens,
+        chat_template=load_tokenizer(trained.base).chat_template,
+        dtype=params.get("dtype"),
+    )
 
 
 def register(
@@ -71,11 +75,11 @@ def register(
     """A training run's adapter -> a new version with lineage tags and a serving spec, aliased `@challenger`."""
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
-    from fibreflow.eval.models import RUN_ID, _latest_run
+    from fibreflow.training.weights import RUN_ID, latest_run
 
     cfg = cfg or load_registry_config()
     setup_mlflow(cfg.experiment)
-    run_id = _latest_run() if source == "latest" else source.removeprefix("runs:/").split("/")[0]
+    run_id = latest_run() if source == "latest" else source.removeprefix("runs:/").split("/")[0]
     if not RUN_ID.match(run_id):
         raise RegistryError(f"register: {source!r} is not a training run id, runs:/<id>/adapter or `latest`")
     client = _client()
@@ -91,14 +95,14 @@ def register(
     # a registration interrupted before its tags (the last step) is completed rather than duplicated
     mv = found[0] if found else mlflow.register_model(f"runs:/{run_id}/adapter", cfg.name)
     spec = serving_spec(run, str(mv.version), cfg.name)
-    client.log_dict(run_id, spec, f"serving/spec-v{mv.version}.json")  # with the training run that made the weights
+    spec_uri = write_spec(client, run_id, spec)  # with the training run that made the weights
     tags = {
         "dataset_version": run.data.tags.get("dataset_version", ""),
         "base_model": run.data.tags.get("base_model", ""),
         "config_hash": run.data.tags["config_hash"],
         "git_sha": run.data.tags.get("git_sha", ""),
-        "serving_spec": f"runs:/{run_id}/serving/spec-v{mv.version}.json",
-        "quantization": spec["quantization"]["quant_type"] if spec["quantization"] else "none",
+        SPEC_TAG: spec_uri,
+        "quantization": spec.quantization.quant_type if spec.quantization else "none",
     }
     tags |= {f"metric.{k}": f"{run.data.metrics[k]:.4f}" for k in cfg.headline_metrics if k in run.data.metrics}
     if eval_run_id:
@@ -149,7 +153,6 @@ def promote(
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
     from fibreflow.eval.gates import decide, load_gates
-    from fibreflow.eval.run import diffs_of
     from fibreflow.eval.run import main as evaluate
 
     cfg = cfg or load_registry_config()
@@ -172,23 +175,23 @@ def promote(
         if summary is None:
             models = [against, f"models:/{cfg.name}/{challenger.version}"]
             summary = evaluate(eval_overrides, models=models, progress=False)
-        gate = decide(load_gates(), diffs_of(summary))
-        summary["gate"] = {"passed": gate.passed, "reasons": gate.reasons}
+        gate = decide(load_gates(), summary.diffs())
         passed = gate.passed
         decision = "passed" if passed else ("forced" if force else "refused")
         promoted = passed or force
         mlflow.set_tags({"decision": decision, "challenger_version": str(challenger.version),
                          "champion_version": str(champion.version) if champion else "base",
-                         "eval_run_id": summary["run_id"]} | ({"force_reason": reason} if force else {}))  # fmt: skip
-        mlflow.log_dict(summary["gate"] | {"decision": decision, "reason": reason}, "promotion/decision.json")
+                         "eval_run_id": summary.run_id} | ({"force_reason": reason} if force else {}))  # fmt: skip
+        mlflow.log_dict({"passed": gate.passed, "reasons": gate.reasons, "decision": decision, "reason": reason},
+                        "promotion/decision.json")  # fmt: skip
         client = _client()
         version = str(challenger.version)
         if promoted:
             before = str(champion.version) if champion else ""
             client.set_model_version_tag(cfg.name, version, "previous_champion", before)  # inert until the switch
             client.set_registered_model_alias(cfg.name, "champion", version)  # the one atomic switch
-        record = {"decision": decision, "decision_run_id": run.info.run_id, "eval_run_id": summary["run_id"],
-                  "reasons": " | ".join(summary["gate"]["reasons"])[:4000]}  # fmt: skip
+        record = {"decision": decision, "decision_run_id": run.info.run_id, "eval_run_id": summary.run_id,
+                  "reasons": " | ".join(gate.reasons)[:4000]}  # fmt: skip
         if force:
             record["force_reason"] = reason or ""
         for k, v in record.items():
@@ -200,16 +203,17 @@ def promote(
         "decision": decision,
         "version": version,
         "previous_champion": str(champion.version) if champion else None,
-        "reasons": summary["gate"]["reasons"],
+        "reasons": gate.reasons,
         "decision_run_id": run.info.run_id,
-        "eval_run_id": summary["run_id"],
+        "eval_run_id": summary.run_id,
     }
 
 
-def _same_pair(eval_run_id: str | None, champion: Any | None, challenger: Any) -> dict[str, Any] | None:
+def _same_pair(eval_run_id: str | None, champion: Any | None, challenger: Any) -> EvalSummary | None:
     """The summary of an earlier evaluation of exactly this champion (or the challenger's base) vs the
     challenger's weights, or None."""
     import mlflow
+    from fibreflow.eval.summary import load_summary
 
     if not eval_run_id:
         return None
@@ -225,7 +229,7 @@ def _same_pair(eval_run_id: str | None, champion: Any | None, challenger: Any) -
         ok = tags.get("champion.run_id") == champion.run_id
     if not ok:
         return None
-    return mlflow.artifacts.load_dict(f"runs:/{eval_run_id}/eval/summary.json") | {"run_id": eval_run_id}
+    return load_summary(eval_run_id)
 
 
 def rollback(cfg: RegistryConfig | None = None, reason: str = "") -> dict[str, Any]:

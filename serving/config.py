@@ -15,7 +15,6 @@ class ModelServer(Strict):
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
     max_batch: PositiveInt = 16
     batch_wait_ms: float = Field(5.0, ge=0)
-    max_new_tokens: PositiveInt = 256
     registry_aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"])
 
 
@@ -142,7 +141,6 @@ class FibreflowApi(Strict):
 
     model: str = "fibreflow-assistant"  # the experiment that answers them
     k: PositiveInt = 4  # records retrieved for /ask
-    max_tokens: PositiveInt = 256
 
 
 class Embeddings(Strict):
@@ -212,14 +210,22 @@ class Vllm(Strict):
 
 
 class ServingConfig(Strict):
+    # Not set in serving.yaml: `load_serving_config` takes them from their one source (registry.yaml's `name`,
+    # models.yaml's `generation.max_new_tokens`).
     registered_model: str = "fibreflow-assistant"
+    max_new_tokens: PositiveInt = 128  # answers of requests that name no max_tokens (model server, frontend)
     model_server: ModelServer = ModelServer()
     vllm: Vllm = Vllm()
     router: Router
 
 
 def load_serving_config(overrides: dict[str, Any] | None = None) -> ServingConfig:
-    return load_config(ServingConfig, "serving", overrides)
+    from fibreflow.registry.registry import load_registry_config
+    from fibreflow.training.config import load_catalogue
+
+    derived = {"registered_model": load_registry_config().name}
+    derived["max_new_tokens"] = load_catalogue().generation.max_new_tokens
+    return load_config(ServingConfig, "serving", derived | (overrides or {}))
 
 
 def served_name(registered_model: str, version: str | int) -> str:

@@ -213,7 +213,7 @@ def add_fibreflow_routes(app: FastAPI, router: Router) -> None:
     system = load_data_config().system_prompt
 
     def chat_body(messages: list[dict[str, str]], user: str | None) -> dict[str, Any]:
-        body = {"model": api.model, "messages": messages, "max_tokens": api.max_tokens, "temperature": 0}
+        body = {"model": api.model, "messages": messages, "max_tokens": router.cfg.max_new_tokens, "temperature": 0}
         return body | ({"user": user} if user else {})
 
     @app.post("/v1/fibreflow/ask", summary="A question about FibreFlow data, answered from retrieved records")

@@ -97,11 +97,10 @@ def serve(
         if upstream_url:
             cfg = with_primary(cfg, upstream_url)
         elif backend == "vllm" and dry_run:
-            from fibreflow.eval.config import load_eval_config
-            from fibreflow.eval.models import weights
             from fibreflow.serving.vllm import alias_specs, vllm_command
+            from fibreflow.training.weights import weights
 
-            base = weights(cfg.model_server.model, load_eval_config()).base
+            base = weights(cfg.model_server.model).base
             print(shlex.join(vllm_command(cfg, alias_specs(cfg), base, cfg.vllm.port)))
             return
         elif backend == "vllm":

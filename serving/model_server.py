@@ -14,7 +14,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from fibreflow.eval.models import Weights
 from fibreflow.serving.config import ServingConfig, served_name
 from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling, TooLong, UnknownModel
 from fibreflow.serving.protocol import (
@@ -31,6 +30,7 @@ from fibreflow.serving.protocol import (
     sse,
     usage_chunk,
 )
+from fibreflow.training.weights import Weights, weights
 from pydantic import BaseModel
 
 UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias")  # vLLM has them; this server not
@@ -172,8 +172,6 @@ def registry_adapters(cfg: ServingConfig) -> dict[str, Weights]:
     """Served name -> weights of each configured alias that exists (`fibreflow-assistant-v3` for @champion = v3)."""
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
-    from fibreflow.eval.config import load_eval_config
-    from fibreflow.eval.models import weights
 
     setup_mlflow("fibreflow-serving")
     client, found = mlflow.MlflowClient(), {}
@@ -184,7 +182,7 @@ def registry_adapters(cfg: ServingConfig) -> dict[str, Weights]:
             continue  # not set (yet): nothing to load for it
         name = served_name(cfg.registered_model, mv.version)
         if name not in found:
-            found[name] = weights(f"models:/{cfg.registered_model}/{mv.version}", load_eval_config())
+            found[name] = weights(f"models:/{cfg.registered_model}/{mv.version}")
     return found
 
 
@@ -195,11 +193,10 @@ def build_engine(
     from pathlib import Path
 
     from fibreflow.core.errors import ConfigError
-    from fibreflow.eval.config import load_eval_config
-    from fibreflow.eval.models import folder_quantization, load_local, weights
+    from fibreflow.training.weights import folder_quantization, load_local
 
     ms = cfg.model_server
-    base = weights(model or ms.model, load_eval_config())
+    base = weights(model or ms.model)
     adapters = registry_adapters(cfg) if registry else {}
     for name, path in (loras or {}).items():
         adapters[name] = Weights(base.base, path, {}, folder_quantization(Path(path)))
@@ -237,7 +234,7 @@ def serve_model(
     import uvicorn
 
     engine = build_engine(cfg, model, loras, registry)
-    app = create_model_app(engine, cfg.model_server.max_new_tokens)
+    app = create_model_app(engine, cfg.max_new_tokens)
     try:
         uvicorn.run(app, host=cfg.model_server.host, port=cfg.model_server.port, log_level="warning")
     finally:

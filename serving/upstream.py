@@ -110,10 +110,9 @@ def ensure_adapter(upstream: Upstream, served: str, registered_model: str, versi
 
 def adapter_folder(registered_model: str, version: str) -> str:
     """The registered version's adapter, downloaded from MLflow to a local folder."""
-    from fibreflow.eval.config import load_eval_config
-    from fibreflow.eval.models import weights
+    from fibreflow.training.weights import weights
 
-    w = weights(f"models:/{registered_model}/{version}", load_eval_config())
+    w = weights(f"models:/{registered_model}/{version}")
     assert w.adapter is not None
     return w.adapter
 

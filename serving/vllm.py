@@ -15,19 +15,31 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import ConfigError
+from fibreflow.registry.spec import ServingSpec
 from fibreflow.serving.config import ServingConfig, served_name
 
+MERGED_DIR = "var/serving/merged"  # <served name>-<dtype>: one folder per version, reused once written
 
-def alias_specs(cfg: ServingConfig) -> dict[str, dict[str, Any]]:
-    """Served name -> serving spec (with `adapter_path`, the local adapter folder) of each alias that is set and
-    served as a LoRA module (not in `vllm.merged_aliases`)."""
+
+@dataclass(frozen=True)
+class LoraModule:
+    """A registered version served as a LoRA module: its serving spec and its local adapter folder."""
+
+    spec: ServingSpec
+    path: str
+
+
+def alias_specs(cfg: ServingConfig) -> dict[str, LoraModule]:
+    """Served name -> LoRA module of each alias that is set and served as a LoRA module (not in
+    `vllm.merged_aliases`)."""
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
+    from fibreflow.registry.spec import read_spec
     from fibreflow.serving.upstream import adapter_folder
 
     setup_mlflow("fibreflow-serving")
@@ -42,10 +54,7 @@ def alias_specs(cfg: ServingConfig) -> dict[str, dict[str, Any]]:
         name = served_name(cfg.registered_model, mv.version)
         if name in out:
             continue
-        if "serving_spec" not in mv.tags:
-            raise ConfigError(f"{cfg.registered_model} v{mv.version} has no serving spec: register it again")
-        spec = mlflow.artifacts.load_dict(mv.tags["serving_spec"])
-        out[name] = spec | {"adapter_path": adapter_folder(cfg.registered_model, str(mv.version))}
+        out[name] = LoraModule(read_spec(mv), adapter_folder(cfg.registered_model, str(mv.version)))
     return out
 
 
@@ -77,23 +86,23 @@ def _common(cfg: ServingConfig, model: str, served: str, port: int, max_context:
     return cmd
 
 
-def vllm_command(cfg: ServingConfig, specs: dict[str, dict[str, Any]], base: str, port: int) -> list[str]:
-    """The vLLM server's command line: `base` with the adapters in `specs`, on `port`."""
+def vllm_command(cfg: ServingConfig, modules: dict[str, LoraModule], base: str, port: int) -> list[str]:
+    """The vLLM server's command line: `base` with the LoRA `modules`, on `port`."""
     v = cfg.vllm
-    bases = {Path(s["base_model_path"]).resolve() for s in specs.values()}
+    specs = [m.spec for m in modules.values()]
+    bases = {Path(s.base_model_path).resolve() for s in specs}
     if bases and bases != {Path(base).resolve()}:
         raise ConfigError(f"the adapters were trained on {', '.join(map(str, bases))}, not on {base}")
-    quants = {str(s.get("quantization")) for s in specs.values()}
-    if len(quants) > 1:
+    if len({s.quantization for s in specs}) > 1:
         raise ConfigError("the adapters were trained on differently quantized bases; one vLLM serves one base")
-    contexts = [s["max_context"] for s in specs.values() if s.get("max_context")]
+    contexts = [s.max_context for s in specs if s.max_context]
     cmd = _common(cfg, base, cfg.model_server.model, port, min(contexts) if contexts else None)
-    if any(s.get("quantization") for s in specs.values()):
+    if any(s.quantization for s in specs):
         cmd += ["--quantization", "bitsandbytes"]  # the base as the QLoRA adapters were trained on it
-    if specs or v.always_enable_lora:
+    if modules or v.always_enable_lora:
         cmd += ["--enable-lora", "--max-lora-rank", str(v.max_lora_rank), "--max-loras", str(v.max_loras)]
-    if specs:
-        cmd += ["--lora-modules", *(f"{name}={s['adapter_path']}" for name, s in specs.items())]
+    if modules:
+        cmd += ["--lora-modules", *(f"{name}={m.path}" for name, m in modules.items())]
     return cmd + list(v.extra_args)
 
 
@@ -123,18 +132,17 @@ def launch(cmd: list[str], env: dict[str, str], url: str, timeout_s: float) -> s
 
 def start_vllm(cfg: ServingConfig) -> tuple[subprocess.Popen[bytes], str]:
     """vLLM for the registry's aliases, launched and answering: (process, its OpenAI base URL)."""
-    from fibreflow.eval.config import load_eval_config
-    from fibreflow.eval.models import weights
+    from fibreflow.training.weights import weights
 
     v = cfg.vllm
-    base = weights(cfg.model_server.model, load_eval_config()).base
+    base = weights(cfg.model_server.model).base
     url = f"http://{v.host}:{v.port}/v1"
     cmd = vllm_command(cfg, alias_specs(cfg), base, v.port)
     return launch(cmd, {k: str(val) for k, val in v.env.items()}, url, v.start_timeout_s), url
 
 
 class MergedArms:
-    """One vLLM per alias in `vllm.merged_aliases`, serving that alias's version merged (serving/merge.py). When
+    """One vLLM per alias in `vllm.merged_aliases`, serving that alias's version merged (training/merge.py). When
     the alias moves, a new vLLM with the new version starts on a fresh port; once it answers, the router's
     upstream points at it and the old one stops after `replaced_grace_s` (blue/green, no restart of the router)."""
 
@@ -150,17 +158,16 @@ class MergedArms:
         """The URL serving `version` of `alias` merged (started if needed); None for aliases served as LoRA."""
         import threading
 
-        from fibreflow.eval.config import load_eval_config
-        from fibreflow.eval.models import weights
-        from fibreflow.serving.merge import merge
+        from fibreflow.training.merge import merge
+        from fibreflow.training.weights import weights
 
         if alias not in self.cfg.vllm.merged_aliases:
             return None
         if alias in self.running and self.running[alias][0] == version:
             return self.running[alias][2]
         v, name = self.cfg.vllm, served_name(self.cfg.registered_model, version)
-        w = weights(f"models:/{self.cfg.registered_model}/{version}", load_eval_config())
-        folder = merge(w, name, v.merged_dtype)
+        w = weights(f"models:/{self.cfg.registered_model}/{version}")
+        folder = merge(w, resolve_path(MERGED_DIR) / f"{name}-{v.merged_dtype}", v.merged_dtype)
         port, self._next_port = self._next_port, self._next_port + 1
         url = f"http://{v.host}:{port}/v1"
         cmd = merged_command(self.cfg, folder, name, port, v.max_model_len)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -79,7 +80,7 @@ def pg_url(embedded_admin: str) -> Iterator[str]:
 def _template(admin_url: str, name: str, seed_overrides: dict) -> str:
     """Create database `name`, migrate it and seed it; returns its URL."""
     from fibreflow.core.db import migrate
-    from fibreflow.core.seed import load_seed_config, seed
+    from fibreflow.datasets.seed import load_seed_config, seed
 
     with _admin(admin_url) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -223,7 +224,7 @@ def _train_run(tiny: Path, out: Path, seed: int, steps: int = 0) -> str:
                          "base_model_path": str(tiny), "dataset_version": "v-test"})  # fmt: skip
         mlflow.log_params({"quantization": None, "dtype": "float32"})
         mlflow.log_metrics({"heldout_known_tuned": 0.5, "heldout_known_gain": 0.25})
-        log_adapter(peft.eval(), tok, str(tiny))
+        log_adapter(peft.eval(), tok, str(tiny), None)
     return run.info.run_id
 
 
@@ -261,3 +262,30 @@ def home_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[Path,
 def tiny_home(home_for: Callable[[Path, int], Path], tiny_llama: Path) -> Path:
     """A project home whose catalogue points the default base at the tiny Llama."""
     return home_for(tiny_llama, 1024)
+
+
+@pytest.fixture
+def write_config() -> Callable[..., Path]:
+    return _write_config
+
+
+def _write_config(home: Path, tiny: Path, **sections: dict) -> Path:
+    """A train config for the tiny model: small, fast, every mechanism switched on."""
+    tree: dict = {
+        "model": "smollm2-135m-instruct",
+        "model_path": str(tiny),
+        "dtype": "float32",
+        "quantization": None,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+        "data": {"dataset": "terminology", "max_train_rows": 48, "max_eval_rows": 8},
+        "optim": {"max_steps": 12, "lr": 5e-3, "batch_size": 4, "seq_len": 128, "warmup_ratio": 0.1},
+        "eval": {"every_steps": 4, "early_stopping_patience": None},
+        "checkpoint": {"every_steps": 4, "keep": 5},
+        "heldout": {"known": 4, "unknown": 2, "batch_size": 4, "max_new_tokens": 8},
+        "tracking": {"experiment": "test-train", "system_metrics": False},
+    }
+    for key, value in sections.items():
+        tree[key] = value if not isinstance(value, dict) or not isinstance(tree.get(key), dict) else tree[key] | value
+    path = home / "train.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path

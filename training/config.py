@@ -37,8 +37,17 @@ class ModelEntry(Strict):
         return self
 
 
+class Generation(Strict):
+    """How the served assistant answers unless a request says otherwise (the logged model, the serving spec, the
+    model server's default, the frontend endpoints): one place for the project's answer defaults."""
+
+    max_new_tokens: PositiveInt = 128
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+
+
 class Catalogue(Strict):
     models: dict[str, ModelEntry]
+    generation: Generation = Generation()
 
 
 class Quantization(Strict):

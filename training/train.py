@@ -1,7 +1,8 @@
 """`fibreflow train`: QLoRA supervised fine-tuning of a catalogue model on a built dataset, tracked in MLflow.
 
-config -> data (checked before any model loads) -> base + LoRA -> Trainer -> adapter (+ merged) -> held-out check.
-Runs unchanged under `accelerate launch` / `torchrun` (DDP): only the main process talks to MLflow.
+config -> data (checked before any model loads) -> base + LoRA -> Trainer -> adapter (+ merged) -> after-training
+hooks (the CLI and the pipeline hand in evaluation's held-out check). Runs unchanged under `accelerate launch` /
+`torchrun` (DDP): only the main process talks to MLflow and writes the adapter.
 """
 
 from __future__ import annotations
@@ -10,18 +11,19 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fibreflow.core.config import resolve_path
-from fibreflow.core.errors import ConfigError, DatasetBuildError
+from fibreflow.core.config import atomic_folder, resolve_path
+from fibreflow.core.errors import ConfigError
 from fibreflow.datasets.build import TEST_SET, load_data_config, version_dir
+from fibreflow.datasets.manifest import read_manifest
 from fibreflow.training.config import TrainConfig, load_train_config
 from fibreflow.training.data import Collator, check_examples, count_tokens, prepare
 from fibreflow.training.models import add_lora, load_base, load_tokenizer, resolve_base
-
-QUANTIZATION_FILE = "fibreflow_quantization.json"
+from fibreflow.training.weights import write_quantization
 
 
 def is_main_process() -> bool:
@@ -40,10 +42,10 @@ def load_rows(cfg: TrainConfig) -> tuple[Path, list[dict[str, Any]], list[dict[s
     import pyarrow.parquet as pq
 
     path = version_dir(load_data_config(), cfg.data.version)
-    parts = json.loads((path / "manifest.json").read_text())["datasets"].get(cfg.data.dataset)
-    if parts is None or "train" not in parts:
-        raise DatasetBuildError(f"dataset {path.name} has no {cfg.data.dataset} train split: rebuild it")
-    splits = {s: pq.read_table(path / cfg.data.dataset / v["file"]).to_pylist() for s, v in parts.items()}
+    manifest = read_manifest(path)
+    manifest.split(cfg.data.dataset, "train")  # fails naming the dataset when it has none
+    parts = manifest.datasets[cfg.data.dataset]
+    splits = {s: pq.read_table(path / cfg.data.dataset / v.file).to_pylist() for s, v in parts.items()}
     train = splits["train"]
     rng = random.Random(cfg.optim.seed)
     if "validation" in splits:
@@ -159,6 +161,21 @@ def system_prompt(rows: list[dict[str, Any]]) -> str | None:
 
 
 @dataclass
+class Trained:
+    """What an after-training hook gets: the trained model (adapter on), its tokenizer, the config, the
+    dataset's held-out test set and the system prompt it was trained with."""
+
+    cfg: TrainConfig
+    model: Any
+    tok: Any
+    test_set: Path
+    system: str | None
+
+
+AfterTraining = Callable[[Trained], dict[str, Any]]  # runs under the training's MLflow run; its result is merged
+
+
+@dataclass
 class Prepared:
     base: str
     tok: Any
@@ -176,8 +193,10 @@ def main(
     progress: bool = True,
     callbacks: list[Any] | None = None,
     tags: dict[str, str] | None = None,
+    after: Sequence[AfterTraining] = (),
 ) -> dict[str, Any]:
-    """Train; `callbacks` (extra TrainerCallbacks) and `tags` (MLflow) are for callers such as `tune`."""
+    """Train; `callbacks` (extra TrainerCallbacks) and `tags` (MLflow) are for callers such as `tune`; `after`
+    hooks run on the main process once the adapter is written and logged."""
     cfg = load_train_config(config, overrides)
     out = run_dir(cfg)
     data_path, train_rows, eval_rows = load_rows(cfg)  # fails here, before any weights load
@@ -199,7 +218,7 @@ def main(
             import mlflow
 
             mlflow.set_tags(tags or {})
-        result = _fit(cfg, out, prep, checkpoint, run, progress, callbacks or [])
+        result = _fit(cfg, out, prep, checkpoint, run, progress, callbacks or [], after)
     except BaseException as exc:
         if run is not None:
             import mlflow
@@ -228,7 +247,14 @@ def _checkpoint(out: Path, resume: bool) -> Path | None:
 
 
 def _fit(
-    cfg: TrainConfig, out: Path, prep: Prepared, checkpoint: Path | None, run: Any, progress: bool, extra: list[Any]
+    cfg: TrainConfig,
+    out: Path,
+    prep: Prepared,
+    checkpoint: Path | None,
+    run: Any,
+    progress: bool,
+    extra: list[Any],
+    after: Sequence[AfterTraining],
 ) -> dict[str, Any]:
     import math
 
@@ -269,12 +295,19 @@ def _fit(
     }
     if not trainer.is_world_process_zero():
         return result
-    adapter = out / "adapter"
-    shutil.rmtree(adapter, ignore_errors=True)
-    trainer.model.save_pretrained(adapter)
-    prep.tok.save_pretrained(adapter)
-    # a QLoRA adapter is only right on the base quantized as in training: say how, next to the weights
-    quantization = cfg.quantization.model_dump() if cfg.quantization else None
-    (adapter / QUANTIZATION_FILE).write_text(json.dumps({"quantization": quantization}))
-    result["adapter"] = str(adapter)
-    return result | finish(cfg, trainer.model, prep.tok, prep.base, out, prep.data_path / TEST_SET, prep.system)
+    result["adapter"] = str(save_adapter(trainer.model, prep.tok, cfg, out / "adapter"))
+    result |= finish(cfg, trainer.model, prep.tok, prep.base, out)
+    trained = Trained(cfg, trainer.model, prep.tok, prep.data_path / TEST_SET, prep.system)
+    for hook in after:
+        result |= hook(trained)
+    return result
+
+
+def save_adapter(model: Any, tok: Any, cfg: TrainConfig, dest: Path) -> Path:
+    """The adapter, its tokenizer and its quantization record (a QLoRA adapter is only right on the base
+    quantized as in training) into `dest`: written to a temp folder and swapped in, never half-written."""
+    with atomic_folder(dest) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_quantization(tmp, cfg.quantization)
+    return dest

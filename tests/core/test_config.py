@@ -5,10 +5,10 @@ import yaml
 from fibreflow.core.config import load_config, parse_overrides
 from fibreflow.core.db import DbConfig
 from fibreflow.core.errors import ConfigError
-from fibreflow.core.seed import SeedConfig
 from fibreflow.core.tracking import TrackingConfig
 from fibreflow.datasets.build import DataConfig
 from fibreflow.datasets.embed import EmbedConfig
+from fibreflow.datasets.seed import SeedConfig
 from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.gates import GatesConfig
 from fibreflow.registry.registry import RegistryConfig

@@ -9,26 +9,27 @@ import pytest
 from fibreflow.core import db
 from fibreflow.core.errors import DatasetBuildError, SchemaMissing
 from fibreflow.datasets import build
+from fibreflow.datasets.manifest import read_manifest
 
 pytestmark = pytest.mark.integration
 
 
-def _build(url: str, out: Path, **overrides) -> dict:
+def _build(url: str, out: Path, **overrides) -> Path:
     cfg = build.load_data_config({"output_dir": str(out), **overrides})
     with db.connect(url) as conn:
         return build.build(conn, cfg, progress=False)
 
 
-def _rows(manifest: dict, name: str, split: str) -> list[dict]:
+def _rows(path: Path, name: str, split: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(Path(manifest["path"]) / name / f"{split}.parquet").to_pylist()
+    return pq.read_table(path / name / f"{split}.parquet").to_pylist()
 
 
 def test_grounded_qa_is_split_by_project(seeded_url: str, tmp_path: Path) -> None:
     m = _build(seeded_url, tmp_path, **{"grounded_qa.test_fraction": 0.5})
     train, test = _rows(m, "grounded_qa", "train"), _rows(m, "grounded_qa", "test")
-    test_projects = set(m["grounded_qa_test_projects"])
+    test_projects = set(read_manifest(m).grounded_qa_test_projects)
     assert train and test and test_projects == {r["project_id"] for r in test}
     train_text = json.dumps(train)
     for pid in test_projects:
@@ -61,8 +62,8 @@ def test_answers_are_computed_in_sql(seeded_url: str, tmp_path: Path) -> None:
 
 def test_accuracy_test_set_format(seeded_url: str, tmp_path: Path) -> None:
     m = _build(seeded_url, tmp_path)
-    lines = (Path(m["path"]) / "accuracy_test.jsonl").read_text().splitlines()
-    assert len(lines) == m["accuracy_test_set"]["rows"] > 0
+    lines = (m / "accuracy_test.jsonl").read_text().splitlines()
+    assert len(lines) == read_manifest(m).accuracy_test_set.rows > 0
     kinds = set()
     for line in lines:
         row = json.loads(line)
@@ -76,12 +77,12 @@ def test_accuracy_test_set_format(seeded_url: str, tmp_path: Path) -> None:
 
 def test_same_state_same_version_and_change_moves_it(seeded_url: str, tmp_path: Path) -> None:
     a, b = _build(seeded_url, tmp_path / "a"), _build(seeded_url, tmp_path / "b", cursor_rows=7)
-    assert a["version"] == b["version"]  # fetch size and place do not change the content
-    assert (tmp_path / "a" / "LATEST").read_text().strip() == a["version"]
+    assert a.name == b.name == read_manifest(a).version  # fetch size and place do not change the content
+    assert (tmp_path / "a" / "LATEST").read_text().strip() == a.name
     with db.connect(seeded_url) as conn:
         conn.execute("UPDATE boq_items SET rate_zar = rate_zar + 1 WHERE id = (SELECT min(id) FROM boq_items)")
-    assert _build(seeded_url, tmp_path / "a")["version"] != a["version"]
-    assert _build(seeded_url, tmp_path / "a", **{"grounded_qa.split_salt": "other"})["version"] != a["version"]
+    assert _build(seeded_url, tmp_path / "a").name != a.name
+    assert _build(seeded_url, tmp_path / "a", **{"grounded_qa.split_salt": "other"}).name != a.name
 
 
 def test_empty_tables_fail_clearly_and_write_nothing(pg_url: str, tmp_path: Path) -> None:
@@ -142,23 +143,23 @@ def test_database_lost_mid_build_leaves_nothing(seeded_url: str, tmp_path: Path)
 
 
 def test_builds_on_plain_postgres_by_url(pg15_url: str, tmp_path: Path) -> None:
-    from fibreflow.core.seed import load_seed_config, seed
+    from fibreflow.datasets.seed import load_seed_config, seed
 
     with db.connect(pg15_url) as conn:
         db.migrate(conn)
         seed(conn, load_seed_config({"scale": 1, "projects_per_scale": 2, "seed": 7}), progress=False)
-    m = _build(pg15_url, tmp_path)
-    assert m["datasets"]["grounded_qa"]["test"]["rows"] > 0
-    assert m["database"]["server_version"].startswith("15")
+    m = read_manifest(_build(pg15_url, tmp_path))
+    assert m.split("grounded_qa", "test").rows > 0
+    assert m.database.server_version.startswith("15")
 
 
 def test_same_data_same_version_on_both_servers(seeded_url: str, pg15_url: str, tmp_path: Path) -> None:
-    from fibreflow.core.seed import load_seed_config, seed
+    from fibreflow.datasets.seed import load_seed_config, seed
 
     with db.connect(pg15_url) as conn:
         db.migrate(conn)
         seed(conn, load_seed_config({"scale": 1, "projects_per_scale": 2, "seed": 7}), progress=False)
-    assert _build(pg15_url, tmp_path / "a")["version"] == _build(seeded_url, tmp_path / "b")["version"]
+    assert _build(pg15_url, tmp_path / "a").name == _build(seeded_url, tmp_path / "b").name
 
 
 def test_logged_as_mlflow_inputs_under_an_active_run(seeded_url: str, tmp_path: Path) -> None:
@@ -166,9 +167,10 @@ def test_logged_as_mlflow_inputs_under_an_active_run(seeded_url: str, tmp_path: 
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = mlflow.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
-    m = _build(seeded_url, tmp_path / "data")
+    path = _build(seeded_url, tmp_path / "data")
+    m = read_manifest(path)
     with mlflow.start_run(experiment_id=exp) as run:
-        build.log_to_mlflow(Path(m["path"]))
+        build.log_to_mlflow(path)
     got = mlflow.get_run(run.info.run_id)
     names = {d.dataset.name for d in got.inputs.dataset_inputs}
     assert names == {
@@ -178,14 +180,14 @@ def test_logged_as_mlflow_inputs_under_an_active_run(seeded_url: str, tmp_path: 
         "fibreflow-grounded_qa-train",
         "fibreflow-grounded_qa-test",
     }
-    assert got.data.tags["dataset_version"] == m["version"]
+    assert got.data.tags["dataset_version"] == m.version
     digests = {d.dataset.name: d.dataset.digest for d in got.inputs.dataset_inputs}
-    assert digests["fibreflow-terminology-train"] == m["datasets"]["terminology"]["train"]["sha256"][:16]
+    assert digests["fibreflow-terminology-train"] == m.split("terminology", "train").sha256[:16]
 
 
 def test_loads_back_as_hf_datasets(seeded_url: str, tmp_path: Path) -> None:
-    m = _build(seeded_url, tmp_path)
-    ds = build.load_datasets(Path(m["path"]))
+    path = _build(seeded_url, tmp_path)
+    ds = build.load_datasets(path)
     assert set(ds["terminology"]) == {"train", "validation", "test"}
-    assert ds["terminology"]["train"].num_rows == m["datasets"]["terminology"]["train"]["rows"]
+    assert ds["terminology"]["train"].num_rows == read_manifest(path).split("terminology", "train").rows
     assert ds["grounded_qa"]["test"][0]["messages"][-1]["role"] == "assistant"

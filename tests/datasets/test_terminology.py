@@ -1,9 +1,9 @@
 """Terminology split by phrasing: pure-function tests on the shipped config and glossary."""
 
 from fibreflow.core.config import load_config
-from fibreflow.core.seed import glossary_terms
 from fibreflow.datasets import terminology as term
 from fibreflow.datasets.build import DataConfig
+from fibreflow.datasets.seed import glossary_terms
 
 CFG = load_config(DataConfig, "data")
 GLOSSARY = sorted(glossary_terms(), key=lambda t: t["term"])

@@ -1,4 +1,4 @@
-"""Model specs resolve to the exact weights named: run ids, runs:/ and models:/ URIs, folders; bad specs are named."""
+"""Eval model specs: every weight spec, endpoints and vLLM; bad specs say what is wrong."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fibreflow.core.errors import ConfigError
 from fibreflow.eval.config import load_eval_config
-from fibreflow.eval.models import generator, identify, load_local, weights
+from fibreflow.eval.models import generator, identify
 
 
 @pytest.fixture
@@ -18,60 +18,6 @@ def store(project_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     return uri
-
-
-def _adapter(tiny: Path, out: Path):
-    """A LoRA adapter on the tiny Llama with non-zero B (so it changes the logits), saved to `out`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    tok = AutoTokenizer.from_pretrained(tiny)
-    peft.save_pretrained(out)
-    tok.save_pretrained(out)
-    return peft.eval(), tok
-
-
-def _logits(model, tok):
-    import torch
-
-    ids = tok("Fusion splicing joins fibres", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-@pytest.mark.integration
-def test_every_spec_form_loads_the_same_adapter(tiny_llama: Path, tmp_path: Path, store: str) -> None:
-    import mlflow
-    import torch
-    from fibreflow.training.publish import log_adapter
-
-    peft, tok = _adapter(tiny_llama, tmp_path / "adapter")
-    want = _logits(peft, tok)
-    mlflow.set_experiment("fibreflow-train")
-    with mlflow.start_run() as run:
-        mlflow.set_tags({"config_hash": "abc", "base_model": "smollm2-135m-instruct"})
-        info = log_adapter(peft, tok, str(tiny_llama))
-    mlflow.register_model(info.model_uri, "fibreflow-assistant")
-    mlflow.MlflowClient().set_registered_model_alias("fibreflow-assistant", "challenger", "1")
-
-    cfg = load_eval_config()
-    rid = run.info.run_id
-    specs = [rid, f"runs:/{rid}/adapter", "latest", "models:/fibreflow-assistant@challenger",
-             "models:/fibreflow-assistant/1", str(tmp_path / "adapter")]  # fmt: skip
-    for spec in specs:
-        w = weights(spec, cfg)
-        assert Path(w.base) == tiny_llama and w.adapter, spec
-        model, tok2 = load_local(w, "float32")
-        assert torch.allclose(_logits(model, tok2), want, atol=1e-5), spec
-    registered = weights("models:/fibreflow-assistant@challenger", cfg).identity
-    assert registered | {"registered_model": "fibreflow-assistant", "version": "1", "run_id": rid} == registered
-    assert weights(rid, cfg).identity["run_id"] == rid
-    # a full model folder is the model itself
-    assert weights(str(tiny_llama), cfg).adapter is None
 
 
 @pytest.mark.parametrize(
@@ -91,35 +37,21 @@ def test_bad_specs_say_what_is_wrong(spec: str, message: str, store: str, projec
 
 
 @pytest.mark.integration
-def test_a_qlora_adapter_is_loaded_on_the_base_quantized_as_in_training(
-    tiny_llama: Path, tmp_path: Path, store: str
-) -> None:
-    """The 4-bit settings come from the training run's params (MLflow) or the adapter folder's file."""
-    import json
-
+def test_a_qlora_run_is_identified_and_generated_4bit(tiny_llama: Path, store: str) -> None:
     import mlflow
-    from bitsandbytes.nn import Linear4bit
+    import torch
     from fibreflow.training.publish import log_adapter
-    from fibreflow.training.train import QUANTIZATION_FILE
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    peft, tok = _adapter(tiny_llama, tmp_path / "adapter")
+    torch.manual_seed(1)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
     nf4 = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
            "quant_storage": "bfloat16"}  # fmt: skip
     mlflow.set_experiment("fibreflow-train")
     with mlflow.start_run() as run:
-        mlflow.log_params({f"quantization.{k}": v for k, v in nf4.items()})
-        log_adapter(peft, tok, str(tiny_llama))
-    with mlflow.start_run() as plain_run:
-        mlflow.log_params({"quantization": None})
-        log_adapter(peft, tok, str(tiny_llama))
-    (tmp_path / "adapter" / QUANTIZATION_FILE).write_text(json.dumps({"quantization": nf4}))
-
+        log_adapter(peft.eval(), AutoTokenizer.from_pretrained(tiny_llama), str(tiny_llama), nf4)
     cfg = load_eval_config()
-    for spec in (run.info.run_id, str(tmp_path / "adapter")):
-        w = weights(spec, cfg)
-        assert w.quantization is not None and w.quantization.quant_type == "nf4", spec
-        model, _ = load_local(w, "float32")
-        assert any(isinstance(mod, Linear4bit) for mod in model.modules()), spec
-    assert weights(plain_run.info.run_id, cfg).quantization is None
-    assert identify(run.info.run_id, cfg)["quantization"] == "nf4"
+    assert identify(run.info.run_id, cfg) | {"kind": "run", "quantization": "nf4"} == identify(run.info.run_id, cfg)
     assert generator(run.info.run_id, cfg).settings["quantized_4bit"] is True

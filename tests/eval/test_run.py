@@ -25,11 +25,12 @@ def _artifact(run_id: str, path: str) -> Path:
 def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Path, random_adapter: Path) -> None:
     import mlflow
     from fibreflow.eval.run import main
+    from fibreflow.eval.summary import load_summary
 
     out = main(SMALL, models=[str(tiny_llama), str(random_adapter)], progress=False)
 
-    assert out["samples"] == 12 and out["grounded_samples"] == 4
-    assert set(out["scores"]) == {"champion", "challenger"}
+    assert out.samples == 12 and out.grounded_samples == 4
+    assert set(out.scores) == {"champion", "challenger"}
     for name in (
         "accuracy",
         "terminology_accuracy",
@@ -37,22 +38,26 @@ def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Pa
         "grounded_accuracy",
         "semantic_similarity",
     ):
-        assert name in out["diff"], name
-        d = out["diff"][name]
-        assert d["ci_low"] <= d["diff"] <= d["ci_high"]
-    assert out["diff"]["grounded_accuracy"]["n"] == 4 and out["diff"]["unknown_term_refusal"]["n"] == 2
-    assert 0 <= out["retrieval"]["context_recall"] <= 1
-    assert out["gate"]["reasons"] and isinstance(out["gate"]["passed"], bool)
+        assert name in out.diff, name
+        d = out.diff[name]
+        assert d.ci_low <= d.diff <= d.ci_high
+    assert out.diff["grounded_accuracy"].n == 4 and out.diff["unknown_term_refusal"].n == 2
+    assert 0 <= out.retrieval["context_recall"] <= 1
+    assert out.gate is not None and out.gate.reasons and isinstance(out.gate.passed, bool)
 
-    run = mlflow.get_run(out["run_id"])
+    run = mlflow.get_run(out.run_id)
     assert run.data.tags["champion.kind"] == "model_folder" and run.data.tags["challenger.kind"] == "adapter_folder"
     assert run.data.tags["gate"] in ("passed", "failed")
     assert run.data.params["challenger.gen.max_new_tokens"] == "12"
     assert run.data.params["challenger.gen.backend"] == "local"
-    assert {"champion.accuracy", "diff.accuracy.ci_low", "challenger.samples_per_s", "retrieval.context_recall"} <= set(
-        run.data.metrics
-    )
-    table = json.loads(_artifact(out["run_id"], "eval/samples.json").read_text())
+    # each model's scores under its own name, whatever its role: a model's score forms one series across runs
+    champ, chall = out.labels["champion"], out.labels["challenger"]
+    assert champ.startswith("folder-") and chall.startswith("folder-") and champ != chall
+    assert {f"model.{champ}.accuracy", "diff.accuracy.ci_low", f"model.{chall}.samples_per_s",
+            "retrieval.context_recall"} <= set(run.data.metrics)  # fmt: skip
+    assert run.data.metrics[f"model.{chall}.accuracy"] == out.scores["challenger"]["accuracy"]
+    assert load_summary(out.run_id) == out  # the logged summary reads back as what was returned
+    table = json.loads(_artifact(out.run_id, "eval/samples.json").read_text())
     columns = table["columns"]
     rows = [dict(zip(columns, r, strict=True)) for r in table["data"]]
     assert len(rows) == 12
@@ -62,7 +67,7 @@ def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Pa
     grounded = [r for r in rows if "grounded_qa" in r["tags"]]
     assert all(json.loads(r["retrieved"]) for r in grounded)  # records were retrieved for every grounded question
     assert all(r["champion_unknown_term_refusal"] is None for r in grounded)  # not in that group: None, not 0
-    assert _artifact(out["run_id"], "eval/comparison.png").stat().st_size > 10_000
+    assert _artifact(out.run_id, "eval/comparison.png").stat().st_size > 10_000
 
 
 @pytest.mark.integration
@@ -99,15 +104,15 @@ def test_the_bundled_model_beats_a_random_one(eval_home: Path, tiny_llama: Path)
 
     overrides = SMALL | {"generation.max_new_tokens": 32, "rag.mode": "given"}
     out = main(overrides, models=[str(tiny_llama), "base"], progress=False)
-    assert out["identity"]["challenger"]["kind"] == "base"
-    sim = out["diff"]["semantic_similarity"]
-    assert sim["ci_low"] > 0.1, sim  # real sentences about the question vs random tokens
-    assert out["scores"]["challenger"]["rouge_l"] > out["scores"]["champion"]["rouge_l"]
-    assert out["gate"]["passed"] is False  # a base model does not clear the accuracy minimum
+    assert out.identity["challenger"]["kind"] == "base" and out.labels["challenger"] == "base-smollm2-135m-instruct"
+    sim = out.diff["semantic_similarity"]
+    assert sim.ci_low > 0.1, sim  # real sentences about the question vs random tokens
+    assert out.scores["challenger"]["rouge_l"] > out.scores["champion"]["rouge_l"]
+    assert out.gate is not None and out.gate.passed is False  # a base model does not clear the accuracy minimum
 
 
 def test_a_bad_test_set_fails_naming_line_and_field(project_tmp: Path, tmp_path: Path) -> None:
-    from fibreflow.core.cli import app
+    from fibreflow.cli.main import app
     from typer.testing import CliRunner
 
     bad = tmp_path / "bad.jsonl"

@@ -50,8 +50,8 @@ def test_the_built_accuracy_set_loads(seeded_url: str, tmp_path: Path) -> None:
 
     cfg = build.load_data_config({"output_dir": str(tmp_path)})
     with db.connect(seeded_url) as conn:
-        manifest = build.build(conn, cfg, progress=False)
-    samples = load_test_set(Path(manifest["path"]) / "accuracy_test.jsonl")
+        path = build.build(conn, cfg, progress=False)
+    samples = load_test_set(path / "accuracy_test.jsonl")
     assert {s.kind for s in samples} >= {"open", "contains", "numeric"}
     for s in samples:
         assert score(s, s.reference) == 1.0 or (s.kind == "open" and s.keywords is None), s.id

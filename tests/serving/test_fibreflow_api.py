@@ -18,7 +18,7 @@ from serving_helpers import config, metric
 @pytest.fixture
 def api(embedded_url: str, tiny_engine: Any, run_app: Any, project_tmp: Path) -> str:
     upstream = run_app(create_model_app(tiny_engine, default_max_tokens=8))
-    cfg = config(upstream, fibreflow={"model": "assistant", "k": 3, "max_tokens": 8})
+    cfg = config(upstream, fibreflow={"model": "assistant", "k": 3}).model_copy(update={"max_new_tokens": 8})
     return run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
 
 

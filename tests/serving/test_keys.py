@@ -165,7 +165,7 @@ def test_keys_cli_and_prompt_logging(
 ) -> None:
     import json
 
-    from fibreflow.core.cli import app
+    from fibreflow.cli.main import app
     from typer.testing import CliRunner
 
     monkeypatch.setenv("DATABASE_URL", keys_db)

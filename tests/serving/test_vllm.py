@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 from fibreflow.serving.config import load_serving_config
-from fibreflow.serving.vllm import alias_specs, vllm_command
+from fibreflow.serving.vllm import LoraModule, alias_specs, vllm_command
+from fibreflow.training.config import Quantization
 
 
 @pytest.mark.integration
@@ -16,7 +17,7 @@ def test_the_command_serves_every_alias_as_a_lora_module(
     tiny_home: Path, tiny_llama: Path, tmp_path: Path, train_run: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
-    from fibreflow.core.cli import app
+    from fibreflow.cli.main import app
     from fibreflow.registry.registry import register
     from typer.testing import CliRunner
 
@@ -52,7 +53,8 @@ def test_the_command_serves_every_alias_as_a_lora_module(
     assert [m.split("=")[0] for m in modules] == [f"fibreflow-assistant-v{v1}", f"fibreflow-assistant-v{v2}"]
     assert all((Path(m.split("=")[1]) / "adapter_config.json").is_file() for m in modules)
     assert "--quantization" not in cmd  # these adapters were trained on an unquantized base
-    qlora = {k: s | {"quantization": {"load_in_4bit": True}} for k, s in specs.items()}
+    nf4 = Quantization(load_in_4bit=True)
+    qlora = {k: LoraModule(m.spec.model_copy(update={"quantization": nf4}), m.path) for k, m in specs.items()}
     assert "bitsandbytes" in vllm_command(cfg, qlora, str(tiny_llama), 8002)
     with pytest.raises(Exception, match="not on /elsewhere"):
         vllm_command(cfg, specs, "/elsewhere", 8002)

@@ -36,7 +36,7 @@ def test_ddp_on_two_cpu_processes(train_home: Path, tiny_llama: Path, write_conf
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "fibreflow.core.cli", "train", "--config", str(config),
+        "-m", "fibreflow.cli.main", "train", "--config", str(config),
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

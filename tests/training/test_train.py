@@ -28,11 +28,12 @@ def _logits(model: torch.nn.Module, tok_dir: Path) -> torch.Tensor:
 
 def test_train_logs_everything_and_the_adapter_loads_back(train_home: Path, tiny_llama: Path, write_config) -> None:
     import mlflow
+    from fibreflow.eval.heldout import check
     from fibreflow.training.train import main
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = main(write_config(train_home, tiny_llama, merge=True), progress=False)
+    result = main(write_config(train_home, tiny_llama, merge=True), progress=False, after=[check])
     assert result["global_step"] == 12
     run = mlflow.MlflowClient().get_run(result["run_id"])
     assert run.info.status == "FINISHED"
@@ -103,7 +104,7 @@ def test_killed_run_resumes_to_the_same_end(train_home: Path, tiny_llama: Path, 
     straight = main(config, {"output_dir": "var/straight"}, progress=False)
 
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "fibreflow.core.cli", "train", "--config", str(config), "--set", "output_dir=var/cut"]
+    cmd = [sys.executable, "-m", "fibreflow.cli.main", "train", "--config", str(config), "--set", "output_dir=var/cut"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cut_dir = train_home / "var/cut"
     deadline = time.monotonic() + 300

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from fibreflow.core import db
 from fibreflow.core.errors import ConfigError
-from fibreflow.core.seed import glossary_terms, load_seed_config, make_project, seed
+from fibreflow.datasets.seed import glossary_terms, load_seed_config, make_project, seed
 
 pytestmark = pytest.mark.integration
 SMALL = {"scale": 1, "projects_per_scale": 2, "seed": 7}
@@ -107,7 +107,7 @@ def test_seed_refuses_unmigrated_db_and_writes_nothing(pg_url: str) -> None:
 
 
 def test_failed_seed_rolls_back(seeded_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fibreflow.core.seed as seed_mod
+    import fibreflow.datasets.seed as seed_mod
 
     def broken(*args, **kwargs):
         yield (

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fibreflow.core.db import migrate, open_db
-from fibreflow.core.seed import load_seed_config, seed
+from fibreflow.datasets.seed import load_seed_config, seed
 
 EXPERIMENT = "fibreflow-pipeline"
 
@@ -37,6 +37,7 @@ def train_step(config: str | None, overrides: dict[str, Any] | None, progress: b
     """The finished training run of this config hash on this dataset version, or a new one."""
     from fibreflow.core.tracking import newest_finished_run
     from fibreflow.datasets.build import load_data_config, version_dir
+    from fibreflow.eval.heldout import check
     from fibreflow.training.config import default_train_config, load_train_config
     from fibreflow.training.train import main as train
 
@@ -47,7 +48,7 @@ def train_step(config: str | None, overrides: dict[str, Any] | None, progress: b
     if found is not None:
         metrics = {k: v for k, v in found.data.metrics.items() if k.startswith("heldout_")}
         return {"reused": True, "run_id": found.info.run_id, "model": cfg.model, "heldout": metrics}
-    return {"reused": False, "model": cfg.model} | train(path, overrides, progress=progress)
+    return {"reused": False, "model": cfg.model} | train(path, overrides, progress=progress, after=[check])
 
 
 def _child(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -90,8 +91,8 @@ def main(
         evaluated = steps["evaluate"] = evaluate(
             overrides, models=["base", trained["run_id"]], progress=progress, reuse=True
         )
-        steps["register"] = register(trained["run_id"], eval_run_id=evaluated["run_id"])
-        steps["promote"] = promote(eval_run_id=evaluated["run_id"], eval_overrides=eval_overrides)
+        steps["register"] = register(trained["run_id"], eval_run_id=evaluated.run_id)
+        steps["promote"] = promote(eval_run_id=evaluated.run_id, eval_overrides=eval_overrides)
         steps["wall_s"] = round(time.perf_counter() - t0, 1)
         steps["report"] = report(steps)
         mlflow.log_metric("wall_s", steps["wall_s"])
@@ -108,14 +109,12 @@ def report(steps: dict[str, Any]) -> str:
         f"- data: dataset {steps['build_dataset']['version']}, seed {'reused' if steps['seed']['reused'] else 'new'}"
     )
     lines.append(f"- train: run {t['run_id']} ({'reused' if t['reused'] else 'trained now'})")
-    how = "reused" if e["reused"] else "run " + e["run_id"]
-    lines.append(f"- evaluate: base vs fine-tuned on {e['samples']} questions ({how})")
-    for k, d in e.get("diff", {}).items():
+    how = "reused" if e.reused else f"run {e.run_id}"
+    lines.append(f"- evaluate: base vs fine-tuned on {e.samples} questions ({how})")
+    for k, d in e.diff.items():
         if k in ("accuracy", "terminology_accuracy", "unknown_term_refusal", "semantic_similarity"):
-            a, b = e["scores"]["champion"][k], e["scores"]["challenger"][k]
-            lines.append(
-                f"    {k}: {a:.3f} -> {b:.3f} ({d['diff']:+.3f}, 95% CI {d['ci_low']:+.3f} .. {d['ci_high']:+.3f})"
-            )
+            a, b = e.scores["champion"][k], e.scores["challenger"][k]
+            lines.append(f"    {k}: {a:.3f} -> {b:.3f} ({d.diff:+.3f}, 95% CI {d.ci_low:+.3f} .. {d.ci_high:+.3f})")
     lines.append(f"- register: {r['name']} v{r['version']}{' (already registered)' if r['reused'] else ''}")
     verdict = {"passed": "PROMOTED: gate passed", "forced": "PROMOTED (forced)", "refused": "NOT promoted: gate failed",
                "unchanged": "already @champion"}[p["decision"]]  # fmt: skip

@@ -47,7 +47,7 @@ def small_home(tmp_path: Path, tiny_llama: Path, pg_url: str, monkeypatch: pytes
 @pytest.mark.slow
 def test_main_job_runs_whole_then_reuses_everything(small_home: Path, tiny_llama: Path, write_config) -> None:
     import mlflow
-    from fibreflow.core.pipeline import main
+    from fibreflow.cli.pipeline import main
 
     config = write_config(
         small_home, tiny_llama, heldout={"known": 4, "unknown": 2, "batch_size": 4, "max_new_tokens": 8}
@@ -58,7 +58,7 @@ def test_main_job_runs_whole_then_reuses_everything(small_home: Path, tiny_llama
 
     first = main(train_config=str(config), progress=False)
     assert first["seed"]["reused"] is False and first["train"]["reused"] is False
-    assert first["evaluate"]["reused"] is False and first["register"] == first["register"] | {
+    assert first["evaluate"].reused is False and first["register"] == first["register"] | {
         "version": "1",
         "reused": False,
     }
@@ -70,9 +70,9 @@ def test_main_job_runs_whole_then_reuses_everything(small_home: Path, tiny_llama
     assert {"seed", "build_dataset", "embed", "train", "eval", "promote"} <= names, names
 
     second = main(train_config=str(config), progress=False)
-    assert second["seed"]["reused"] and second["train"]["reused"] and second["evaluate"]["reused"]
+    assert second["seed"]["reused"] and second["train"]["reused"] and second["evaluate"].reused
     assert second["train"]["run_id"] == first["train"]["run_id"]
-    assert second["evaluate"]["run_id"] == first["evaluate"]["run_id"]
+    assert second["evaluate"].run_id == first["evaluate"].run_id
     assert second["register"]["reused"] and second["register"]["version"] == "1"
     assert second["embed"]["embedded"] == 0  # nothing changed, nothing re-embedded
     trained = mlflow.search_runs(

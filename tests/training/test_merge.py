@@ -11,9 +11,9 @@ import torch
 
 @pytest.mark.integration
 def test_a_merged_qlora_adapter_answers_as_the_adapter_on_its_4bit_base(tiny_llama: Path, project_tmp: Path) -> None:
-    from fibreflow.eval.models import Weights, load_local
-    from fibreflow.serving.merge import merge
     from fibreflow.training.config import Quantization
+    from fibreflow.training.merge import merge
+    from fibreflow.training.weights import Weights, load_local
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -29,13 +29,15 @@ def test_a_merged_qlora_adapter_answers_as_the_adapter_on_its_4bit_base(tiny_lla
     with torch.no_grad():
         as_trained = load_local(w, "float32")[0](ids).logits
         on_full_precision = load_local(Weights(str(tiny_llama), str(adapter)), "float32")[0](ids).logits
-        folder = merge(w, "tiny-v1")
+        folder = merge(w, project_tmp / "merged/tiny-v1")
         merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
-    assert folder == project_tmp / "var/serving/merged/tiny-v1-float32"
     # the adapter on its NF4 base, in one set of weights (bitsandbytes' CPU kernels round in bf16: ~3e-3 apart),
     # far closer than the adapter on the full-precision base, which is what a naive merge would have served
     faithful, naive = (merged - as_trained).abs().max(), (on_full_precision - as_trained).abs().max()
     assert faithful < 1e-2 and faithful < naive / 10  # measured: 0.003 vs 0.096
-    assert merge(w, "tiny-v1") == folder  # reused, not merged again
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert merge(w, folder) == folder and (folder / "config.json").stat().st_mtime_ns == stamp  # reused
+    merge(w, folder, reuse=False)  # replaced whole: no temp or old folder left beside it
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny-v1"]
     with pytest.raises(ValueError, match="no adapter"):
-        merge(Weights(str(tiny_llama)), "tiny-base")
+        merge(Weights(str(tiny_llama)), project_tmp / "merged/tiny-base")

@@ -11,7 +11,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -227,7 +227,7 @@ def load_seed_config(overrides: dict[str, Any] | None = None) -> SeedConfig:
 
 def glossary_terms() -> list[dict[str, Any]]:
     """The demo glossary shipped with the package (186 FibreFlow terms)."""
-    text = resources.files("fibreflow.core").joinpath("demo/glossary.yaml").read_text()
+    text = (Path(__file__).with_name("demo") / "glossary.yaml").read_text()
     return yaml.safe_load(text)["terms"]
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from fibreflow.core.errors import FibreFlowError
+from pydantic import BaseModel
 
 app = typer.Typer(help="FibreFlow LLMOps: data -> fine-tune -> evaluate -> register -> serve.", no_args_is_help=True)
 db_app = typer.Typer(help="The FibreFlow database: embedded server, migrations, demo data.", no_args_is_help=True)
@@ -46,7 +47,10 @@ def _overrides(items: list[str] | None, **flags: Any) -> dict[str, Any]:
 
 
 def _print(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    def plain(o: Any) -> Any:
+        return o.model_dump(mode="json") if isinstance(o, BaseModel) else str(o)
+
+    typer.echo(json.dumps(obj, indent=2, default=plain))
 
 
 @db_app.command("up")
@@ -111,8 +115,8 @@ def db_seed(
 ) -> None:
     """Replace the data with deterministic demo FibreFlow data (COPY, one transaction)."""
     from fibreflow.core.db import open_db
-    from fibreflow.core.seed import load_seed_config
-    from fibreflow.core.seed import seed as run_seed
+    from fibreflow.datasets.seed import load_seed_config
+    from fibreflow.datasets.seed import seed as run_seed
 
     cfg = load_seed_config(_overrides(set_, scale=scale, seed=seed))
     with open_db() as conn:
@@ -151,11 +155,12 @@ def train(
     merge: Annotated[bool, typer.Option(help="Also write a merged (LoRA folded in) model for serving.")] = False,
 ) -> None:
     """QLoRA fine-tune a catalogue model on a built dataset (MLflow-tracked; works under accelerate/torchrun)."""
+    from fibreflow.eval.heldout import check
     from fibreflow.training.config import default_train_config
     from fibreflow.training.train import main
 
     overrides = _overrides(set_) | ({"merge": True} if merge else {})
-    _print(main(config or default_train_config(), overrides, resume=resume))
+    _print(main(config or default_train_config(), overrides, resume=resume, after=[check]))
 
 
 @app.command("tune")
@@ -235,7 +240,7 @@ def main_job(
 ) -> None:
     """The whole pipeline on embedded defaults: demo data -> datasets -> embeddings -> fine-tune -> evaluate ->
     register -> promote (one MLflow parent run; unchanged steps are reused)."""
-    from fibreflow.core.pipeline import main
+    from fibreflow.cli.pipeline import main
 
     steps = main(
         scale, train_config=train_config, train_overrides=_overrides(train_set), eval_overrides=_overrides(eval_set)
