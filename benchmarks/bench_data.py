@@ -197,7 +197,7 @@ def bench_retrieval(admin: str, real: np.ndarray, n_queries: int) -> None:
             " ('bench_vec', %s, %s, %s)",
             (spec.name, spec.revision, spec.dim),
         )
-        r = Retriever(conn, embedder, "bench_vec", ef_search=64)
+        r = Retriever(embedder, "bench_vec", ef_search=64)
         rand = random.Random(0)
         cases = {
             "no filter": lambda: Filters(),
@@ -212,7 +212,7 @@ def bench_retrieval(admin: str, real: np.ndarray, n_queries: int) -> None:
             for i in range(n_queries):
                 f, q = make(), qvecs[i % len(qvecs)]
                 t = time.perf_counter()
-                r.search_vector(q, 5, f)
+                r.search_vector(conn, q, 5, f)
                 lat.append((time.perf_counter() - t) * 1000)
             p50, p99 = statistics.median(lat), float(np.percentile(lat, 99))
             if name == "no filter":  # baseline: exact scan without the index
@@ -220,7 +220,7 @@ def bench_retrieval(admin: str, real: np.ndarray, n_queries: int) -> None:
                 exact = []
                 for i in range(max(10, n_queries // 10)):
                     t = time.perf_counter()
-                    r.search_vector(qvecs[i % len(qvecs)], 5)
+                    r.search_vector(conn, qvecs[i % len(qvecs)], 5)
                     exact.append((time.perf_counter() - t) * 1000)
                 conn.execute("SET enable_indexscan = on")
                 base = f"exact scan p50 {statistics.median(exact):.1f} ms"

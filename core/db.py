@@ -84,14 +84,28 @@ def _uses_transaction_pooler(url: str) -> bool:
     return ":6543" in url or "pooler.supabase.com" in url
 
 
+def _connect_kwargs(url: str, autocommit: bool, timeout_s: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"autocommit": autocommit, "connect_timeout": timeout_s}
+    if _uses_transaction_pooler(url):
+        kwargs["prepare_threshold"] = None
+    return kwargs
+
+
+def connection_pool(url: str, *, max_size: int = 4, timeout_s: int = 5) -> Any:
+    """A small pool (psycopg_pool) for long-running services: each connection is checked before it is handed out,
+    so after a database restart the next user gets a fresh one; autocommit, as `connect`."""
+    from psycopg_pool import ConnectionPool
+
+    return ConnectionPool(url, min_size=1, max_size=max_size, kwargs=_connect_kwargs(url, True, timeout_s),
+                          check=ConnectionPool.check_connection, open=True)  # fmt: skip
+
+
 def connect(url: str, *, autocommit: bool = True, timeout_s: int = 10) -> psycopg.Connection:
     """Open a connection, turning connection failures into an actionable `DatabaseUnreachable`.
 
     Autocommit by default: atomic work goes in explicit `conn.transaction()` blocks.
     """
-    kwargs: dict[str, Any] = {"autocommit": autocommit, "connect_timeout": timeout_s}
-    if _uses_transaction_pooler(url):
-        kwargs["prepare_threshold"] = None
+    kwargs = _connect_kwargs(url, autocommit, timeout_s)
     try:
         return psycopg.connect(url, **kwargs)
     except psycopg.OperationalError as exc:

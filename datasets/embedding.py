@@ -51,6 +51,11 @@ class Embedder:
         self.batch_size = batch_size
         self.spec = EmbeddingSpec(name, revision, int(self._model.get_embedding_dimension()))
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for `texts` (its own tokenizer, truncated at its maximum length as in encode)."""
+        enc = self._model.tokenizer(texts, truncation=True, max_length=self._model.get_max_seq_length())
+        return sum(len(ids) for ids in enc["input_ids"])
+
     def encode(self, texts: list[str]) -> np.ndarray:
         return self._model.encode(
             texts,

@@ -1,4 +1,9 @@
-"""Top-k retrieval from pgvector with metadata filters, built from bound parameters only."""
+"""Top-k retrieval from pgvector with metadata filters, built from bound parameters only.
+
+A `Retriever` holds no connection: each search takes one (a pooled one in the router), and its session settings
+are `SET LOCAL` inside the search's own transaction, so it is safe behind a transaction pooler (Supabase :6543)
+and on a connection that was replaced after a database restart.
+"""
 
 from __future__ import annotations
 
@@ -51,26 +56,33 @@ class Hit:
 
 
 class Retriever:
-    """Embeds the query with the same model that built the table (checked once) and searches HNSW."""
+    """Embeds the query with the same model that built the table (checked on first use) and searches HNSW."""
 
-    def __init__(self, conn: psycopg.Connection, embedder: Embedder, table: str, ef_search: int = 64) -> None:
-        register_vector(conn)
-        check_space(conn, table, embedder.spec)
-        self.conn, self.embedder, self.table = conn, embedder, table
-        # Filtered HNSW scans keep searching until k rows pass the filter (pgvector >= 0.8).
-        conn.execute(sql.SQL("SET hnsw.iterative_scan = strict_order"))
-        conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(ef_search)))
+    def __init__(self, embedder: Embedder, table: str, ef_search: int = 64) -> None:
+        self.embedder, self.table, self.ef_search = embedder, table, ef_search
+        self._checked = False
 
-    def search(self, query: str, k: int = 5, filters: Filters | None = None) -> list[Hit]:
-        return self.search_vector(self.embedder.encode([query])[0], k, filters)
+    def search(self, conn: psycopg.Connection, query: str, k: int = 5, filters: Filters | None = None) -> list[Hit]:
+        return self.search_vector(conn, self.embedder.encode([query])[0], k, filters)
 
-    def search_vector(self, vector: Any, k: int = 5, filters: Filters | None = None) -> list[Hit]:
+    def search_vector(
+        self, conn: psycopg.Connection, vector: Any, k: int = 5, filters: Filters | None = None
+    ) -> list[Hit]:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if conn.adapters.types.get("vector") is None:
+            register_vector(conn)
+        if not self._checked:
+            check_space(conn, self.table, self.embedder.spec)
+            self._checked = True
         where, params = (filters or Filters()).where()
         query = sql.SQL(
             "SELECT record_id, record_type, project_id, content, 1 - (embedding <=> %s) AS score"
             " FROM {} {} ORDER BY embedding <=> %s LIMIT %s"
         ).format(sql.Identifier(self.table), where)
-        rows = self.conn.execute(query, [vector, *params, vector, k]).fetchall()
+        with conn.transaction():
+            # Filtered HNSW scans keep searching until k rows pass the filter (pgvector >= 0.8).
+            conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(self.ef_search)))
+            rows = conn.execute(query, [vector, *params, vector, k]).fetchall()
         return [Hit(r[0], r[1], r[2], r[3], float(r[4])) for r in rows]

@@ -58,9 +58,9 @@ def _retrieve(samples: list[Sample], k: int, database_url: str | None) -> dict[s
     embedder = Embedder(embed_cfg.model, embed_cfg.batch_size)
     vectors = embedder.encode([s.question for s in samples])
     with connect(database_url or configured_url(db_cfg), timeout_s=db_cfg.connect_timeout_s) as conn:
-        retriever = Retriever(conn, embedder, embed_cfg.table, embed_cfg.ef_search)
+        retriever = Retriever(embedder, embed_cfg.table, embed_cfg.ef_search)
         out = {}
         for s, v in zip(samples, vectors, strict=True):
-            hits = retriever.search_vector(v, k, s.filters.to_filters())
+            hits = retriever.search_vector(conn, v, k, s.filters.to_filters())
             out[s.id] = ([h.record_id for h in hits], [h.content for h in hits])
     return out

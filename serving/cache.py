@@ -40,8 +40,8 @@ def last_user_text(body: dict[str, Any]) -> str:
 
 
 class Backend(Protocol):
-    async def get(self, key: str) -> bytes | None: ...
-    async def set(self, key: str, value: bytes, ttl_s: int) -> None: ...
+    async def get_many(self, keys: list[str]) -> list[bytes | None]: ...
+    async def set_many(self, items: dict[str, bytes], ttl_s: int) -> None: ...
 
 
 class Memory:
@@ -51,7 +51,10 @@ class Memory:
         self.max_entries = max_entries
         self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
-    async def get(self, key: str) -> bytes | None:
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self._get(k) for k in keys]
+
+    def _get(self, key: str) -> bytes | None:
         item = self._items.get(key)
         if item is None:
             return None
@@ -61,9 +64,10 @@ class Memory:
         self._items.move_to_end(key)
         return item[1]
 
-    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        self._items[key] = (time.monotonic() + ttl_s, value)
-        self._items.move_to_end(key)
+    async def set_many(self, items: dict[str, bytes], ttl_s: int) -> None:
+        for key, value in items.items():
+            self._items[key] = (time.monotonic() + ttl_s, value)
+            self._items.move_to_end(key)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
 
@@ -75,11 +79,16 @@ class Redis:
         self.timeout_s = timeout_s
         self._r = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
-    async def get(self, key: str) -> bytes | None:
-        return await asyncio.wait_for(self._r.get(key), self.timeout_s)
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """One round trip however many keys (MGET)."""
+        return await asyncio.wait_for(self._r.mget(keys), self.timeout_s)
 
-    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        await asyncio.wait_for(self._r.set(key, value, ex=ttl_s), self.timeout_s)
+    async def set_many(self, items: dict[str, bytes], ttl_s: int) -> None:
+        """One round trip however many items (a pipeline of SET ... EX)."""
+        pipe = self._r.pipeline(transaction=False)
+        for key, value in items.items():
+            pipe.set(key, value, ex=ttl_s)
+        await asyncio.wait_for(pipe.execute(), self.timeout_s)
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -96,7 +105,7 @@ class ResponseCache:
         """(pattern name, TTL seconds) for this request; TTL 0 = not cached. `pattern` names it directly."""
         if not self.cfg.enabled or body.get("stream"):
             return "none", 0
-        if float(body.get("temperature", 1.0) or 0.0) > 0 and not self.cfg.cache_sampled:
+        if body.get("temperature", 1.0) > 0 and not self.cfg.cache_sampled:  # a number: the request was validated
             return "sampled", 0
         if pattern is not None:
             return pattern, next((ttl for name, _, ttl in self._patterns if name == pattern), self.cfg.default_ttl_s)
@@ -116,11 +125,11 @@ class ResponseCache:
         raw = orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)
         return "ff:cache:" + hashlib.sha256(version.encode() + b"\x00" + raw).hexdigest()
 
-    async def get(self, key: str) -> bytes | None:
-        return await self.backend.get(key)
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return await self.backend.get_many(keys)
 
-    async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        await self.backend.set(key, value, ttl_s)
+    async def set_many(self, items: dict[str, bytes], ttl_s: int) -> None:
+        await self.backend.set_many(items, ttl_s)
 
     async def close(self) -> None:
         if isinstance(self.backend, Redis):

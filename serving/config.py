@@ -16,16 +16,18 @@ class ModelServer(Strict):
     max_batch: PositiveInt = 16
     batch_wait_ms: float = Field(5.0, ge=0)
     registry_aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"])
+    api_key_env: str | None = "FIBREFLOW_UPSTREAM_KEY"  # the variable holding the shared upstream token
 
 
 class Upstream(Strict):
     """An OpenAI-compatible server (this project's model server, vLLM): base URL ending in /v1."""
 
     url: str
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)  # a whole non-streamed answer
+    stream_read_timeout_s: float = Field(30.0, gt=0)  # the longest wait for a stream's next chunk
     connect_timeout_s: float = Field(3.0, gt=0)
     max_connections: PositiveInt = 100
-    api_key_env: str | None = None
+    api_key_env: str | None = None  # the variable holding the upstream's shared token (vLLM's --api-key)
 
 
 class Arm(Strict):
@@ -84,6 +86,9 @@ class Cache(Strict):
 class Auth(Strict):
     required: bool = True  # every /v1 call needs `Authorization: Bearer ffk_...` (`fibreflow keys create`)
     cache_s: float = Field(10.0, gt=0)  # a key's row is re-read this often: a revoked key stops within cache_s
+    stale_s: float = Field(300.0, ge=0)  # database down: a record read this recently is still honoured
+    unknown_lookups_per_s: PositiveInt = 20  # database reads for never-seen key ids, all ids together
+    unknown_cache_size: PositiveInt = 10_000  # unknown ids remembered (for cache_s), apart from the real keys
 
 
 class Limits(Strict):
@@ -152,9 +157,13 @@ class Embeddings(Strict):
 class Router(Strict):
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: PositiveInt = 1_000_000
+    max_body_bytes: PositiveInt = 1_000_000  # every route: refused from Content-Length, counted while reading
     alias_poll_s: float = Field(5.0, gt=0)
-    arm_header: str = "x-fibreflow-arm"  # forces an arm (QA)
+    experiments_poll_s: float = Field(5.0, gt=0)  # admin-API changes made on another router are seen this soon
+    arm_header: str = "x-fibreflow-arm"  # forces an arm (keys with the qa or admin scope)
+    docs: bool = False  # serve /docs and /openapi.json
+    metrics_listen: str | None = None  # "host:port": /metrics there without a key (else a metrics-scope key)
+    shadow_concurrency: PositiveInt = 8  # shadow copies in flight at most; more are dropped (counted)
     upstreams: dict[str, Upstream]
     experiments: list[Experiment] = Field(default_factory=list)
     cache: Cache = Cache()

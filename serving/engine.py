@@ -3,8 +3,9 @@
 Requests queue up; a worker thread takes up to `max_batch` of them that share sampling settings (waiting at most
 `batch_wait_ms` for company) and runs one `generate` over them, each row with its own adapter (peft's mixed-batch
 LoRA: `adapter_names`), its own token budget and stop strings. Tokens go back to each request as they are
-produced, so streaming and batching work together. Adapters are loaded and unloaded at run time, like vLLM's
-`/v1/load_lora_adapter`.
+produced, so streaming and batching work together. A request whose client went away is cancelled: it is
+dropped from the queue, or its row stops (and the batch's `generate` with it once every row has stopped).
+Adapters are loaded and unloaded at run time, like vLLM's `/v1/load_lora_adapter`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     sent: str = ""
     done: bool = False
+    cancelled: bool = False  # the client went away: stop generating for it
 
     def emit(self, item: str | Finished | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -83,7 +85,9 @@ class _Rows:
             self.prompt_seen = True
             return
         for req, token in zip(self.reqs, value.view(-1).tolist(), strict=True):
-            if not req.done:
+            if req.cancelled:
+                req.done = True
+            elif not req.done:
                 self._advance(req, token)
 
     def end(self) -> None:
@@ -117,7 +121,7 @@ class _Rows:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # StoppingCriteria: per-row done
         import torch
 
-        return torch.tensor([r.done for r in self.reqs], device=input_ids.device)
+        return torch.tensor([r.done or r.cancelled for r in self.reqs], device=input_ids.device)
 
 
 class Engine:
@@ -143,6 +147,7 @@ class Engine:
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
         self.batches = 0  # batches run (and rows in them): how much batching happened
         self.rows = 0
+        self.tokens = 0  # tokens generated
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -209,13 +214,17 @@ class Engine:
         out: asyncio.Queue[str | Finished | BaseException] = asyncio.Queue()
         req = _Request(ids, adapter, max_tokens, sampling, tuple(s for s in stop if s), asyncio.get_running_loop(), out)
         self._queue.put(req)
-        while True:
-            item = await out.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, Finished):
-                return
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            if not req.done:  # the caller stopped listening (client gone, cancelled): stop generating for it
+                req.cancelled = True
 
     async def complete(
         self, model: str, ids: list[int], max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
@@ -235,6 +244,8 @@ class Engine:
 
     def _take(self) -> list[_Request] | None:
         first = self._queue.get()
+        while first is not None and first.cancelled:  # left before its turn: nothing to generate
+            first = self._queue.get()
         if first is None:
             return None
         batch, deadline, held = [first], time.monotonic() + self.batch_wait_s, []
@@ -246,7 +257,8 @@ class Engine:
             if nxt is None:
                 held.append(None)
                 break
-            (batch if nxt.sampling == first.sampling else held).append(nxt)
+            if not nxt.cancelled:
+                (batch if nxt.sampling == first.sampling else held).append(nxt)
         for r in held:  # other sampling settings wait for the next batch, in order
             self._queue.put(r)
         return batch
@@ -263,12 +275,18 @@ class Engine:
                         req.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
     def _generate(self, batch: list[_Request]) -> None:
+        self.batches += 1
+        self.rows += len(batch)
+        try:
+            self._run_generate(batch)
+        finally:
+            self.tokens += sum(len(r.generated) for r in batch)
+
+    def _run_generate(self, batch: list[_Request]) -> None:
         import torch
         from peft import PeftModel
         from transformers import StoppingCriteriaList
 
-        self.batches += 1
-        self.rows += len(batch)
         pad = self.tok.pad_token_id
         width = max(len(r.ids) for r in batch)
         ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in batch], device=self.model.device)

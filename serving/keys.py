@@ -2,7 +2,8 @@
 rotation (the old key lives on for an overlap window) and revocation.
 
 The router checks keys through `KeyCache`: a key's row is read at most once per `cache_s` seconds, so a revoked
-or expired key stops working within `cache_s` and the hot path almost never waits on the database.
+or expired key stops working within `cache_s` and the hot path almost never waits on the database; a database
+outage is bridged with the last good records.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from fibreflow.core.errors import FibreFlowError
+from fibreflow.serving.config import Auth
+from fibreflow.serving.protocol import ApiError
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 PREFIX = "ffk_"
-SCOPES = ("chat", "admin")
+SCOPES = ("chat", "admin", "qa", "metrics")  # qa: force an arm, run regressions; metrics: scrape /metrics
 
 
 class ApiKeyError(FibreFlowError):
@@ -151,36 +156,83 @@ def listing(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 
 class KeyCache:
-    """Key id -> record, read from Postgres at most once per `cache_s` per key (unknown ids too)."""
+    """Key id -> record for the router, without a lock and without the database on the hot path.
 
-    def __init__(self, database_url: str, cache_s: float) -> None:
-        self.url, self.cache_s = database_url, cache_s
-        self._rows: dict[str, tuple[float, KeyRecord | None]] = {}
-        self._conn: psycopg.AsyncConnection | None = None
-        self._lock = asyncio.Lock()
+    A record is re-read at most once per `cache_s` (a revoked key stops within that bound), one read per id at a
+    time however many requests wait for it. While the database is unreachable, a record read within `stale_s`
+    is still served; without one the answer is 503 (never a 500). Unknown ids are remembered in a bounded LRU of
+    their own, so a flood of random keys evicts no real one; ids never seen reach the database at most
+    `unknown_lookups_per_s` times a second in all, so that flood cannot load the database either.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, cfg: Auth) -> None:
+        self.pool, self.cfg = pool, cfg
+        self._known: dict[str, tuple[float, KeyRecord]] = {}  # id -> (read at, record)
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> remembered until
+        self._reading: dict[str, asyncio.Task[KeyRecord | None]] = {}
+        self._budget, self._refilled = float(cfg.unknown_lookups_per_s), time.monotonic()
+        self._down_until = 0.0  # after a failed read, do not wait on the database again before this
         self.reads = 0  # database reads so far (how often the cache missed)
+        self.stale_served = 0
 
     async def lookup(self, kid: str) -> KeyRecord | None:
-        found = self._rows.get(kid)
-        if found is not None and found[0] > time.monotonic():
-            return found[1]
-        async with self._lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5)
-            cur = await self._conn.execute(f"SELECT {COLUMNS} FROM api_keys WHERE id = %s", (kid,))
-            row = await cur.fetchone()
-        self.reads += 1
-        record = _record(row) if row else None
-        self._rows[kid] = (time.monotonic() + self.cache_s, record)
-        if len(self._rows) > 100_000:  # unknown ids must not grow memory without bound
-            self._rows.clear()
+        now = time.monotonic()
+        known = self._known.get(kid)
+        if known is not None and now - known[0] < self.cfg.cache_s:
+            return known[1]
+        if known is None and self._unknown.get(kid, 0.0) > now:
+            return None
+        if known is None and kid not in self._reading and not self._take_budget(now):
+            raise ApiError(503, "too many lookups of unknown API keys right now; retry shortly",
+                           headers={"Retry-After": "1"})  # fmt: skip
+        try:
+            if now < self._down_until:
+                raise psycopg.OperationalError("the database failed moments ago")
+            task = self._reading.get(kid)
+            if task is None:
+                task = self._reading[kid] = asyncio.ensure_future(self._read(kid))
+                task.add_done_callback(lambda _: self._reading.pop(kid, None))
+            record = await asyncio.shield(task)
+        except (psycopg.Error, PoolTimeout) as exc:
+            self._down_until = time.monotonic() + 1.0
+            if known is not None and now - known[0] < self.cfg.stale_s:
+                self.stale_served += 1
+                return known[1]
+            raise ApiError(503, f"the API key database is unreachable ({type(exc).__name__}); retry shortly",
+                           headers={"Retry-After": "2"}) from None  # fmt: skip
         return record
 
-    async def authenticate(self, header: str, scope: str, call: Any) -> KeyRecord:
-        """The record of the key in an `Authorization: Bearer` header, or an ApiError (401/403) saying why not.
-        `call.key_id` is set as soon as the key is known (the audit row names it even when refused)."""
-        from fibreflow.serving.protocol import ApiError
+    def _take_budget(self, now: float) -> bool:
+        rate = float(self.cfg.unknown_lookups_per_s)
+        self._budget = min(rate, self._budget + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._budget < 1:
+            return False
+        self._budget -= 1
+        return True
 
+    async def _read(self, kid: str) -> KeyRecord | None:
+        async with self.pool.connection(timeout=3) as conn:
+            cur = await conn.execute(f"SELECT {COLUMNS} FROM api_keys WHERE id = %s", (kid,))
+            row = await cur.fetchone()
+        self.reads += 1
+        now = time.monotonic()
+        if row is None:
+            self._known.pop(kid, None)
+            self._unknown[kid] = now + self.cfg.cache_s
+            self._unknown.move_to_end(kid)
+            while len(self._unknown) > self.cfg.unknown_cache_size:
+                self._unknown.popitem(last=False)
+            return None
+        record = _record(row)
+        self._known[kid] = (now, record)
+        self._unknown.pop(kid, None)
+        return record
+
+    async def authenticate(self, header: str, scopes: tuple[str, ...], call: Any) -> KeyRecord:
+        """The record of the key in an `Authorization: Bearer` header, or an ApiError (401/403/503) saying why not.
+        The key must hold one of `scopes` (none given: any valid key). `call.key_id` is set as soon as the key is
+        known (the audit row names it even when refused)."""
         if not header.startswith("Bearer "):
             raise ApiError(401, "missing API key: send `Authorization: Bearer ffk_...` (`fibreflow keys create`)")
         parts = split(header[7:].strip())
@@ -192,10 +244,10 @@ class KeyCache:
         call.key_id = record.id
         if (why := record.problem(dt.datetime.now(dt.UTC))) is not None:
             raise ApiError(401, why)
-        if scope not in record.scopes:
-            raise ApiError(403, f"this API key lacks the {scope} scope")
+        if scopes and not set(scopes) & set(record.scopes):
+            raise ApiError(403, f"this API key lacks the {' or '.join(scopes)} scope")
         return record
 
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
+        for task in list(self._reading.values()):
+            task.cancel()

@@ -84,6 +84,18 @@ def prepare_vllm(cfg: ServingConfig) -> tuple[ServingConfig, subprocess.Popen[by
     return with_primary(cfg.model_copy(update={"router": router}), url), proc, merged
 
 
+def upstream_token(cfg: ServingConfig) -> None:
+    """The shared token between the router and the upstream it starts: taken from the environment (the variable
+    `model_server.api_key_env` names), or made now; the started upstream inherits it (vLLM as VLLM_API_KEY)."""
+    import os
+    import secrets
+
+    var = cfg.model_server.api_key_env
+    if var:
+        os.environ.setdefault(var, secrets.token_urlsafe(32))
+        os.environ["VLLM_API_KEY"] = os.environ[var]
+
+
 def serve(
     cfg: ServingConfig, backend: Backend = "local", upstream_url: str | None = None, dry_run: bool = False
 ) -> None:
@@ -104,9 +116,11 @@ def serve(
             print(shlex.join(vllm_command(cfg, alias_specs(cfg), base, cfg.vllm.port)))
             return
         elif backend == "vllm":
+            upstream_token(cfg)
             cfg, child, merged = prepare_vllm(cfg)
             hook = merged.serve
         elif backend == "local":
+            upstream_token(cfg)
             child, url = start_local(cfg)
             cfg = with_primary(cfg, url)
         resolve_path("var/serving").mkdir(parents=True, exist_ok=True)

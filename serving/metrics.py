@@ -54,3 +54,21 @@ class Metrics:
         )
         self.limiter_errors = Gauge(p + "limiter_sync_errors", "Failed exchanges with the limits' Redis", registry=r)
         self.alias_moves = Counter(p + "alias_moves", "Registry alias moves picked up", ["alias"], registry=r)
+        self.alias_read_errors = Counter(
+            p + "alias_read_errors", "Registry reads that failed (the arms keep their last known version)", registry=r
+        )
+        self.audit_rows = Counter(
+            p + "audit_rows", "Audit rows by outcome (written, dropped_invalid, dropped_overflow)", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.audit_pending = Gauge(p + "audit_rows_pending", "Audit rows waiting to be written", registry=r)
+        self.breaker_open = Gauge(
+            p + "breaker_open", "1 while an upstream model's circuit breaker is open", ["upstream", "model"], registry=r
+        )
+        self.keys_stale = Gauge(
+            p + "keys_stale_served", "Keys honoured from their last good record while the database was down",
+            registry=r,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            p + "shadow_dropped", "Shadow copies not sent: too many already in flight", ["arm"], registry=r
+        )

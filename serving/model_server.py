@@ -4,62 +4,101 @@ One base model and several LoRA adapters (like vLLM's `--lora-modules`), batchin
 (serving/engine.py), `/v1/chat/completions`, `/v1/completions` (both with SSE streaming and usage counts),
 `/v1/models`, and vLLM's runtime adapter endpoints `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`, so the
 router drives this server and vLLM the same way.
+
+Like vLLM with `--api-key`, every /v1 route needs the shared upstream token (`Authorization: Bearer ...`) when one
+is set; adapters are loaded at run time only from the project's artifact store (`var/models/artifacts`, where
+registered versions are downloaded), never from any folder a caller names. A client that goes away stops its
+generation; input that cannot be served gets a 400 naming the field, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from fibreflow.serving.config import ServingConfig, served_name
 from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling, TooLong, UnknownModel
 from fibreflow.serving.protocol import (
     SSE_DONE,
     ApiError,
     ChatRequest,
+    ClientGone,
+    ClosingStreamingResponse,
     CompletionRequest,
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
+    error_response,
     install_error_handlers,
     new_id,
     sse,
+    unless_client_goes,
     usage_chunk,
 )
 from fibreflow.training.weights import Weights, weights
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias")  # vLLM has them; this server not
 
 
 class LoadAdapter(BaseModel):
-    lora_name: str
-    lora_path: str
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=200)
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
 class UnloadAdapter(BaseModel):
-    lora_name: str
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=200)
 
 
 def _refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
-    extra = req.model_extra or {}
+    fields = req.model_dump(exclude_unset=True) | (req.model_extra or {})
     if req.n != 1:
         raise ApiError(400, "n > 1 is not supported by the local model server", param="n")
     for key in UNSUPPORTED:
-        if extra.get(key) not in (None, False, [], {}):
+        if fields.get(key) not in (None, False, [], {}):
             raise ApiError(400, f"{key} is not supported by the local model server (vLLM supports it)", param=key)
-    fmt = extra.get("response_format")
-    if fmt and fmt.get("type") != "text":
+    if req.response_format is not None and req.response_format.type != "text":
         raise ApiError(400, "response_format other than text needs vLLM", param="response_format")
+    for i, m in enumerate(getattr(req, "messages", [])):
+        if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
+            raise ApiError(400, "only text content parts: this is a text model", param=f"messages.{i}.content")
 
 
-def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
+class TokenCheck:
+    """Every /v1 route needs the shared upstream token (as vLLM's --api-key); /health does not."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await error_response(ApiError(401, "this upstream needs its token (Authorization: Bearer ...)"))(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def create_model_app(
+    engine: Engine, default_max_tokens: int = 256, *, token: str | None = None, adapter_roots: tuple[Path, ...] = ()
+) -> FastAPI:
+    """The app around `engine`; with `token`, /v1 needs it; adapters load at run time only from `adapter_roots`."""
     app = FastAPI(title="FibreFlow local model server", version="1")
     install_error_handlers(app)
+    if token:
+        app.add_middleware(TokenCheck, token=token)
+    roots = tuple(r.resolve() for r in adapter_roots)
 
     def budget(req: ChatRequest | CompletionRequest, ids: list[int]) -> int:
         asked = req.max_completion_tokens or req.max_tokens
@@ -91,6 +130,9 @@ def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: LoadAdapter) -> dict[str, str]:
+        if not any(Path(body.lora_path).resolve().is_relative_to(r) for r in roots):
+            allowed = ", ".join(map(str, roots)) or "none (runtime loading is off)"
+            raise ApiError(403, f"adapters load only from the artifact store ({allowed})", param="lora_path")
         try:
             await asyncio.to_thread(engine.load_adapter, body.lora_name, body.lora_path)
         except EngineError as exc:
@@ -107,6 +149,7 @@ def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
 
     async def serve(
         req: ChatRequest | CompletionRequest,
+        request: Request,
         ids: list[int],
         rid: str,
         obj: str,
@@ -122,7 +165,11 @@ def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
         except TooLong as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
         if not req.stream:
-            text, fin = await engine.complete(req.model, ids, max_tokens, sampling(req), req.stops)
+            generation = engine.complete(req.model, ids, max_tokens, sampling(req), req.stops)
+            try:
+                text, fin = await unless_client_goes(request.receive, generation)
+            except ClientGone:
+                return Response(status_code=499)
             return JSONResponse(whole(rid, req.model, text, fin.reason, fin.prompt_tokens, fin.completion_tokens))
 
         async def events() -> AsyncIterator[bytes]:
@@ -136,10 +183,10 @@ def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
                     yield sse(chunk(item, None, False))
             yield SSE_DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return ClosingStreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> Any:
+    async def chat(req: ChatRequest, request: Request) -> Any:
         try:
             ids = engine.chat_ids([{"role": m.role, "content": m.text()} for m in req.messages])
         except EngineError as exc:
@@ -150,10 +197,10 @@ def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             return chat_chunk(rid, req.model, delta, finish)
 
-        return await serve(req, ids, rid, "chat.completion.chunk", chunk, chat_response)
+        return await serve(req, request, ids, rid, "chat.completion.chunk", chunk, chat_response)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, request: Request) -> Any:
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
                 raise ApiError(400, "one prompt per request on the local model server", param="prompt")
@@ -163,7 +210,8 @@ def create_model_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
         def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
             return completion_chunk(rid, req.model, text, finish)
 
-        return await serve(req, engine.text_ids(req.prompt), rid, "text_completion", chunk, completion_response)
+        ids = engine.text_ids(req.prompt)
+        return await serve(req, request, ids, rid, "text_completion", chunk, completion_response)
 
     return app
 
@@ -190,8 +238,6 @@ def build_engine(
     cfg: ServingConfig, model: str | None = None, loras: dict[str, str] | None = None, registry: bool = True
 ) -> Engine:
     """The base (as the adapters were trained on it: 4-bit for QLoRA) with every adapter loaded."""
-    from pathlib import Path
-
     from fibreflow.core.errors import ConfigError
     from fibreflow.training.weights import folder_quantization, load_local
 
@@ -232,9 +278,13 @@ def serve_model(
 ) -> None:
     """Load, then serve until interrupted (uvicorn)."""
     import uvicorn
+    from fibreflow.core.config import resolve_path
+    from fibreflow.training.weights import ARTIFACTS_DIR
 
     engine = build_engine(cfg, model, loras, registry)
-    app = create_model_app(engine, cfg.max_new_tokens)
+    ms = cfg.model_server
+    token = os.environ.get(ms.api_key_env) if ms.api_key_env else None
+    app = create_model_app(engine, cfg.max_new_tokens, token=token, adapter_roots=(resolve_path(ARTIFACTS_DIR),))
     try:
         uvicorn.run(app, host=cfg.model_server.host, port=cfg.model_server.port, log_level="warning")
     finally:

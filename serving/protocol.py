@@ -6,17 +6,20 @@ LangChain raise their usual exceptions with our message.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+T = TypeVar("T")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -24,6 +27,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_exceeded",
+    499: "client_closed_request",
     500: "server_error",
     502: "upstream_error",
     503: "service_unavailable",
@@ -58,6 +62,15 @@ def error_response(exc: ApiError) -> JSONResponse:
     )
 
 
+def invalid_request(exc: ValidationError | RequestValidationError) -> ApiError:
+    """A 400 naming the first field at fault (`messages.0.content`), as OpenAI does."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "body")
+    if first["type"] == "json_invalid":
+        return ApiError(400, "request body is not valid JSON")
+    return ApiError(400, f"{loc}: {first['msg']}" if loc else first["msg"], param=loc or None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves in OpenAI's shape: ours, FastAPI's validation errors (400, naming the field), 404s."""
 
@@ -67,10 +80,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def invalid(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"] if p != "body")
-        message = "request body is not valid JSON" if first["type"] == "json_invalid" else f"{loc}: {first['msg']}"
-        return error_response(ApiError(400, message, param=loc or None))
+        return error_response(invalid_request(exc))
 
     async def http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -81,21 +91,68 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http)
 
 
-class _Request(BaseModel):
-    """Fields both endpoints share. Unknown fields are allowed (clients send many); unsupported ones refused."""
+class _Open(BaseModel):
+    """Strict types for the fields we know (a string is not a number, a list is not a string); other fields are
+    allowed through (clients send many, and an upstream like vLLM may support them)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ContentPart(_Open):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text content part needs `text` (a string)")
+        return self
+
+
+class Message(_Open):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text parts carry meaning for a text model
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class _Request(_Open):
+    """Fields both OpenAI endpoints share."""
+
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     user: str | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @property
     def stops(self) -> list[str]:
@@ -103,18 +160,7 @@ class _Request(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: only text parts carry meaning for a text model
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
-        return self.content or ""
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class ChatRequest(_Request):
@@ -123,6 +169,67 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("at least one prompt")
+        return prompt
+
+
+REQUESTS: dict[str, type[_Request]] = {"/chat/completions": ChatRequest, "/completions": CompletionRequest}
+
+
+def validate_request(path: str, body: Any) -> _Request:
+    """The parsed JSON body of an OpenAI call, checked field by field; a 400 naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return REQUESTS[path].model_validate(body)
+    except ValidationError as exc:
+        raise invalid_request(exc) from None
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (audited as status 499)."""
+
+
+async def client_gone(receive: Any) -> None:
+    """Returns once the client has disconnected. Only after the request body has been read: from then on the ASGI
+    server's `receive` yields nothing but the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_goes(receive: Any, work: Awaitable[T]) -> T:
+    """`work`'s result, or `ClientGone` once the client disconnects first (then `work` is cancelled: an upstream
+    call closes its connection, and the upstream stops generating for nobody)."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(client_gone(receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientGone
+    finally:
+        gone.cancel()
+        if not task.done():  # we were cancelled ourselves
+            task.cancel()
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its iterator however the response ends (the client left, the send failed):
+    the generator's `finally` runs now, not whenever the garbage collector gets to it."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await asyncio.shield(aclose())
 
 
 def new_id(prefix: str) -> str:

@@ -1,7 +1,10 @@
 """When not to use an arm's upstream: circuit breakers, overload, and the workload schedule.
 
 - A breaker per (upstream, model) opens after `breaker_failures` consecutive failures; while open, requests for
-  it go straight to the fallback; after `breaker_reset_s` one trial request is let through (half-open).
+  it go straight to the fallback; after `breaker_reset_s` one trial request is let through (half-open). Only the
+  upstream being unavailable counts as a failure (refused connection, timeout, 502/503/504); a 4xx, a 500, a
+  request the client gave up on or one answered from the cache decide nothing, and a trial that ends that way
+  frees the slot for the next one.
 - Overload: more than `max_in_flight` requests in flight, or the recent upstream latency (EWMA) over
   `max_latency_s`, sends new requests to the fallback model.
 - The schedule (business hours / after hours / weekends / month-end) picks a route per period.
@@ -19,6 +22,25 @@ from fibreflow.serving.config import Period, Resilience, Schedule
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
+class Attempt:
+    """One call through a breaker; ends with `ok()`, `failed()` or neither (undecided: it counts for nothing)."""
+
+    def __init__(self, breaker: Breaker, trial: bool) -> None:
+        self.breaker, self.trial, self.outcome = breaker, trial, "undecided"
+
+    def ok(self) -> None:
+        self.outcome = "ok"
+
+    def failed(self) -> None:
+        self.outcome = "failed"
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.breaker._settle(self)
+
+
 class Breaker:
     def __init__(self, failures: int, reset_s: float) -> None:
         self.failures_to_open, self.reset_s = failures, reset_s
@@ -26,26 +48,37 @@ class Breaker:
         self.opened_at: float | None = None
         self.trial_out = False
 
-    def allow(self) -> bool:
-        """May a request go to this upstream now?"""
-        if self.opened_at is None:
-            return True
-        if time.monotonic() - self.opened_at >= self.reset_s and not self.trial_out:
-            self.trial_out = True  # half-open: exactly one trial
-            return True
-        return False
-
-    def record(self, ok: bool) -> None:
-        if ok:
-            self.failures, self.opened_at, self.trial_out = 0, None, False
-            return
-        self.failures += 1
-        if self.trial_out or self.failures >= self.failures_to_open:
-            self.opened_at, self.trial_out = time.monotonic(), False
-
     @property
     def state(self) -> str:
-        return "closed" if self.opened_at is None else "open"
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if time.monotonic() - self.opened_at >= self.reset_s else "open"
+
+    def ready(self) -> bool:
+        """Would a request be let through now (closed, or half-open with the trial slot free)?"""
+        state = self.state
+        return state == "closed" or (state == "half_open" and not self.trial_out)
+
+    def attempt(self) -> Attempt | None:
+        """Take a place for one call (None: open, or the half-open trial is taken). Use it as a context manager:
+        the place is given back however the call ends."""
+        state = self.state
+        if state == "closed":
+            return Attempt(self, trial=False)
+        if state == "half_open" and not self.trial_out:
+            self.trial_out = True  # half-open: exactly one trial at a time
+            return Attempt(self, trial=True)
+        return None
+
+    def _settle(self, attempt: Attempt) -> None:
+        if attempt.trial:
+            self.trial_out = False
+        if attempt.outcome == "ok":
+            self.failures, self.opened_at = 0, None
+        elif attempt.outcome == "failed":
+            self.failures += 1
+            if attempt.trial or self.failures >= self.failures_to_open:
+                self.opened_at = time.monotonic()
 
 
 class Guard:

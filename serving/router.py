@@ -1,10 +1,11 @@
 """`fibreflow serve`: the OpenAI-compatible router in front of the upstreams (local model server, vLLM).
 
-`create_app(cfg)` builds the FastAPI app. A chat or completion request is read once as bytes (size-checked,
-parsed with orjson), assigned an arm (sticky by user, or forced by header), looked up in the response cache, and
-forwarded over a pooled connection to the arm's upstream with its model renamed to what the upstream serves; the
-answer comes back byte for byte (streams chunk by chunk), with the arm and model version in the headers.
-A shadow arm gets a copy off the request path; its answer is scored against the returned one and logged.
+`create_app(cfg)` builds the FastAPI app. A chat or completion request is checked (key, scope, limits), read
+within the size limit, validated field by field, routed to an arm (`routing.py`: forced by a QA key, the
+schedule, the sticky split, breakers, overload), looked up in the response cache, and forwarded over a pooled
+connection to the arm's upstream with its model renamed to what the upstream serves; the answer comes back byte
+for byte (streams event by event, `relay.py`), with the arm and model version in the headers. Every request ends
+in `finish` exactly once: metrics, the key's token spend, one audit row.
 """
 
 from __future__ import annotations
@@ -15,37 +16,46 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
 import orjson
+import psycopg
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import FibreFlowError
-from fibreflow.serving.ab import Target, Targets, choose
-from fibreflow.serving.admin import add_admin_routes
+from fibreflow.serving.ab import Targets
 from fibreflow.serving.audit import AuditWriter, Call
 from fibreflow.serving.cache import ResponseCache, last_user_text
-from fibreflow.serving.config import Experiment, ServingConfig, served_name
-from fibreflow.serving.fibreflow_api import add_fibreflow_routes
+from fibreflow.serving.config import ServingConfig, served_name
+from fibreflow.serving.guard import read_body
 from fibreflow.serving.keys import KeyCache
-from fibreflow.serving.limits import Limiter
+from fibreflow.serving.limits import limiter
 from fibreflow.serving.metrics import Metrics
-from fibreflow.serving.protocol import ApiError, Feedback, error_response, install_error_handlers
+from fibreflow.serving.protocol import (
+    ApiError,
+    ClientGone,
+    error_response,
+    install_error_handlers,
+    invalid_request,
+    unless_client_goes,
+    validate_request,
+)
+from fibreflow.serving.relay import Relay, RelayResponse, with_usage
 from fibreflow.serving.resilience import Guard, period
+from fibreflow.serving.routing import Route, Situation, Target, route
 from fibreflow.serving.shadow import shadow
-from fibreflow.serving.upstream import Answer, UpstreamFailed, Upstreams, ensure_adapter, usage_of
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fibreflow.serving.upstream import Answer, Upstreams, UpstreamUnavailable, ensure_adapter, usage_of
+from psycopg_pool import PoolTimeout
 
 log = logging.getLogger("fibreflow.serving")
 CHAT, COMPLETIONS = "/chat/completions", "/completions"
-RECENT_KEEP = 100_000  # response ids remembered for feedback
+RECENT_KEEP = 100_000  # response id -> (arm, version, key) remembered for feedback
 AliasHook = Callable[[str, str], str | None]  # (alias, new version) -> the URL now serving it, or None
-# streamed chunks carrying text (OpenAI servers send compact JSON, about one token per chunk)
-_TOKEN_MARKS, _EMPTY_MARKS = (b'"content":"', b'"text":"'), (b'"content":""', b'"text":""')
 
 
 class Router:
@@ -60,18 +70,31 @@ class Router:
         self.guard = Guard(self.rc.resilience)
         fb = self.rc.fallback
         self.fallback = Target(fb.upstream, fb.model, None) if fb is not None else None
-        self.limiter = Limiter(redis_url, self.rc.limits.redis_timeout_s, self.rc.limits.shared_staleness_s)
-        self.database_url = database_url
-        self.keys = KeyCache(database_url, self.rc.auth.cache_s) if self.rc.auth.required and database_url else None
-        a = self.rc.audit
-        self.audit = AuditWriter(database_url, a.batch_size, a.flush_s) if a.enabled and database_url else None
-        self.upstreams = Upstreams(self.rc.upstreams)
+        lim = self.rc.limits
+        self.limiter = limiter(redis_url, lim.redis_timeout_s, lim.shared_staleness_s)
         self.metrics = Metrics()
+        self.database_url = database_url
+        self.pool: Any = None
+        if database_url:
+            from psycopg_pool import AsyncConnectionPool
+
+            kwargs = {"autocommit": True, "connect_timeout": 3}
+            self.pool = AsyncConnectionPool(database_url, min_size=1, max_size=8, open=False, kwargs=kwargs,
+                                            check=AsyncConnectionPool.check_connection)  # fmt: skip
+        self.keys = KeyCache(self.pool, self.rc.auth) if self.rc.auth.required and self.pool is not None else None
+        a = self.rc.audit
+        self.audit = (
+            AuditWriter(database_url, a.batch_size, a.flush_s, self.metrics) if a.enabled and database_url else None
+        )
+        self.upstreams = Upstreams(self.rc.upstreams)
         self.metrics.cache_up.labels(self.cache.kind).set(1)
-        self.metrics.limiter_errors.set_function(lambda: self.limiter.sync_errors)
-        self.recent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # response id -> (arm, model version)
+        self.metrics.limiter_errors.set_function(lambda: getattr(self.limiter.counts, "errors", 0))
+        if self.keys is not None:
+            self.metrics.keys_stale.set_function(lambda: self.keys.stale_served if self.keys else 0)
+        self.recent: OrderedDict[str, tuple[str, str, str | None]] = OrderedDict()
+        self.shadow_slots = asyncio.Semaphore(self.rc.shadow_concurrency)
         self.shadow_log = resolve_path("var/serving/shadow.jsonl")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.watcher: Any = None
 
     # ---- registry aliases ----------------------------------------------------------------------------------
@@ -107,294 +130,264 @@ class Router:
         from fibreflow.registry.watch import AliasWatcher
 
         setup_mlflow("fibreflow-serving")
-        self.watcher = AliasWatcher(self.cfg.registered_model, aliases, self.on_alias, self.rc.alias_poll_s)
-        for alias, version in self.watcher.versions.items():
-            if version is not None:
-                self.on_alias(alias, None, version)
+        self.watcher = AliasWatcher(self.cfg.registered_model, aliases, self.on_alias, self.rc.alias_poll_s,
+                                    on_error=lambda _: self.metrics.alias_read_errors.inc())  # fmt: skip
+        self.watcher.poll()  # what is set now, before the first request
         self.watcher.start()
 
-    # ---- requests ------------------------------------------------------------------------------------------
+    # ---- every request -------------------------------------------------------------------------------------
 
-    def parse(self, raw: bytes, path: str) -> dict[str, Any]:
-        if len(raw) > self.rc.max_body_bytes:
-            raise ApiError(413, f"request body is {len(raw)} bytes, over the limit of {self.rc.max_body_bytes}")
+    def new_call(self, request: Request, endpoint: str) -> Call:
+        return Call(time.perf_counter(), endpoint, request.client.host if request.client else "unknown")
+
+    async def authenticate(self, call: Call, request: Request, scopes: tuple[str, ...]) -> None:
+        """The caller's key (when keys are required) holds one of `scopes`; then its limits."""
+        if self.keys is not None:
+            call.key = await self.keys.authenticate(request.headers.get("authorization", ""), scopes, call)
+        rpm = (call.key and call.key.requests_per_minute) or self.rc.limits.requests_per_minute
+        tpm = (call.key and call.key.tokens_per_minute) or self.rc.limits.tokens_per_minute
+        wait = await self.limiter.admit(call.limit_id, rpm, tpm)
+        if wait is not None:
+            retry = str(math.ceil(wait))
+            raise ApiError(429, f"rate limit reached ({rpm} requests or {tpm} tokens per minute); retry in {retry} s",
+                           headers={"Retry-After": retry})  # fmt: skip
+
+    async def run(self, call: Call, work: Callable[[], Awaitable[Response]]) -> Response:
+        """`work()`'s response, or the error it raised in OpenAI's shape; the call is finished either way (a
+        stream finishes it when it ends)."""
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise ApiError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        if not isinstance(body.get("model"), str):
-            raise ApiError(400, "model: field required (a string)", param="model")
-        if path == CHAT and not (isinstance(body.get("messages"), list) and body["messages"]):
-            raise ApiError(400, "messages: field required (a non-empty list)", param="messages")
-        if path == COMPLETIONS and not isinstance(body.get("prompt"), str | list):
-            raise ApiError(400, "prompt: field required", param="prompt")
-        return body
-
-    def assign(self, body: dict[str, Any], request: Request, caller: str) -> tuple[Experiment, str, Target, str | None]:
-        """(experiment, arm, target, fallback reason): the forced arm, else the schedule's route, else the sticky
-        split; the fallback instead when the schedule says so, the router is overloaded or the arm's breaker is open."""
-        model = body["model"]
-        exp = self.targets.experiments.get(model)
-        if exp is None:
-            known = ", ".join(self.targets.experiments)
-            raise ApiError(
-                404, f"The model `{model}` does not exist (served: {known})", param="model", code="model_not_found"
-            )
-        available = self.targets.available(model)
-        forced = request.headers.get(self.rc.arm_header)
-        if forced is not None:
-            if forced not in available:
-                raise ApiError(
-                    400,
-                    f"{self.rc.arm_header}: arm {forced!r} of {model} is unknown or has no target "
-                    f"(available: {', '.join(sorted(available))})",
-                )
-            target = self.targets.get(model, forced)
-            assert target is not None
-            return exp, forced, target, None
-        now = period(self.rc.schedule) if self.rc.schedule.periods else None
-        route = now.route if now is not None else "experiment"
-        if route == "fallback" and self.fallback is not None:
-            return exp, "fallback", self.fallback, f"schedule_{now.name if now else ''}"
-        if route in available:
-            name = route
-        else:
-            arm = choose(exp, body["user"] if isinstance(body.get("user"), str) else caller, available)
-            if arm is None:
-                if self.fallback is not None:
-                    return exp, "fallback", self.fallback, "no_arm"
-                raise ApiError(503, f"no arm of {model} has a model to serve (registry aliases unset?)")
-            name = arm.name
-        target = self.targets.get(model, name)
-        assert target is not None
-        if self.fallback is not None:
-            breaker = self.guard.breaker(target.upstream, target.model)
-            why = self.guard.overloaded() or (None if breaker.allow() else "breaker_open")
-            if why is not None:
-                return exp, "fallback", self.fallback, why
-        return exp, name, target, None
-
-    async def _attempts(self, arm: str, target: Target, fn: Any) -> Any:
-        """`fn()` retried on a timeout, refused connection or 5xx; feeds the target's breaker and the load."""
-        breaker = self.guard.breaker(target.upstream, target.model)
-        self.guard.in_flight += 1
-        started = time.perf_counter()
-        try:
-            for attempt in range(self.rc.resilience.retries + 1):
-                try:
-                    out = await fn()
-                except UpstreamFailed:
-                    if attempt == self.rc.resilience.retries:
-                        breaker.record(False)
-                        raise
-                    self.metrics.retries.labels(arm, target.upstream).inc()
-                else:
-                    breaker.record(True)
-                    self.guard.observe(time.perf_counter() - started)
-                    return out
-        finally:
-            self.guard.in_flight -= 1
-
-    async def forward(self, call: Call, body: dict[str, Any], path: str, target: Target, stream: bool) -> Any:
-        """The upstream's answer (an `Answer`, or the open streamed response); after the retries, the fallback's.
-        Updates `call` (arm, version, fallback reason) when the fallback answered."""
-
-        def attempt(t: Target) -> Any:
-            payload = orjson.dumps({**body, "model": t.model})
-            if stream:
-                return lambda: self.upstreams.open_stream(t.upstream, path, payload)
-            return lambda: self.upstreams.post(t.upstream, path, payload)
-
-        try:
-            return await self._attempts(call.arm or "", target, attempt(target))
-        except UpstreamFailed as exc:
-            if self.fallback is None or call.arm == "fallback":
-                call.kind = exc.kind.split(":")[0]
-                raise ApiError(exc.status, f"upstream {target.upstream} for arm {call.arm}: {exc.kind}") from None
-        self.metrics.fallbacks.labels("upstream_error").inc()
-        call.arm, call.version, call.fallback = "fallback", self.fallback.model, "upstream_error"
-        try:
-            return await self._attempts("fallback", self.fallback, attempt(self.fallback))
-        except UpstreamFailed as exc:
-            call.kind = exc.kind.split(":")[0]
-            raise ApiError(exc.status, f"upstream {target.upstream} and the fallback failed: {exc.kind}") from None
-
-    async def cached(self, key: str, arm: str) -> bytes | None:
-        try:
-            hit = await self.cache.get(key)
-        except Exception as exc:  # Redis down or slow: serve without cache, visibly
-            self._cache_failed(arm, exc)
-            return None
-        self.metrics.cache.labels(arm, "hit" if hit is not None else "miss").inc()
-        return hit
-
-    async def store(self, key: str, value: bytes, ttl: int, arm: str) -> None:
-        try:
-            await self.cache.set(key, value, ttl)
-        except Exception as exc:
-            self._cache_failed(arm, exc)
-        else:
-            self.metrics.cache_up.labels(self.cache.kind).set(1)
-
-    def _cache_failed(self, arm: str, exc: Exception) -> None:
-        self.metrics.cache.labels(arm, "error").inc()
-        self.metrics.cache_up.labels(self.cache.kind).set(0)
-        log.warning("cache %s failed (%s): serving without it", self.cache.kind, type(exc).__name__)
-
-    def remember(self, response_id: str | None, arm: str, version: str) -> None:
-        if response_id:
-            self.recent[response_id] = (arm, version)
-            if len(self.recent) > RECENT_KEEP:
-                self.recent.popitem(last=False)
+            try:
+                response = await work()
+            except FibreFlowError as exc:  # the database or an index is not as it must be: say what to do
+                raise ApiError(503, str(exc)) from None
+            except (psycopg.Error, PoolTimeout) as exc:  # the database is down or restarting
+                raise ApiError(503, f"the database is unavailable ({type(exc).__name__}); retry shortly",
+                               headers={"Retry-After": "2"}) from None  # fmt: skip
+            except RequestValidationError as exc:
+                raise invalid_request(exc) from None
+        except ApiError as exc:
+            call.status, call.error, call.kind = exc.status, exc.message, call.kind or exc.code
+            response = error_response(exc)
+        except ClientGone:
+            call.status, call.error = 499, "the client disconnected"
+            response = Response(status_code=499)
+        except asyncio.CancelledError:
+            call.status, call.error = 499, "cancelled"
+            self.finish(call)
+            raise
+        except Exception as exc:  # a bug: still one audit row and an answer in OpenAI's shape; the traceback logged
+            log.exception("unexpected error on %s", call.endpoint)
+            call.status, call.error = 500, f"internal error: {type(exc).__name__}"
+            response = error_response(ApiError(500, "internal error (logged on the router)"))
+        if not call.streaming:
+            self.finish(call)
+        return response
 
     def finish(self, call: Call) -> None:
-        """Every request ends here once: metrics, the key's token spend, the audit row."""
+        """Every request ends here exactly once: metrics, the key's token spend, the audit row."""
+        if call.finished:
+            return
+        call.finished = True
         m, elapsed = self.metrics, time.perf_counter() - call.started
         arm = call.arm or "none"
         m.requests.labels(arm, call.version or "none", str(call.status)).inc()
         m.latency.labels(arm).observe(elapsed)
         if call.status >= 400:
             m.errors.labels(arm, call.kind or ("client_error" if call.status < 500 else "upstream_error")).inc()
-        done = int(call.usage.get("completion_tokens") or 0)
+        prompt, done = int(call.usage.get("prompt_tokens") or 0), int(call.usage.get("completion_tokens") or 0)
         if done:
             m.tokens.labels(arm).inc(done)
-            m.prompt_tokens.labels(arm).inc(int(call.usage.get("prompt_tokens") or 0))
             m.tokens_per_s.labels(arm).observe(done / max(elapsed, 1e-6))
-            self.limiter.spend(call.limit_id, done + int(call.usage.get("prompt_tokens") or 0))
+        if prompt:
+            m.prompt_tokens.labels(arm).inc(prompt)
+        self.limiter.spend(call.limit_id, prompt + done)
         if self.audit is not None:
             self.audit.add(call.row(elapsed))
-
-    async def authenticate(self, request: Request, scope: str, call: Call) -> None:
-        """The caller's key (when keys are required): valid, unexpired, unrevoked, with `scope`; then its limits."""
-        if self.keys is not None:
-            call.key = await self.keys.authenticate(request.headers.get("authorization", ""), scope, call)
-        rpm = (call.key and call.key.requests_per_minute) or self.rc.limits.requests_per_minute
-        tpm = (call.key and call.key.tokens_per_minute) or self.rc.limits.tokens_per_minute
-        try:
-            wait = await self.limiter.admit(call.limit_id, rpm, tpm)
-        except Exception:  # the limiter's Redis is down: let the request through, visibly
-            self.metrics.errors.labels("none", "limiter").inc()
-            return
-        if wait is not None:
-            retry = str(math.ceil(wait))
-            raise ApiError(
-                429,
-                f"rate limit reached ({rpm} requests or {tpm} tokens per minute); retry in {retry} s",
-                headers={"Retry-After": retry},
-            )
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def handle(self, request: Request, path: str, work: Any = None) -> Response:
-        """Run `work(request, call)` (default: a proxied OpenAI call to `path`) with the audit row and metrics
-        every request gets, whether it is answered or refused."""
-        call = Call(time.perf_counter(), path, request.client.host if request.client else "unknown")
-        try:
-            try:
-                response = await (work(request, call) if work else self._handle(request, path, call))
-            except FibreFlowError as exc:  # the database or an index is not as it must be: say what to do
-                raise ApiError(503, str(exc)) from None
-        except ApiError as exc:
-            call.status, call.error = exc.status, exc.message
-            self.finish(call)
-            raise
-        if not call.streaming:
-            self.finish(call)
-        return response
+    # ---- OpenAI calls --------------------------------------------------------------------------------------
 
-    async def _handle(self, request: Request, path: str, call: Call) -> Response:
-        await self.authenticate(request, "chat", call)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.rc.max_body_bytes:  # refused before reading it
-            raise ApiError(413, f"request body is {declared} bytes, over the limit of {self.rc.max_body_bytes}")
-        return await self.dispatch(request, path, self.parse(await request.body(), path), call)
+    async def openai(self, request: Request, path: str) -> Response:
+        """POST /v1/chat/completions or /v1/completions."""
+        call = self.new_call(request, "/v1" + path)
+
+        async def work() -> Response:
+            await self.authenticate(call, request, ("chat",))
+            raw = await read_body(request, self.rc.max_body_bytes)
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise ApiError(400, "request body is not valid JSON") from None
+            validate_request(path, body)
+            return await self.dispatch(request, path, body, call)
+
+        return await self.run(call, work)
+
+    def situation(self) -> Situation:
+        return Situation(
+            experiments=self.targets.experiments,
+            targets=self.targets.of,
+            ready=lambda t: self.guard.breaker(t.upstream, t.model).ready(),
+            fallback=self.fallback,
+            period=period(self.rc.schedule) if self.rc.schedule.periods else None,
+            overloaded=self.guard.overloaded(),
+        )
 
     async def dispatch(
         self, request: Request, path: str, body: dict[str, Any], call: Call, pattern: str | None = None
     ) -> Response:
-        """A parsed request through arm assignment, cache and upstream (`pattern` forces a cache TTL pattern)."""
+        """A validated request through routing, cache and upstream (`pattern` forces a cache TTL pattern)."""
         call.model = body["model"]
         if self.rc.audit.log_prompts:
             call.prompt = last_user_text(body)
-        exp, call.arm, target, call.fallback = self.assign(body, request, call.key_id or call.caller)
-        if call.fallback is not None:
-            self.metrics.fallbacks.labels(call.fallback).inc()
-        call.version = target.version or target.model
+        forced = request.headers.get(self.rc.arm_header)
+        if forced is not None and self.keys is not None and not (call.has_scope("qa") or call.has_scope("admin")):
+            raise ApiError(403, f"{self.rc.arm_header}: forcing an arm needs a key with the qa or admin scope")
+        user = body["user"] if isinstance(body.get("user"), str) else call.key_id or call.caller
+        r = route(call.model, user, forced, self.situation())
+        call.arm, call.fallback, call.forced = r.arm, r.fallback, forced is not None
+        call.version = r.target.version or r.target.model
+        if r.fallback is not None:
+            self.metrics.fallbacks.labels(r.fallback).inc()
         _, ttl = self.cache.policy(body, pattern)
-        key = self.cache.key(body, target.model) if ttl else None
+        key = self.cache.key(body, r.target.model) if ttl else None
         call.cache = "miss" if key else "bypass"
         if key is not None and (hit := await self.cached(key, call.arm)) is not None:
-            call.cache = "hit"
+            call.cache, call.response_id = "hit", usage_of(hit).get("id")
+            self.remember(call)
             return Response(hit, 200, call.headers(), media_type="application/json")
         if body.get("stream"):
-            return await self.stream(exp, target, path, body, call)
-        answer: Answer = await self.forward(call, body, path, target, stream=False)
-        call.status = answer.status
-        call.usage = usage_of(answer.body) if answer.status == 200 else {}
-        self.remember(call.usage.get("id"), call.arm, call.version)
-        if key is not None and answer.status == 200 and call.fallback != "upstream_error":
+            resp = await unless_client_goes(request.receive, self.forward(call, with_usage(body), path, r, True))
+            if resp.status != 200:  # the upstream's own error, passed on as it is
+                data = await resp.read()
+                resp.close()
+                return self._passed_on(call, r, Answer(resp.status, data, "application/json"))
+            call.streaming = True
+            self._shadow(r, body, path, None, call.arm)
+            wants = bool((body.get("stream_options") or {}).get("include_usage"))
+            return RelayResponse(Relay(self, call, resp, wants), call.headers())
+        answer: Answer = await unless_client_goes(request.receive, self.forward(call, body, path, r, False))
+        if answer.status != 200:
+            return self._passed_on(call, r, answer)
+        call.usage = usage_of(answer.body)
+        call.response_id = call.usage.get("id")
+        self.remember(call)
+        if key is not None and call.fallback != "upstream_error":
             self.spawn(self.store(key, answer.body, ttl, call.arm))  # off the request path
-        if exp.shadow and exp.shadow != call.arm:
-            self.spawn(shadow(self, exp, body, path, answer.body))
-        return Response(answer.body, answer.status, call.headers(), media_type=answer.content_type)
+        self._shadow(r, body, path, answer.body, call.arm)
+        return Response(answer.body, 200, call.headers(), media_type=answer.content_type)
 
-    async def stream(self, exp: Experiment, target: Target, path: str, body: dict[str, Any], call: Call) -> Response:
-        resp = await self.forward(call, body, path, target, stream=True)
-        if resp.status != 200:  # the upstream's own 4xx, passed on as it is
-            data = await resp.read()
-            resp.release()
-            call.status = resp.status
-            return Response(data, resp.status, call.headers(), media_type="application/json")
-        if exp.shadow and exp.shadow != call.arm:
-            self.spawn(shadow(self, exp, body, path, None))
-        call.streaming = True
-        arm = call.arm or ""
+    def _passed_on(self, call: Call, r: Route, answer: Answer) -> Response:
+        """The upstream answered this request with an error: a 4xx passes on as it is; a 500 (the upstream failed
+        on this request, which it should not) is not retried and becomes our 502, with its message."""
+        if answer.status < 500:
+            call.status = answer.status
+            return Response(answer.body, answer.status, call.headers(), media_type="application/json")
+        call.kind = "upstream_500"
+        try:
+            said = orjson.loads(answer.body)["error"]["message"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            said = answer.body[:300].decode(errors="replace")
+        raise ApiError(502, f"upstream {r.target.upstream} failed on this request ({answer.status}): {said}")
 
-        async def relay() -> AsyncIterator[bytes]:
-            first, chunks, rid = None, 0, None
-            try:
-                async for data in resp.content.iter_any():
-                    tokens = sum(data.count(m) for m in _TOKEN_MARKS) - sum(data.count(m) for m in _EMPTY_MARKS)
-                    if first is None and tokens > 0:
-                        first = time.perf_counter()
-                        self.metrics.ttft.labels(arm).observe(first - call.started)
-                    chunks += tokens
-                    if rid is None and (i := data.find(b'"id":"')) >= 0:
-                        rid = data[i + 6 : data.find(b'"', i + 6)].decode()
-                    yield data
-            finally:
-                resp.release()
-                call.usage = {"completion_tokens": chunks}
-                self.remember(rid, arm, call.version or "")
-                self.finish(call)
+    async def forward(self, call: Call, body: dict[str, Any], path: str, r: Route, stream: bool) -> Any:
+        """The upstream's answer (an `Answer`, or the open streamed response); after the retries, the fallback's
+        (never for a forced arm: QA asked for that arm's answer). Updates `call` when the fallback answered."""
+        try:
+            return await self._attempts(call.arm or "", r.target, path, body, stream)
+        except UpstreamUnavailable as exc:
+            if self.fallback is None or call.arm == "fallback" or call.forced:
+                call.kind = exc.kind.split(":")[0]
+                raise ApiError(exc.status, f"upstream {r.target.upstream} for arm {call.arm}: {exc.kind}") from None
+        self.metrics.fallbacks.labels("upstream_error").inc()
+        call.arm, call.version, call.fallback = "fallback", self.fallback.model, "upstream_error"
+        try:
+            return await self._attempts("fallback", self.fallback, path, body, stream)
+        except UpstreamUnavailable as exc:
+            call.kind = exc.kind.split(":")[0]
+            raise ApiError(exc.status, f"upstream {r.target.upstream} and the fallback failed: {exc.kind}") from None
 
-        return StreamingResponse(relay(), 200, call.headers(), media_type="text/event-stream")
+    async def _attempts(self, arm: str, target: Target, path: str, body: dict[str, Any], stream: bool) -> Any:
+        """One call to `target`, retried while the upstream is unavailable; each attempt goes through the
+        target's breaker and ends there however it ends (a cancelled attempt decides nothing)."""
+        breaker = self.guard.breaker(target.upstream, target.model)
+        payload = orjson.dumps({**body, "model": target.model})
+        send = self.upstreams.open_stream if stream else self.upstreams.post
+        self.guard.in_flight += 1
+        started = time.perf_counter()
+        try:
+            for attempt_no in range(self.rc.resilience.retries + 1):
+                attempt = breaker.attempt()
+                if attempt is None:
+                    raise UpstreamUnavailable("breaker_open", 503)
+                with attempt:
+                    try:
+                        out = await send(target.upstream, path, payload)
+                    except UpstreamUnavailable:
+                        attempt.failed()
+                        if attempt_no == self.rc.resilience.retries:
+                            raise
+                        self.metrics.retries.labels(arm, target.upstream).inc()
+                        continue
+                    attempt.ok()
+                self.guard.observe(time.perf_counter() - started)
+                return out
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        finally:
+            self.guard.in_flight -= 1
+            self.metrics.breaker_open.labels(target.upstream, target.model).set(float(breaker.state != "closed"))
 
-    def feedback(self, fb: Feedback) -> dict[str, Any]:
-        found = self.recent.get(fb.response_id)
-        if found is None:
-            raise ApiError(404, f"no recent response with id {fb.response_id!r}", param="response_id")
-        arm, version = found
-        self.metrics.feedback.labels(arm, version).inc()
-        self.metrics.feedback_score.labels(arm, version).observe(fb.value)
-        return {"status": "recorded", "arm": arm, "model_version": version}
+    def _shadow(self, r: Route, body: dict[str, Any], path: str, returned: bytes | None, arm: str | None) -> None:
+        """A copy for the shadow arm, off the request path, while fewer than `shadow_concurrency` are in flight."""
+        exp = r.experiment
+        if not exp.shadow or exp.shadow == arm:
+            return
+        if self.shadow_slots.locked():
+            self.metrics.shadow_dropped.labels(exp.shadow).inc()
+            return
 
-    def models(self) -> dict[str, Any]:
-        versions = self.targets.versions()
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "fibreflow", "arms": versions.get(m, {})}
-            for m in self.targets.experiments
-        ]
-        return {"object": "list", "data": data}
+        async def bounded() -> None:
+            async with self.shadow_slots:
+                await shadow(self, exp, body, path, returned)
+
+        self.spawn(bounded())
+
+    async def cached(self, key: str, arm: str) -> bytes | None:
+        try:
+            hit = (await self.cache.get_many([key]))[0]
+        except Exception as exc:  # Redis down or slow: serve without cache, visibly
+            self.cache_failed(arm, exc)
+            return None
+        self.metrics.cache.labels(arm, "hit" if hit is not None else "miss").inc()
+        return hit
+
+    async def store(self, key: str, value: bytes, ttl: int, arm: str) -> None:
+        try:
+            await self.cache.set_many({key: value}, ttl)
+        except Exception as exc:
+            self.cache_failed(arm, exc)
+        else:
+            self.metrics.cache_up.labels(self.cache.kind).set(1)
+
+    def cache_failed(self, arm: str, exc: Exception) -> None:
+        self.metrics.cache.labels(arm, "error").inc()
+        self.metrics.cache_up.labels(self.cache.kind).set(0)
+        log.warning("cache %s failed (%s): serving without it", self.cache.kind, type(exc).__name__)
+
+    def remember(self, call: Call) -> None:
+        """The response's arm, version and key, for feedback on it."""
+        if call.response_id:
+            self.recent[call.response_id] = (call.arm or "", call.version or "", call.key_id)
+            if len(self.recent) > RECENT_KEEP:
+                self.recent.popitem(last=False)
 
 
 class FastPath:
-    """POST /v1/chat/completions and /v1/completions go straight to `Router.handle`, past FastAPI's routing and
+    """POST /v1/chat/completions and /v1/completions go straight to `Router.openai`, past FastAPI's routing and
     endpoint layers (they cost ~0.3 ms a request here, a third of the router's budget); FastAPI still declares
     both routes for the OpenAPI schema, and serves everything else."""
 
@@ -408,24 +401,20 @@ class FastPath:
         if path is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        try:
-            response = await self.router.handle(Request(scope, receive), path)
-        except ApiError as exc:
-            response = error_response(exc)
+        response = await self.router.openai(Request(scope, receive), path)
         await response(scope, receive, send)
 
 
 def _database(cfg: ServingConfig, url: str | None) -> str | None:
-    """The database of keys, audit rows and the frontend's data: `url`, else DATABASE_URL or the embedded one
-    when keys or audit need it at start (checked to be migrated), else found on first use."""
+    """The database of keys, audit rows, feedback and the frontend's data: `url`, else DATABASE_URL or the
+    embedded one when keys or audit need it at start (checked to be migrated), else none."""
     if url is None and not (cfg.router.auth.required or cfg.router.audit.enabled):
         return None
     from fibreflow.core.db import check_schema, connect, database_url, load_db_config
 
     url = url or database_url(load_db_config())
-    if cfg.router.auth.required or cfg.router.audit.enabled:
-        with connect(url) as conn:
-            check_schema(conn)
+    with connect(url) as conn:
+        check_schema(conn)
     return url
 
 
@@ -438,35 +427,57 @@ def create_app(
     alias_hook: AliasHook | None = None,
 ) -> FastAPI:
     """The router app. `redis_url` (default: $REDIS_URL; "" = none) backs the cache and the limits; the database
-    (default: DATABASE_URL or the embedded one) holds keys and audit rows; `watch` follows registry aliases."""
+    (default: DATABASE_URL or the embedded one) holds keys, audit rows, feedback and experiments; `watch` follows
+    registry aliases."""
+    from fibreflow.serving.admin import ExperimentStore, admin_routes
+    from fibreflow.serving.api import metrics_listener, openai_routes, ops_routes
+    from fibreflow.serving.embeddings import embeddings_routes
+    from fibreflow.serving.feedback import feedback_routes
+    from fibreflow.serving.fibreflow_api import Resources, frontend_routes
+
     redis_url = redis_url if redis_url is not None else os.environ.get("REDIS_URL")
     router = Router(cfg, redis_url, _database(cfg, database_url), alias_hook)
+    experiments, resources = ExperimentStore(router), Resources(router)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if router.pool is not None:
+            await router.pool.open(wait=False)
         await router.upstreams.start()
         if router.audit is not None:
             router.audit.start()
+        await experiments.start()
+        metrics_server = metrics_listener(router)
         if watch:
             await asyncio.to_thread(router.start_watching)
         yield
         if router.watcher is not None:
             router.watcher.stop()
+        await experiments.stop()
         if router._tasks:
             await asyncio.wait(router._tasks, timeout=10)
         if router.audit is not None:
             await router.audit.close()  # a clean shutdown loses no audit row
-        if router.keys is not None:
-            await router.keys.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         await router.upstreams.close()
         await router.cache.close()
         await router.limiter.close()
+        if router.keys is not None:
+            await router.keys.close()
+        if router.pool is not None:
+            await router.pool.close()
+        await asyncio.to_thread(resources.close)
 
+    docs = cfg.router.docs
     app = FastAPI(
         title="FibreFlow router",
         version="1",
         lifespan=lifespan,
         description="OpenAI-compatible A/B router in front of the FibreFlow assistant's upstreams.",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.router = router
     install_error_handlers(app)
@@ -479,37 +490,13 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["x-fibreflow-arm", "x-fibreflow-model-version"],
         )
-
-    @app.post("/v1/chat/completions", summary="Chat completion (OpenAI API), routed to an arm")
-    async def chat(request: Request) -> Response:
-        return await router.handle(request, CHAT)
-
-    @app.post("/v1/completions", summary="Text completion (OpenAI API), routed to an arm")
-    async def completions(request: Request) -> Response:
-        return await router.handle(request, COMPLETIONS)
-
-    @app.get("/v1/models", summary="The models clients can ask for, with each arm's current model")
-    async def models(request: Request) -> Response:
-        async def work(request: Request, call: Call) -> Response:
-            await router.authenticate(request, "chat", call)
-            return JSONResponse(router.models())
-
-        return await router.handle(request, "/models", work)
-
-    @app.post("/v1/feedback", summary="A score (0..1) or thumbs up/down for a response id")
-    async def feedback(fb: Feedback) -> dict[str, Any]:
-        return router.feedback(fb)
-
-    add_fibreflow_routes(app, router)
-
-    add_admin_routes(app, router)
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "arms": router.targets.versions(), "cache": router.cache.kind}
-
+    for routes in (
+        openai_routes(router),
+        feedback_routes(router),
+        frontend_routes(router, resources),
+        embeddings_routes(router, resources),
+        admin_routes(router, experiments),
+        ops_routes(router),
+    ):
+        app.include_router(routes)
     return app

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fibreflow.serving.config import Experiment
-from fibreflow.serving.upstream import UpstreamFailed
+from fibreflow.serving.upstream import UpstreamUnavailable
 
 if TYPE_CHECKING:
     from fibreflow.serving.router import Router
@@ -29,14 +29,14 @@ async def shadow(router: Router, exp: Experiment, body: dict[str, Any], path: st
 
     assert exp.shadow is not None
     arm, metrics = exp.shadow, router.metrics
-    target = router.targets.get(exp.model, arm)
+    target = router.targets.of(exp.model).get(arm)
     if target is None:
         metrics.shadow.labels(arm, "no_target").inc()
         return
     payload = orjson.dumps({**body, "model": target.model, "stream": False})
     try:
         answer = await router.upstreams.post(target.upstream, path, payload)
-    except UpstreamFailed as exc:
+    except UpstreamUnavailable as exc:
         metrics.shadow.labels(arm, exc.kind.split(":")[0]).inc()
         return
     shadow_text, main_text = answer_text(answer.body), answer_text(returned) if returned else None

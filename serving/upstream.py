@@ -15,12 +15,16 @@ from fibreflow.serving.config import Upstream
 log = logging.getLogger("fibreflow.serving")
 
 
-class UpstreamFailed(Exception):
-    """An upstream that timed out, refused the connection or answered 5xx."""
+UNAVAILABLE = (502, 503, 504)  # an upstream answering these is down or overloaded, not refusing the request
 
-    def __init__(self, kind: str, status: int, body: bytes = b"") -> None:
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not answer: refused connection, timeout, or 502/503/504. Retried, counted by its breaker,
+    then the fallback answers. (A 4xx or a 500 is the upstream's answer to this request: passed on, not retried.)"""
+
+    def __init__(self, kind: str, status: int) -> None:
         super().__init__(f"{kind} ({status})")
-        self.kind, self.status, self.body = kind, status, body
+        self.kind, self.status = kind, status
 
 
 @dataclass
@@ -30,6 +34,15 @@ class Answer:
     content_type: str
 
 
+JSON = {"Content-Type": "application/json"}
+
+
+def auth_headers(upstream: Upstream) -> dict[str, str]:
+    """The upstream's shared token (`api_key_env` names the variable holding it), if it has one."""
+    key = os.environ.get(upstream.api_key_env, "") if upstream.api_key_env else ""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 class Upstreams:
     def __init__(self, cfg: dict[str, Upstream]) -> None:
         self.cfg = cfg
@@ -37,11 +50,9 @@ class Upstreams:
 
     async def start(self) -> None:
         for name, up in self.cfg.items():
-            key = os.environ.get(up.api_key_env, "") if up.api_key_env else ""
             self._sessions[name] = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=up.max_connections, keepalive_timeout=60),
-                timeout=aiohttp.ClientTimeout(total=up.timeout_s, sock_connect=up.connect_timeout_s),
-                headers={"Authorization": f"Bearer {key}"} if key else {},
+                headers=auth_headers(up),
                 skip_auto_headers=("User-Agent",),
             )
 
@@ -53,34 +64,36 @@ class Upstreams:
         return self.cfg[name].url.rstrip("/") + path
 
     async def post(self, name: str, path: str, body: bytes) -> Answer:
-        """One non-streamed call; timeouts, refused connections and 5xx raise `UpstreamFailed`."""
+        """One non-streamed call, within the upstream's `timeout_s` in all."""
+        up = self.cfg[name]
+        timeout = aiohttp.ClientTimeout(total=up.timeout_s, sock_connect=up.connect_timeout_s)
         try:
             async with self._sessions[name].post(
-                self.url(name, path), data=body, headers={"Content-Type": "application/json"}
+                self.url(name, path), data=body, headers=JSON, timeout=timeout
             ) as resp:
                 data = await resp.read()
         except TimeoutError:
-            raise UpstreamFailed("timeout", 504) from None
+            raise UpstreamUnavailable("timeout", 504) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamFailed(f"unreachable: {type(exc).__name__}", 502) from None
-        if resp.status >= 500:
-            raise UpstreamFailed("upstream error", resp.status, data)
+            raise UpstreamUnavailable(f"unreachable: {type(exc).__name__}", 502) from None
+        if resp.status in UNAVAILABLE:
+            raise UpstreamUnavailable(f"unavailable: answered {resp.status}", resp.status)
         return Answer(resp.status, data, resp.headers.get("Content-Type", "application/json"))
 
     async def open_stream(self, name: str, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """A streamed call's response (status checked, body unread): the caller iterates and releases it."""
+        """A streamed call's response (status checked, body unread): the caller reads it and closes it. Every read
+        must come within the upstream's `stream_read_timeout_s` (no limit on the stream's whole length)."""
+        up = self.cfg[name]
+        timeout = aiohttp.ClientTimeout(sock_connect=up.connect_timeout_s, sock_read=up.stream_read_timeout_s)
         try:
-            resp = await self._sessions[name].post(
-                self.url(name, path), data=body, headers={"Content-Type": "application/json"}
-            )
+            resp = await self._sessions[name].post(self.url(name, path), data=body, headers=JSON, timeout=timeout)
         except TimeoutError:
-            raise UpstreamFailed("timeout", 504) from None
+            raise UpstreamUnavailable("timeout", 504) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamFailed(f"unreachable: {type(exc).__name__}", 502) from None
-        if resp.status >= 500:
-            data = await resp.read()
-            resp.release()
-            raise UpstreamFailed("upstream error", resp.status, data)
+            raise UpstreamUnavailable(f"unreachable: {type(exc).__name__}", 502) from None
+        if resp.status in UNAVAILABLE:
+            resp.close()
+            raise UpstreamUnavailable(f"unavailable: answered {resp.status}", resp.status)
         return resp
 
 
@@ -90,8 +103,7 @@ def ensure_adapter(upstream: Upstream, served: str, registered_model: str, versi
     import httpx
 
     base = upstream.url.rstrip("/")
-    key = os.environ.get(upstream.api_key_env, "") if upstream.api_key_env else ""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(upstream)
     listed = httpx.get(f"{base}/models", headers=headers, timeout=upstream.connect_timeout_s + 10)
     listed.raise_for_status()
     if served in {m["id"] for m in listed.json()["data"]}:

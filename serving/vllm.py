@@ -112,16 +112,20 @@ def merged_command(cfg: ServingConfig, folder: Path, served: str, port: int, max
 
 
 def launch(cmd: list[str], env: dict[str, str], url: str, timeout_s: float) -> subprocess.Popen[bytes]:
-    """Start vLLM and wait until `url`/models answers; a server that dies or never answers is an error."""
+    """Start an upstream (vLLM, the model server) and wait until `url`/models answers (with the shared upstream
+    token, VLLM_API_KEY, where one is set); a server that dies or never answers is an error."""
     import httpx
 
-    proc = subprocess.Popen(cmd, env=os.environ | env)
+    env = os.environ | env
+    token = env.get("VLLM_API_KEY")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ConfigError(f"vLLM exited with code {proc.returncode} before it served: {' '.join(cmd[:4])} ...")
         try:
-            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/models", headers=headers, timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass

@@ -97,7 +97,7 @@ def test_writing_with_another_model_is_refused(embedded_url: str, other_model: E
 
 def test_querying_with_another_model_is_refused(embedded_url: str, other_model: Embedder) -> None:
     with db.connect(embedded_url) as conn, pytest.raises(EmbeddingSpaceMismatch):
-        Retriever(conn, other_model, CFG.table)
+        Retriever(other_model, CFG.table).search(conn, "poles")
 
 
 def test_another_model_into_its_own_table_or_rebuild(embedded_url: str, other_model: Embedder) -> None:
@@ -109,32 +109,32 @@ def test_another_model_into_its_own_table_or_rebuild(embedded_url: str, other_mo
 
 def test_retrieval_finds_the_right_record(embedded_url: str, embedder: Embedder) -> None:
     with db.connect(embedded_url) as conn:
-        hits = Retriever(conn, embedder, CFG.table).search("What is an optical time-domain reflectometer?", k=3)
+        hits = Retriever(embedder, CFG.table).search(conn, "What is an optical time-domain reflectometer?", k=3)
     assert hits[0].record_id == "glossary:OTDR"
     assert hits[0].score > hits[-1].score - 1e-6
 
 
 def test_retrieval_filters(embedded_url: str, embedder: Embedder) -> None:
     with db.connect(embedded_url) as conn:
-        r = Retriever(conn, embedder, CFG.table)
+        r = Retriever(embedder, CFG.table)
         project = conn.execute("SELECT id, region FROM projects LIMIT 1").fetchone()
-        hits = r.search("trenching progress", k=8, filters=Filters(project_id=project[0], record_type="daily_progress"))
+        hits = r.search(conn, "trenching progress", k=8, filters=Filters(project_id=project[0], record_type="daily_progress"))
         assert len(hits) == 8 and all(h.project_id == project[0] and h.record_type == "daily_progress" for h in hits)
         d0, d1 = dt.date(2026, 1, 1), dt.date(2026, 3, 31)
-        dated = r.search("progress", k=5, filters=Filters(record_type="daily_progress", date_from=d0, date_to=d1))
+        dated = r.search(conn, "progress", k=5, filters=Filters(record_type="daily_progress", date_from=d0, date_to=d1))
         ids = [h.record_id for h in dated]
         dates = conn.execute("SELECT record_date FROM record_embeddings WHERE record_id = ANY(%s)", (ids,)).fetchall()
         assert dates and all(d0 <= d[0] <= d1 for d in dates)
-        assert r.search("anything", k=3, filters=Filters(region="Atlantis")) == []
+        assert r.search(conn, "anything", k=3, filters=Filters(region="Atlantis")) == []
 
 
 def test_filter_values_carrying_sql_are_just_values(embedded_url: str, embedder: Embedder) -> None:
     n = _count(embedded_url)
     with db.connect(embedded_url) as conn:
-        r = Retriever(conn, embedder, CFG.table)
+        r = Retriever(embedder, CFG.table)
         for evil in ("x'; DROP TABLE record_embeddings; --", "' OR '1'='1", "PRJ-0001' OR 1=1 --"):
-            assert r.search("poles", k=5, filters=Filters(project_id=evil)) == []
-            assert r.search("poles", k=5, filters=Filters(region=evil, record_type=evil)) == []
+            assert r.search(conn, "poles", k=5, filters=Filters(project_id=evil)) == []
+            assert r.search(conn, "poles", k=5, filters=Filters(region=evil, record_type=evil)) == []
     assert _count(embedded_url) == n
 
 

@@ -147,7 +147,9 @@ def test_alias_moves_reach_a_watcher(train_run: Any, home: Path, tiny_llama: Pat
             time.sleep(0.1)
         raise AssertionError(f"{event} not seen; saw {seen}")
 
-    watcher = AliasWatcher("fibreflow-assistant", ("champion", "challenger"), lambda *c: seen.append(c), 0.1).start()
+    watcher = AliasWatcher("fibreflow-assistant", ("champion", "challenger"), lambda *c: seen.append(c), 0.1)
+    assert watcher.poll() == [("challenger", None, "1")]  # the first read reports what is set
+    watcher.start()
     try:
         assert watcher.versions == {"champion": None, "challenger": "1"}
         client.set_registered_model_alias("fibreflow-assistant", "champion", "1")
@@ -161,7 +163,7 @@ def test_alias_moves_reach_a_watcher(train_run: Any, home: Path, tiny_llama: Pat
         wait_for(("champion", "2", "1"))
     finally:
         watcher.stop()
-    assert len(seen) == 4  # each move once, nothing twice
+    assert len(seen) == 5  # the first read, then each move once, nothing twice
 
 
 @pytest.mark.integration

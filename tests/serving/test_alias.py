@@ -33,7 +33,7 @@ def test_a_promotion_reaches_the_router_and_the_model_server(
     engine = build_engine(load_serving_config({"model_server.dtype": "float32"}))
     try:
         assert engine.models() == ["smollm2-135m-instruct", "fibreflow-assistant-v1"]
-        upstream = run_app(create_model_app(engine, default_max_tokens=8))
+        upstream = run_app(create_model_app(engine, default_max_tokens=8, adapter_roots=(tiny_home / "var/models",)))
         cfg = load_serving_config({
             "router.upstreams.primary.url": f"{upstream}/v1", "router.alias_poll_s": 0.2,
             "router.auth.required": False, "router.audit.enabled": False, "router.schedule.periods": [],

@@ -28,8 +28,8 @@ def test_ask_retrieves_within_filters_and_cites_the_records(api: str, embedded_u
 
     with psycopg.connect(embedded_url, autocommit=True) as conn:
         project = conn.execute("SELECT id FROM projects ORDER BY id LIMIT 1").fetchone()[0]
-        want = Retriever(conn, embedder, "record_embeddings").search("Which tasks are blocked?", 3,
-                                                                     Filters(project_id=project))  # fmt: skip
+        want = Retriever(embedder, "record_embeddings").search(conn, "Which tasks are blocked?", 3,
+                                                               Filters(project_id=project))  # fmt: skip
     r = httpx.post(f"{api}/v1/fibreflow/ask", json={"question": "Which tasks are blocked?",
                                                    "filters": {"project_id": project}}, timeout=60)  # fmt: skip
     assert r.status_code == 200, r.text
@@ -58,9 +58,6 @@ def test_project_summary_and_health_rest_on_computed_facts_and_are_cached(api: s
     assert health.status_code == 200 and health.json()["kind"] == "health"
     missing = httpx.get(f"{api}/v1/fibreflow/projects/NOPE-1/summary")
     assert missing.status_code == 404 and "no project 'NOPE-1'" in missing.json()["error"]["message"]
-    schema = httpx.get(f"{api}/openapi.json").json()["paths"]
-    assert {"/v1/fibreflow/ask", "/v1/fibreflow/projects/{project_id}/summary", "/v1/embeddings",
-            "/v1/chat/completions", "/v1/feedback"} <= set(schema)  # fmt: skip
 
 
 @pytest.mark.integration

@@ -201,35 +201,34 @@ def test_keys_cli_and_prompt_logging(
 
 
 @pytest.mark.integration
-def test_shared_limits_converge_through_redis() -> None:
+def test_shared_limits_converge_through_redis_and_hold_locally_without_it() -> None:
     import asyncio
 
     import redis
-    from fibreflow.serving.limits import Limiter
+    from fibreflow.serving.limits import limiter
 
     url = "redis://127.0.0.1:6379/15"
     redis.Redis.from_url(url).flushdb()
 
-    async def scenario() -> tuple[list[float | None], float | None, float | None]:
-        a, b = Limiter(url, 0.5, stale_s=1.0), Limiter(url, 0.5, stale_s=1.0)
+    async def scenario() -> tuple[list[float | None], float | None, list[float | None], int]:
+        a, b = limiter(url, 0.5, 1.0), limiter(url, 0.5, 1.0)
         on_a = [await a.admit("k", 3, None) for _ in range(4)]
         await asyncio.sleep(0.05)  # a's increments reach Redis right after each decision
         first_on_b = await b.admit("k", 3, None)  # a key new to b: b asks Redis before deciding
-        down = Limiter("redis://127.0.0.1:1/0", 0.2)
-        try:
-            await down.admit("k", 3, None)
-        except Exception:
-            unreachable = None
-        else:
-            unreachable = 1.0
-        await a.close()
-        await b.close()
-        return on_a, first_on_b, unreachable
+        down = limiter("redis://127.0.0.1:1/0", 0.2, 1.0)  # nothing listens there
+        without_redis = [await down.admit("k", 3, None) for _ in range(4)]
+        down.spend("k", 10)  # tokens are counted too
+        errors = down.counts.errors  # type: ignore[attr-defined]
+        for x in (a, b, down):
+            await x.close()
+        return on_a, first_on_b, without_redis, errors
 
-    on_a, first_on_b, unreachable = asyncio.run(scenario())
+    on_a, first_on_b, without_redis, errors = asyncio.run(scenario())
     assert on_a[:3] == [None, None, None] and on_a[3] is not None and 0 < on_a[3] <= 60
     assert first_on_b is not None  # refused: a used the shared budget
-    assert unreachable is None  # an unreachable Redis raises; the router lets the request through (counted)
+    # Redis down: this router counts its own traffic and the limit still holds (it used to let everything through)
+    assert without_redis[:3] == [None, None, None] and without_redis[3] is not None
+    assert errors >= 1
 
 
 @pytest.mark.integration

@@ -30,8 +30,9 @@ def one_by_one(engine: Any, adapter: str | None, question: str, max_new_tokens: 
 
 
 @pytest.fixture
-def server(tiny_engine: Any, run_app: Any) -> str:
-    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
+def server(tiny_engine: Any, run_app: Any, two_adapters: dict[str, Path]) -> str:
+    store = two_adapters["alpha"].parent  # stands in for the artifact store: adapters load only from there
+    return run_app(create_model_app(tiny_engine, default_max_tokens=8, adapter_roots=(store,)))
 
 
 @pytest.mark.integration
@@ -115,8 +116,15 @@ def test_adapters_load_and_unload_at_run_time(server: str, two_adapters: dict[st
     assert httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "gamma"}).status_code == 200
     with pytest.raises(openai.NotFoundError, match="gamma"):
         client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}])
-    bad = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "delta", "lora_path": "/nonexistent"})
+    bad = httpx.post(
+        f"{server}/v1/load_lora_adapter",
+        json={"lora_name": "delta", "lora_path": str(two_adapters["alpha"].parent / "nonexistent")},
+    )
     assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+    for outside in ("/tmp", "/", str(two_adapters["alpha"]) + "/../../.."):  # any other folder: refused
+        refused = httpx.post(f"{server}/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": outside})
+        assert refused.status_code == 403 and "artifact store" in refused.json()["error"]["message"], outside
+    assert "evil" not in {m.id for m in client.models.list().data}
 
 
 @pytest.mark.integration

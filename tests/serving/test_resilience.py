@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from pathlib import Path
@@ -18,20 +19,46 @@ from serving_helpers import config, metric
 MSG = [{"role": "user", "content": "What is a BOQ?"}]
 
 
+def fail(b: Breaker) -> None:
+    with b.attempt() as a:  # type: ignore[union-attr]
+        a.failed()
+
+
 def test_breaker_opens_half_opens_and_closes() -> None:
     b = Breaker(failures=2, reset_s=0.2)
-    b.record(False)
-    assert b.allow() and b.state == "closed"
-    b.record(False)
-    assert b.state == "open" and not b.allow()
+    fail(b)
+    assert b.ready() and b.state == "closed"
+    fail(b)
+    assert b.state == "open" and not b.ready() and b.attempt() is None
     time.sleep(0.25)
-    assert b.allow() and not b.allow()  # half-open: exactly one trial
-    b.record(False)  # the trial failed: open again
-    assert not b.allow()
+    trial = b.attempt()
+    assert trial is not None and b.attempt() is None  # half-open: exactly one trial
+    with trial:
+        trial.failed()  # the trial failed: open again
+    assert b.attempt() is None
     time.sleep(0.25)
-    assert b.allow()
-    b.record(True)
-    assert b.state == "closed" and b.allow() and b.allow()
+    with b.attempt() as a:  # type: ignore[union-attr]
+        a.ok()
+    assert b.state == "closed" and b.attempt() is not None and b.attempt() is not None
+
+
+def test_a_trial_that_decides_nothing_frees_the_slot() -> None:
+    """A half-open trial that ends without a verdict (answered from the cache, the client left, a 4xx) must not
+    keep the breaker open for good."""
+    b = Breaker(failures=1, reset_s=0.1)
+    fail(b)
+    time.sleep(0.15)
+    trial = b.attempt()
+    assert trial is not None and b.attempt() is None
+    try:
+        with trial:
+            raise asyncio.CancelledError  # the client went away mid-call
+    except asyncio.CancelledError:
+        pass
+    assert b.state == "half_open" and b.ready()
+    with b.attempt() as a:  # type: ignore[union-attr]
+        a.ok()
+    assert b.state == "closed"
 
 
 def test_schedule_periods_in_local_time() -> None:
@@ -91,11 +118,13 @@ def test_upstream_down_retries_then_falls_back_then_breaker_opens(
         assert r.status_code == 200 and r.headers["x-fibreflow-arm"] == "fallback"
         assert r.headers["x-fibreflow-model-version"] == "tiny"
         reasons.append(r.headers["x-fibreflow-fallback"])
-    assert reasons == ["upstream_error", "upstream_error", "breaker_open", "breaker_open"]
+    # each attempt counts: the first request's two (one retry) open the breaker
+    assert reasons == ["upstream_error", "breaker_open", "breaker_open", "breaker_open"]
     assert post(base).json()["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
     arm = r.headers["x-fibreflow-arm"]
     assert arm == "fallback"
-    assert sum(metric(base, "fibreflow_router_upstream_retries_total", arm=a) for a in "ab") == 2  # 1 per failure
+    assert sum(metric(base, "fibreflow_router_upstream_retries_total", arm=a) for a in "ab") == 1
+    assert metric(base, "fibreflow_router_breaker_open", upstream="dead") == 1
     assert metric(base, "fibreflow_router_fallbacks_total", reason="breaker_open") >= 2
 
 
