@@ -118,7 +118,8 @@ def test_retrieval_filters(embedded_url: str, embedder: Embedder) -> None:
     with db.connect(embedded_url) as conn:
         r = Retriever(embedder, CFG.table)
         project = conn.execute("SELECT id, region FROM projects LIMIT 1").fetchone()
-        hits = r.search(conn, "trenching progress", k=8, filters=Filters(project_id=project[0], record_type="daily_progress"))
+        only = Filters(project_id=project[0], record_type="daily_progress")
+        hits = r.search(conn, "trenching progress", k=8, filters=only)
         assert len(hits) == 8 and all(h.project_id == project[0] and h.record_type == "daily_progress" for h in hits)
         d0, d1 = dt.date(2026, 1, 1), dt.date(2026, 3, 31)
         dated = r.search(conn, "progress", k=5, filters=Filters(record_type="daily_progress", date_from=d0, date_to=d1))
