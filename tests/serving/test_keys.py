@@ -7,61 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import psycopg
 import pytest
-from fibreflow.core.db import migrate
 from fibreflow.serving import keys
-from fibreflow.serving.model_server import create_model_app
 from fibreflow.serving.router import create_app
-from serving_helpers import config
+from serving_helpers import ask, audit_rows, guarded, new_key
 
 MSG = [{"role": "user", "content": "What is a BOQ?"}]
-
-
-@pytest.fixture
-def keys_db(pg_url: str) -> str:
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        migrate(conn)
-    return pg_url
-
-
-@pytest.fixture
-def upstream(tiny_engine: Any, run_app: Any) -> str:
-    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
-
-
-def guarded(upstream: str, **router: Any) -> Any:
-    """The router config with keys, limits and audit on (short key cache, quick audit flushes)."""
-    on = {
-        "auth": {"required": True, "cache_s": 0.3},
-        "audit": {"enabled": True, "flush_s": 0.1},
-        "limits": {"requests_per_minute": 1000, "tokens_per_minute": None},
-    }
-    return config(upstream, **(on | router))
-
-
-def new_key(url: str, scopes: tuple[str, ...] = ("chat",), **kw: Any) -> str:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return keys.create(conn, "test", list(scopes), **kw)[0]
-
-
-def ask(base: str, key: str | None, **kw: Any) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "assistant", "messages": MSG, "max_tokens": 4, "temperature": 0} | kw
-    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers)
-
-
-def audit_rows(url: str, n: int) -> list[dict[str, Any]]:
-    """The audit rows once `n` have arrived (they are written in batches, off the request path)."""
-    deadline = time.monotonic() + 10
-    while True:
-        with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            rows = cur.execute("SELECT * FROM request_audit ORDER BY id").fetchall()
-        if len(rows) >= n or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
 
 
 @pytest.mark.integration

