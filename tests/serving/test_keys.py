@@ -7,14 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import psycopg
 import pytest
 from fibreflow.serving import keys
 from fibreflow.serving.router import create_app
-from serving_helpers import ask, audit_rows, guarded, new_key
-
-MSG = [{"role": "user", "content": "What is a BOQ?"}]
+from serving_helpers import MSG, ask, audit_rows, bearer, guarded, new_key
 
 
 @pytest.mark.integration
@@ -213,3 +212,140 @@ def test_audit_rows_are_not_lost_on_a_clean_shutdown(keys_db: str, upstream: str
     server.should_exit = True
     thread.join(timeout=30)
     assert [r["status"] for r in audit_rows(keys_db, 3)] == [200, 200, 401]
+
+
+@pytest.mark.integration
+def test_feedback_needs_a_key_is_stored_once_per_caller_and_joins_the_audit_row(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    base = run_app(create_app(guarded(upstream), redis_url="", database_url=keys_db, watch=False))
+    key, other, admin = new_key(keys_db), new_key(keys_db), new_key(keys_db, ("chat", "admin"))
+    r = ask(base, key, temperature=0.5)
+    rid, arm, version = r.json()["id"], r.headers["x-fibreflow-arm"], r.headers["x-fibreflow-model-version"]
+
+    def vote(k: str | None, **body: Any) -> httpx.Response:
+        return httpx.post(f"{base}/v1/feedback", json={"response_id": rid} | body, headers=bearer(k))
+
+    assert vote(None, thumbs="up").status_code == 401  # anyone can no longer vote
+    assert vote(other, thumbs="down").status_code == 403  # not served to that key
+    assert vote(key, thumbs="up").json() == {"status": "recorded", "response_id": rid, "arm": arm,
+                                            "model_version": version}  # fmt: skip
+    assert vote(key, score=0.25, comment="on second thought").status_code == 200  # replaces the first vote
+    assert vote(admin, thumbs="down").status_code == 200  # an admin may rate any answer
+    missing = httpx.post(f"{base}/v1/feedback", json={"response_id": "nope", "score": 0.2}, headers=bearer(key))
+    assert missing.status_code == 404
+    assert vote(key, score=0.2, thumbs="up").status_code == 400
+    with psycopg.connect(keys_db) as conn:
+        votes = conn.execute(
+            "SELECT f.caller, f.score, f.thumbs, f.comment, a.arm, a.model_version FROM feedback f"
+            " JOIN request_audit a ON a.response_id = f.response_id AND a.endpoint = '/v1/chat/completions'"
+            " ORDER BY f.caller"
+        ).fetchall()
+    callers = sorted([keys.split(key)[0], keys.split(admin)[0]])  # type: ignore[index]
+    assert [v[0] for v in votes] == callers and {v[4:] for v in votes} == {(arm, version)}
+    mine = next(v for v in votes if v[0] == keys.split(key)[0])  # type: ignore[index]
+    assert mine[1:4] == (0.25, None, "on second thought")
+    # another router sharing the database finds the response in the audit log
+    second = run_app(create_app(guarded(upstream), redis_url="", database_url=keys_db, watch=False))
+    late = httpx.post(f"{second}/v1/feedback", json={"response_id": rid, "thumbs": "up"}, headers=bearer(key))
+    assert late.status_code == 200 and late.json()["arm"] == arm
+
+
+@pytest.mark.integration
+def test_surfaces_need_keys_and_forcing_an_arm_needs_qa(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    from serving_helpers import free_port
+
+    port = free_port()
+    base = run_app(create_app(guarded(upstream, metrics_listen=f"127.0.0.1:{port}"), redis_url="",
+                              database_url=keys_db, watch=False))  # fmt: skip
+    chat, qa, scraper = new_key(keys_db), new_key(keys_db, ("chat", "qa")), new_key(keys_db, ("metrics",))
+    for path in ("/docs", "/openapi.json"):  # off by default
+        assert httpx.get(f"{base}{path}").status_code == 404
+    assert httpx.get(f"{base}/health").json() == {"status": "ok"}  # no key: up or down only
+    assert set(httpx.get(f"{base}/health", headers=bearer(chat)).json()) == {"status", "arms", "cache"}
+    assert httpx.get(f"{base}/metrics").status_code == 401
+    assert httpx.get(f"{base}/metrics", headers=bearer(chat)).status_code == 403
+    assert "fibreflow_router_requests" in httpx.get(f"{base}/metrics", headers=bearer(scraper)).text
+    assert "fibreflow_router_requests" in httpx.get(f"http://127.0.0.1:{port}/metrics").text  # the private listener
+    refused = ask(base, chat, headers={"x-fibreflow-arm": "b"})
+    assert refused.status_code == 403 and "qa or admin scope" in refused.json()["error"]["message"]
+    assert ask(base, qa, headers={"x-fibreflow-arm": "b"}).headers["x-fibreflow-arm"] == "b"
+    docs = run_app(create_app(guarded(upstream, docs=True), redis_url="", database_url=keys_db, watch=False))
+    assert "/v1/feedback" in httpx.get(f"{docs}/openapi.json").json()["paths"]
+
+
+@pytest.mark.integration
+def test_a_flood_of_random_keys_neither_evicts_real_ones_nor_loads_the_database(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    import secrets
+
+    cfg = guarded(upstream, auth={"required": True, "cache_s": 60, "unknown_lookups_per_s": 5,
+                                  "unknown_cache_size": 50})  # fmt: skip
+    app = create_app(cfg, redis_url="", database_url=keys_db, watch=False)
+    base = run_app(app)
+    key = new_key(keys_db)
+    assert ask(base, key).status_code == 200
+    reads = app.state.router.keys.reads
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(base_url=base) as client:
+            fake = [f"ffk_{secrets.token_hex(6)}.{secrets.token_urlsafe(8)}" for _ in range(300)]
+            body = {"model": "assistant", "messages": MSG}
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", headers=bearer(k), json=body)
+                                             for k in fake))  # fmt: skip
+            return [r.status_code for r in replies]
+
+    import asyncio
+
+    statuses = asyncio.run(flood())
+    assert set(statuses) <= {401, 503} and 500 not in statuses
+    assert app.state.router.keys.reads - reads <= 5 + 5  # the lookup budget (5 a second over ~1 s), not 300
+    assert ask(base, key).status_code == 200  # the real key was neither evicted nor re-read
+    assert app.state.router.keys.reads - reads <= 10
+
+
+@pytest.mark.integration
+def test_every_token_counts_against_the_limit_embeddings_and_prompts_too(
+    keys_db: str, upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    base = run_app(create_app(guarded(upstream), redis_url="", database_url=keys_db, watch=False))
+    thrifty = new_key(keys_db, tokens_per_minute=50)
+    text = "pole planted on Main Street " * 12  # ~60 tokens of the embedding model: over the budget alone
+    first = httpx.post(f"{base}/v1/embeddings", json={"model": "default", "input": text}, headers=bearer(thrifty))
+    assert first.status_code == 200 and first.json()["usage"]["prompt_tokens"] > 50
+    deadline = time.monotonic() + 5
+    while ask(base, thrifty).status_code != 429:  # the spend is recorded just after the answer
+        assert time.monotonic() < deadline, "embedding tokens were not counted"
+
+
+@pytest.mark.integration
+def test_no_row_holds_up_the_audit_log(keys_db: str, run_app: Any, project_tmp: Path) -> None:
+    """A NUL byte in a field (COPY refuses it) is made safe; a row Postgres still refuses (an upstream reporting
+    absurd usage) is dropped alone and counted; every other row is written."""
+    from fastapi import FastAPI
+    from serving_helpers import metric
+
+    fake = FastAPI()
+
+    @fake.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        absurd = body["messages"][-1]["content"] == "absurd"
+        usage = {"prompt_tokens": 10**12 if absurd else 3, "completion_tokens": 2, "total_tokens": 5}
+        message = {"role": "assistant", "content": "ok"}
+        return {"id": f"chatcmpl-{time.monotonic_ns()}", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": usage}  # fmt: skip
+
+    limits = {"requests_per_minute": 1000, "tokens_per_minute": None}
+    cfg = guarded(run_app(fake), audit={"enabled": True, "flush_s": 0.2, "batch_size": 100}, limits=limits)
+    base = run_app(create_app(cfg, redis_url="", database_url=keys_db, watch=False))
+    key, admin = new_key(keys_db), new_key(keys_db, ("admin",))
+    assert ask(base, key, model="assist\x00ant").status_code == 404
+    assert ask(base, key, messages=[{"role": "user", "content": "absurd"}]).status_code == 200
+    assert [ask(base, key, messages=[{"role": "user", "content": f"q{i}"}]).status_code for i in range(3)] == [200] * 3
+    rows = audit_rows(keys_db, 4)
+    assert len(rows) == 4 and rows[0]["model"] == "assist\ufffdant" and rows[0]["status"] == 404
+    assert all(r["prompt_tokens"] == 3 for r in rows[1:])  # the absurd row alone was dropped
+    assert metric(base, "fibreflow_router_audit_rows_total", headers=bearer(admin), outcome="dropped_invalid") == 1

@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from fibreflow.serving.config import Period, Schedule
 from fibreflow.serving.resilience import Breaker, period
 from fibreflow.serving.router import create_app
@@ -140,3 +142,65 @@ def test_overload_and_schedule_route_to_the_fallback(upstream: str, run_app: Any
     assert {post(only_b, user=f"user{i}").headers["x-fibreflow-arm"] for i in range(8)} == {"b"}
     with pytest.raises(ValueError, match="no fallback is configured"):
         config(upstream, schedule=always)
+
+
+class Flaky:
+    """An upstream whose next answers are set by the test: "ok", "down" (503), "bug" (500) or "slow" (2 s)."""
+
+    def __init__(self) -> None:
+        self.mode, self.calls = "ok", 0
+        self.app = FastAPI()
+
+        @self.app.post("/v1/chat/completions")
+        async def chat(body: dict[str, Any]) -> Any:
+            self.calls += 1
+            if self.mode == "down":
+                return JSONResponse({"error": {"message": "overloaded"}}, 503)
+            if self.mode == "bug":
+                return JSONResponse({"error": {"message": "generation failed: IndexError"}}, 500)
+            if self.mode == "slow":
+                await asyncio.sleep(2)
+            text = body["messages"][-1]["content"]
+            return {"id": f"chatcmpl-{self.calls}", "object": "chat.completion", "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": f"arm: {text}"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}  # fmt: skip
+
+
+@pytest.mark.integration
+def test_a_half_open_trial_is_never_lost_and_only_unavailability_counts(
+    upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    flaky = Flaky()
+    cfg = config(upstream, fallback={"upstream": "local", "model": "tiny"},
+                 resilience={"retries": 0, "breaker_failures": 1, "breaker_reset_s": 0.5})  # fmt: skip
+    arms = [a.model_copy(update={"upstream": "flaky"}) for a in cfg.router.experiments[0].arms]
+    flaky_up = cfg.router.upstreams["local"].model_copy(update={"url": f"{run_app(flaky.app)}/v1", "timeout_s": 10})
+    router_cfg = cfg.router.model_copy(update={"upstreams": cfg.router.upstreams | {"flaky": flaky_up},
+        "experiments": [cfg.router.experiments[0].model_copy(update={"arms": arms})]})  # fmt: skip
+    base = run_app(create_app(cfg.model_copy(update={"router": router_cfg}), redis_url="", watch=False))
+
+    def q(text: str, **kw: Any) -> httpx.Response:
+        return post(base, messages=[{"role": "user", "content": text}], **kw)
+
+    assert q("cached question").headers["x-fibreflow-cache"] == "miss"  # answered by the arm, now cached
+    # a 500 is the upstream failing on this request: passed on as a 502, not retried, no fallback, no breaker
+    flaky.mode, calls = "bug", flaky.calls
+    bug = q("a question that breaks it")
+    assert bug.status_code == 502 and "IndexError" in bug.json()["error"]["message"] and flaky.calls == calls + 1
+    flaky.mode = "down"  # unavailable: the fallback answers and the breaker opens
+    assert q("first failure").headers["x-fibreflow-fallback"] == "upstream_error"
+    assert q("while open").headers["x-fibreflow-fallback"] == "breaker_open"
+    time.sleep(0.6)  # half-open: one trial may go
+    hit = q("cached question")  # answered from the cache: it must not use up the trial
+    assert hit.headers["x-fibreflow-cache"] == "hit" and "x-fibreflow-fallback" not in hit.headers
+    flaky.mode = "slow"
+    with pytest.raises(httpx.ReadTimeout):  # the trial's client leaves mid-call: the trial decides nothing
+        httpx.post(f"{base}/v1/chat/completions", json={"model": "assistant", "user": "u1", "max_tokens": 4,
+                   "messages": [{"role": "user", "content": "gone"}]}, timeout=0.3)  # fmt: skip
+    time.sleep(0.1)
+    flaky.mode = "ok"
+    back = q("after the outage")
+    assert back.status_code == 200 and "x-fibreflow-fallback" not in back.headers  # the trial went, closed it
+    assert back.json()["choices"][0]["message"]["content"] == "arm: after the outage"
+    assert metric(base, "fibreflow_router_breaker_open", upstream="flaky") == 0
