@@ -188,3 +188,98 @@ def test_redis_stopped_and_restarted(keys_db: str, upstream: str, run_app: Any, 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def mlflow_server(port: int, folder: Path) -> Any:
+    """A real MLflow tracking server of the test's own: sqlite backend and proxied artifacts in `folder`."""
+    import subprocess
+    import sys
+
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    until(up, 90, "mlflow server started")
+    return proc
+
+
+def every_model_upstream() -> Any:
+    """An OpenAI-like upstream that serves any model name it is asked for (and lists the registry's versions)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": f"fibreflow-assistant-v{v}"} for v in range(1, 10)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        message = {"role": "assistant", "content": body["model"]}
+        return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}  # fmt: skip
+
+    return app
+
+
+def test_mlflow_stopped_and_restarted_changes_no_arm(
+    tmp_path: Path, tiny_home: Path, tiny_llama: Path, train_run: Any, run_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry unreachable is not "the aliases are unset": both arms keep their versions (counted, logged
+    once), the router stops promptly, and a move made once the server is back reaches traffic."""
+    import mlflow
+    from fibreflow.registry.registry import register
+    from fibreflow.registry.watch import AliasWatcher
+    from fibreflow.serving.config import load_serving_config
+
+    port = free_port()
+    server = mlflow_server(port, tmp_path)
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    v1 = register(train_run(tiny_llama, tmp_path / "a", 1))["version"]
+    client.set_registered_model_alias("fibreflow-assistant", "champion", v1)
+    v2 = register(train_run(tiny_llama, tmp_path / "b", 2))["version"]  # @challenger
+    upstream = run_app(every_model_upstream())
+    cfg = load_serving_config({"router.upstreams.primary.url": f"{upstream}/v1", "router.alias_poll_s": 0.2,
+                               "router.auth.required": False, "router.audit.enabled": False,
+                               "router.schedule.periods": [], "router.cache.enabled": False})  # fmt: skip
+    app = create_app(cfg, redis_url="")
+    base = run_app(app)
+
+    def served(arm: str) -> str:
+        body = {"model": "fibreflow-assistant", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{base}/v1/chat/completions", headers={"x-fibreflow-arm": arm}, json=body)
+        assert r.status_code == 200, r.text
+        return r.headers["x-fibreflow-model-version"]
+
+    assert (served("champion"), served("challenger")) == (v1, v2)
+    server.terminate()
+    server.wait(30)
+    time.sleep(2.0)  # ten polls against a dead server
+    assert (served("champion"), served("challenger")) == (v1, v2)  # the arms kept their versions
+    watcher = app.state.router.watcher
+    assert watcher.failing and app.state.router.metrics.alias_read_errors._value.get() >= 2
+    probe = AliasWatcher("fibreflow-assistant", ("champion", "challenger"), lambda *c: None, 0.2)
+    started = time.monotonic()
+    assert probe.poll() == [] and probe.failing  # one bounded request per alias: no multi-minute retry
+    probe.start().stop()  # what `fibreflow serve` does on exit
+    assert time.monotonic() - started < 8
+    server = mlflow_server(port, tmp_path)
+    try:
+        client.set_registered_model_alias("fibreflow-assistant", "champion", v2)
+        until(lambda: served("champion") == v2, 30, "the move after the outage reached traffic")
+        assert not watcher.failing
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -146,3 +146,33 @@ def test_bad_requests_get_openai_errors(server: str) -> None:
     assert raw.status_code == 400 and raw.json()["error"]["message"] == "request body is not valid JSON"
     missing = httpx.post(f"{server}/v1/chat/completions", json={"model": "tiny"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.integration
+def test_the_upstream_token_guards_every_v1_route(
+    tiny_engine: Any, run_app: Any, project_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like vLLM's --api-key: without the shared token no process can generate, list or (un)load adapters."""
+    from fibreflow.serving.router import create_app
+    from serving_helpers import config
+
+    server = run_app(create_model_app(tiny_engine, default_max_tokens=4, token="s3cret"))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for method, path, body in (
+        ("POST", "/v1/chat/completions", chat),
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"}),
+        ("POST", "/v1/unload_lora_adapter", {"lora_name": "alpha"}),
+    ):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, f"{server}{path}", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, r.text)
+    assert "alpha" in tiny_engine.adapters  # nothing was unloaded
+    assert httpx.get(f"{server}/health").status_code == 200  # probes need no token
+    ok = httpx.post(f"{server}/v1/chat/completions", json=chat, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "s3cret")  # the router sends the token it is given
+    cfg = config(server, upstreams={"local": {"url": f"{server}/v1", "api_key_env": "TEST_UPSTREAM_KEY"}})
+    router = run_app(create_app(cfg, redis_url="", watch=False))
+    via = httpx.post(f"{router}/v1/chat/completions", json=chat | {"model": "assistant"})
+    assert via.status_code == 200, via.text
