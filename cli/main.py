@@ -21,6 +21,7 @@ keys_app = typer.Typer(help="API keys of the router (stored hashed in Postgres).
 app.add_typer(keys_app, name="keys")
 
 F = TypeVar("F", bound=Callable[..., Any])
+GATE_REFUSED = 3  # `fibreflow promote`'s exit status when the gate refuses (errors exit 2)
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")]
 
 
@@ -215,19 +216,26 @@ def promote(
     eval_run: Annotated[str | None, typer.Option(help="An evaluation of this exact pair to judge again.")] = None,
     set_: Overrides = None,
 ) -> None:
-    """Gate @challenger against @champion (first time: the base model); move @champion only if it passes."""
+    """Gate @challenger against @champion (first time: the base model); move @champion only if it passes.
+    Exit status: 0 promoted or nothing to do, 3 the gate refused, 2 an error (CI and cron can act on it)."""
     from fibreflow.registry.registry import promote as run_promote
 
-    _print(run_promote(force=force, reason=reason, eval_overrides=_overrides(set_), eval_run_id=eval_run))
+    out = run_promote(force=force, reason=reason, eval_overrides=_overrides(set_), eval_run_id=eval_run)
+    _print(out)
+    if out["decision"] == "refused":
+        sys.exit(GATE_REFUSED)
 
 
 @app.command("rollback")
 @friendly
-def rollback(reason: Annotated[str, typer.Option(help="Why (recorded in the alias history).")] = "") -> None:
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why (recorded in the alias history).")] = "",
+    expected: Annotated[str | None, typer.Option(help="Only if @champion is still this version.")] = None,
+) -> None:
     """Move @champion back to the version it replaced."""
     from fibreflow.registry.registry import rollback as run_rollback
 
-    _print(run_rollback(reason=reason))
+    _print(run_rollback(reason=reason, expected=expected))
 
 
 @app.command("main")

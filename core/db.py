@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -17,6 +20,7 @@ from fibreflow.core.config import Strict, load_config, resolve_path
 from fibreflow.core.errors import (
     DatabaseUnreachable,
     FibreFlowError,
+    LockBusy,
     PgvectorMissing,
     SchemaBehind,
     SchemaMissing,
@@ -116,6 +120,23 @@ def connect(url: str, *, autocommit: bool = True, timeout_s: int = 10) -> psycop
             else "run `fibreflow db up` to start the embedded database"
         )
         raise DatabaseUnreachable(f"cannot connect to {redact(url)}: {reason}; {hint}") from None
+
+
+@contextmanager
+def advisory_lock(conn: psycopg.Connection, name: str, timeout_s: float, what: str) -> Iterator[None]:
+    """Hold the Postgres session advisory lock `name` for the block: one holder at a time across processes and
+    machines sharing the database; released when the block ends, and by the server when the holder dies (its
+    session ends with it). Waits up to `timeout_s`, then `LockBusy` saying `what` holds it."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (name,)).fetchone()[0]:
+        if time.monotonic() >= deadline:
+            raise LockBusy(f"{what} is already under way (waited {timeout_s:.0f} s); try again once it has finished")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (name,))
 
 
 def open_db(overrides: dict[str, Any] | None = None, *, autocommit: bool = True) -> psycopg.Connection:

@@ -35,5 +35,9 @@ class EmbeddingSpaceMismatch(FibreFlowError):
     """Vectors from another model or dimension would be mixed into an index."""
 
 
+class LockBusy(FibreFlowError):
+    """Another process holds the lock for this work (a promotion, a regression run)."""
+
+
 class DatasetBuildError(FibreFlowError):
     """A dataset could not be built (empty source, lost connection, ...); nothing was written."""

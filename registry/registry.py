@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fibreflow.core.config import Strict, load_config
@@ -18,10 +20,12 @@ from fibreflow.core.errors import FibreFlowError
 from fibreflow.eval.summary import EvalSummary
 from fibreflow.registry.spec import TAG as SPEC_TAG
 from fibreflow.registry.spec import ServingSpec, write_spec
+from fibreflow.registry.watch import UNSET
 from pydantic import Field
 
 HISTORY_TAG = "alias_history"  # registered-model tag: the last HISTORY_KEEP alias moves, newest last
 HISTORY_KEEP = 40
+LOCK_WAIT_S = 30.0  # how long a promotion or rollback waits for one already under way
 
 
 class RegistryError(FibreFlowError):
@@ -107,21 +111,44 @@ def register(
     tags |= {f"metric.{k}": f"{run.data.metrics[k]:.4f}" for k in cfg.headline_metrics if k in run.data.metrics}
     if eval_run_id:
         tags["eval_run_id"] = eval_run_id
-    tags["training_run_id"] = run_id
-    client.set_registered_model_alias(cfg.name, "challenger", mv.version)
-    for k, v in tags.items():  # `training_run_id` marks the registration complete: written last
+    for k, v in tags.items():  # the lineage first: @challenger never names a version without it
         client.set_model_version_tag(cfg.name, mv.version, k, v)
+    client.set_registered_model_alias(cfg.name, "challenger", mv.version)
     _append_history(cfg.name, "challenger", str(mv.version), "registered")
+    client.set_model_version_tag(cfg.name, mv.version, "training_run_id", run_id)  # marks the registration complete
+    tags["training_run_id"] = run_id
     return {"name": cfg.name, "version": str(mv.version), "alias": "challenger", "tags": tags, "reused": False}
 
 
 def _alias(name: str, alias: str) -> Any | None:
+    """The version `alias` names, None when it is unset; a registry that cannot be read is an error (never taken
+    for "unset": a promotion would then judge against the base model and move @champion)."""
     import mlflow
 
     try:
         return _client().get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in UNSET:
+            return None
+        raise RegistryError(f"the registry could not be read ({str(exc).splitlines()[0][:200]}); try again") from None
+
+
+def _exclusive(name: str) -> Any:
+    """One promotion or rollback of `name` at a time, across processes and machines: a Postgres advisory lock on
+    the project database (released by the server if the holder is killed)."""
+    from fibreflow.core.db import advisory_lock, open_db
+
+    @contextmanager
+    def held() -> Iterator[None]:
+        with open_db() as conn, advisory_lock(conn, f"fibreflow-registry:{name}", LOCK_WAIT_S,
+                                              f"a promotion or rollback of {name}"):  # fmt: skip
+            yield
+
+    return held()
+
+
+def _version(mv: Any | None) -> str | None:
+    return str(mv.version) if mv is not None else None
 
 
 def _append_history(name: str, alias: str, version: str, action: str, **extra: str) -> None:
@@ -149,46 +176,66 @@ def promote(
     """Gate `@challenger` against `@champion` (the first time: against the base model) and move `@champion` only
     if the gate passes, or if forced with a reason. The decision is an MLflow run and tags on the version.
     `eval_run_id` (default: the version's `eval_run_id` tag): an evaluation of exactly this pair, judged again
-    with the current gates instead of evaluating again."""
-    import mlflow
+    with the current gates instead of evaluating again.
+
+    One promotion or rollback at a time (`_exclusive`); @champion is compared before it is moved (a move made
+    meanwhile by anyone else refuses this one); a version rolled back before is promoted again only by force."""
     from fibreflow.core.tracking import setup_mlflow
-    from fibreflow.eval.gates import decide, load_gates
-    from fibreflow.eval.run import main as evaluate
 
     cfg = cfg or load_registry_config()
     if force and not (reason and reason.strip()):
         raise RegistryError('promote --force needs --reason "…" (it is recorded with the decision)')
     setup_mlflow(cfg.experiment)
-    challenger = _alias(cfg.name, "challenger")
-    if challenger is None:
-        raise RegistryError(f"{cfg.name} has no @challenger: run `fibreflow register` first")
-    champion = _alias(cfg.name, "champion")
-    if champion is not None and champion.version == challenger.version:
-        reasons = ["@challenger is already @champion"]
-        return {"promoted": False, "decision": "unchanged", "version": str(champion.version), "reasons": reasons}
+    with _exclusive(cfg.name):
+        challenger = _alias(cfg.name, "challenger")
+        if challenger is None:
+            raise RegistryError(f"{cfg.name} has no @challenger: run `fibreflow register` first")
+        champion = _alias(cfg.name, "champion")
+        if champion is not None and champion.version == challenger.version:
+            reasons = ["@challenger is already @champion"]
+            return {"promoted": False, "decision": "unchanged", "version": str(champion.version), "reasons": reasons}
+        if (why := challenger.tags.get("rolled_back")) is not None and not force:
+            raise RegistryError(f"{cfg.name} v{challenger.version} was rolled back ({why}); promote it again only with "
+                                '--force --reason "…"')  # fmt: skip
+        return _promote(cfg, challenger, champion, force, reason, eval_overrides, eval_run_id)
+
+
+def _promote(
+    cfg: RegistryConfig,
+    challenger: Any,
+    champion: Any | None,
+    force: bool,
+    reason: str | None,
+    eval_overrides: dict[str, Any] | None,
+    eval_run_id: str | None,
+) -> dict[str, Any]:
+    import mlflow
+    from fibreflow.eval.gates import decide, load_gates
+    from fibreflow.eval.run import main as evaluate
+
     against = f"models:/{cfg.name}/{champion.version}" if champion else "base"
     # the first time: against the base model the challenger was trained from
     eval_overrides = (eval_overrides or {}) | ({} if champion else {"base_model": challenger.tags["base_model"]})
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=f"promote-v{challenger.version}", nested=nested) as run:
+    version, nested = str(challenger.version), mlflow.active_run() is not None
+    with mlflow.start_run(run_name=f"promote-v{version}", nested=nested) as run:
         summary = _same_pair(eval_run_id or challenger.tags.get("eval_run_id"), champion, challenger)
         if summary is None:
-            models = [against, f"models:/{cfg.name}/{challenger.version}"]
-            summary = evaluate(eval_overrides, models=models, progress=False)
+            summary = evaluate(eval_overrides, models=[against, f"models:/{cfg.name}/{version}"], progress=False)
         gate = decide(load_gates(), summary.diffs())
-        passed = gate.passed
-        decision = "passed" if passed else ("forced" if force else "refused")
-        promoted = passed or force
-        mlflow.set_tags({"decision": decision, "challenger_version": str(challenger.version),
-                         "champion_version": str(champion.version) if champion else "base",
+        decision = "passed" if gate.passed else ("forced" if force else "refused")
+        promoted = gate.passed or force
+        mlflow.set_tags({"decision": decision, "challenger_version": version,
+                         "champion_version": _version(champion) or "base",
                          "eval_run_id": summary.run_id} | ({"force_reason": reason} if force else {}))  # fmt: skip
         mlflow.log_dict({"passed": gate.passed, "reasons": gate.reasons, "decision": decision, "reason": reason},
                         "promotion/decision.json")  # fmt: skip
         client = _client()
-        version = str(challenger.version)
         if promoted:
-            before = str(champion.version) if champion else ""
-            client.set_model_version_tag(cfg.name, version, "previous_champion", before)  # inert until the switch
+            now = _alias(cfg.name, "champion")
+            if _version(now) != _version(champion):  # compare, then set: someone moved it while we evaluated
+                raise RegistryError(f"@champion moved from v{_version(champion)} to v{_version(now)} while v{version} "
+                                    "was being judged; nothing was changed: run the promotion again")  # fmt: skip
+            client.set_model_version_tag(cfg.name, version, "previous_champion", _version(champion) or "")  # inert
             client.set_registered_model_alias(cfg.name, "champion", version)  # the one atomic switch
         record = {"decision": decision, "decision_run_id": run.info.run_id, "eval_run_id": summary.run_id,
                   "reasons": " | ".join(gate.reasons)[:4000]}  # fmt: skip
@@ -202,7 +249,7 @@ def promote(
         "promoted": promoted,
         "decision": decision,
         "version": version,
-        "previous_champion": str(champion.version) if champion else None,
+        "previous_champion": _version(champion),
         "reasons": gate.reasons,
         "decision_run_id": run.info.run_id,
         "eval_run_id": summary.run_id,
@@ -232,20 +279,27 @@ def _same_pair(eval_run_id: str | None, champion: Any | None, challenger: Any) -
     return load_summary(eval_run_id)
 
 
-def rollback(cfg: RegistryConfig | None = None, reason: str = "") -> dict[str, Any]:
-    """Move `@champion` back to the version it replaced (kept in the version's `previous_champion` tag)."""
+def rollback(cfg: RegistryConfig | None = None, reason: str = "", expected: str | None = None) -> dict[str, Any]:
+    """Move `@champion` back to the version it replaced (kept in the version's `previous_champion` tag), under the
+    same lock as promotions; with `expected`, only if @champion still names that version (a monitor rolling back
+    what it measured, not whatever was promoted since)."""
     from fibreflow.core.tracking import setup_mlflow
 
     cfg = cfg or load_registry_config()
     setup_mlflow(cfg.experiment)
-    current = _alias(cfg.name, "champion")
-    if current is None:
-        raise RegistryError(f"{cfg.name} has no @champion to roll back")
-    previous = current.tags.get("previous_champion", "")
-    if not previous:
-        raise RegistryError(f"{cfg.name} v{current.version} was the first champion: there is nothing to roll back to")
-    client = _client()
-    client.set_registered_model_alias(cfg.name, "champion", previous)  # the one atomic switch
-    client.set_model_version_tag(cfg.name, current.version, "rolled_back", reason or "yes")
-    _append_history(cfg.name, "champion", previous, "rollback", **{"from": str(current.version), "reason": reason})
+    with _exclusive(cfg.name):
+        current = _alias(cfg.name, "champion")
+        if current is None:
+            raise RegistryError(f"{cfg.name} has no @champion to roll back")
+        if expected is not None and str(current.version) != expected:
+            raise RegistryError(f"@champion is v{current.version}, no longer v{expected}: nothing was rolled back")
+        previous = current.tags.get("previous_champion", "")
+        if not previous:
+            raise RegistryError(
+                f"{cfg.name} v{current.version} was the first champion: there is nothing to roll back to"
+            )
+        client = _client()
+        client.set_registered_model_alias(cfg.name, "champion", previous)  # the one atomic switch
+        client.set_model_version_tag(cfg.name, current.version, "rolled_back", reason or "yes")
+        _append_history(cfg.name, "champion", previous, "rollback", **{"from": str(current.version), "reason": reason})
     return {"champion": previous, "was": str(current.version)}

@@ -17,7 +17,9 @@ from typing import Any
 
 Change = Callable[[str, str | None, str | None], None]  # (alias, old version, new version)
 log = logging.getLogger("fibreflow.registry")
-UNSET = "RESOURCE_DOES_NOT_EXIST"
+# What MLflow answers for an alias (or a registered model) that does not exist: sqlite and the REST API say
+# INVALID_PARAMETER_VALUE for a missing alias, RESOURCE_DOES_NOT_EXIST for a missing model.
+UNSET = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 class AliasReadError(Exception):
@@ -57,7 +59,7 @@ class AliasWatcher:
                 return self._read_rest(store, alias)
             return str(self._client.get_model_version_by_alias(self.name, alias).version)
         except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code == UNSET:
+            if exc.error_code in UNSET:
                 return None
             raise AliasReadError(f"@{alias}: {str(exc).splitlines()[0][:300]}") from None
         except Exception as exc:  # the store's own errors (sqlite locked, a dropped connection)

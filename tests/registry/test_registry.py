@@ -17,8 +17,10 @@ QUESTIONS = [f"What does fibreflow code {i} mean?" for i in range(8)]
 
 
 @pytest.fixture
-def home(tiny_home: Path) -> Path:
-    """The tiny home, gated on accuracy alone, evaluating on its own test set without RAG."""
+def home(tiny_home: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny home, gated on accuracy alone, evaluating on its own test set without RAG; its database (for the
+    promotion lock) is an empty one on the session's server."""
+    monkeypatch.setenv("DATABASE_URL", pg_url)
     home = tiny_home
     (home / "configs/gates.yaml").write_text(
         yaml.safe_dump({"metrics": {"accuracy": {"min": 0.5, "max_regression": 0.02}}})
@@ -78,10 +80,14 @@ def test_register_promote_refuse_force_and_roll_back(
     assert promote()["decision"] == "unchanged"  # nothing new to judge: no evaluation, no alias move
     assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
 
-    # a worse challenger is refused and the champion stays
+    # a worse challenger is refused and the champion stays; the CLI says so in its exit status
     register(train_run(tiny_llama, tmp_path / "b", seed=2))
     refused = promote()
     assert refused["promoted"] is False and refused["decision"] == "refused"
+    from fibreflow.cli.main import GATE_REFUSED, app
+    from typer.testing import CliRunner
+
+    assert CliRunner().invoke(app, ["promote"]).exit_code == GATE_REFUSED == 3
     assert any("accuracy" in r and "minimum" in r for r in refused["reasons"])
     assert str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
     v2 = client.get_model_version("fibreflow-assistant", "2")
@@ -107,6 +113,13 @@ def test_register_promote_refuse_force_and_roll_back(
                      ("champion", "2", "forced"), ("champion", "1", "rollback")]  # fmt: skip
     with pytest.raises(RegistryError, match="first champion"):
         rollback()
+    # a rolled-back version comes back only by force, with a reason
+    client.set_registered_model_alias("fibreflow-assistant", "challenger", "2")
+    with pytest.raises(RegistryError, match=r"v2 was rolled back \(complaints\).*--force"):
+        promote()
+    assert promote(force=True, reason="fixed upstream")["promoted"]
+    with pytest.raises(RegistryError, match="no longer v1"):  # a monitor's rollback of what it measured
+        rollback(reason="regressed", expected="1")
 
 
 @pytest.mark.integration
@@ -181,3 +194,81 @@ def test_an_interrupted_registration_is_completed_not_duplicated(
     assert str(v1.version) == "1" and v1.tags["training_run_id"] == run_id
     assert register(run_id) == {"name": "fibreflow-assistant", "version": "1", "reused": True}
     assert len(mlflow.MlflowClient().search_model_versions("name = 'fibreflow-assistant'")) == 1
+
+
+@pytest.mark.integration
+def test_promotions_take_turns_and_never_move_a_champion_that_moved_meanwhile(
+    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    import psycopg
+    from fibreflow.core.errors import LockBusy
+    from fibreflow.eval import run as eval_run
+    from fibreflow.registry import registry
+
+    run_a = train_run(tiny_llama, tmp_path / "a", seed=1)
+    _write_test_set(home, tmp_path / "a")
+    client = mlflow.MlflowClient()
+    registry.register(run_a)
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 0.5)
+    with psycopg.connect(pg_url, autocommit=True) as other:  # another promotion holds the lock
+        other.execute("SELECT pg_advisory_lock(hashtext('fibreflow-registry:fibreflow-assistant'))")
+        with pytest.raises(LockBusy, match="a promotion or rollback of fibreflow-assistant is already under way"):
+            registry.promote()
+        with pytest.raises(LockBusy):
+            registry.rollback()
+    assert registry.promote()["promoted"]  # the lock died with the other session
+    registry.register(train_run(tiny_llama, tmp_path / "b", seed=2))
+    real = eval_run.main
+
+    def while_someone_moves_the_champion(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        client.set_registered_model_alias("fibreflow-assistant", "champion", "2")  # e.g. by hand, in the MLflow UI
+        return out
+
+    monkeypatch.setattr(eval_run, "main", while_someone_moves_the_champion)
+    with pytest.raises(registry.RegistryError, match="@champion moved from v1 to v2 while v2 was being judged"):
+        registry.promote(force=True, reason="test")
+    assert client.get_model_version("fibreflow-assistant", "2").tags.get("previous_champion") is None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kill_9_mid_promotion_leaves_the_aliases_whole_and_the_lock_free(
+    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path, pg_url: str
+) -> None:
+    """`fibreflow promote` killed with SIGKILL while it evaluates: @champion is wholly the old version, the lock is
+    released by the server, and the next promotion completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+    import psycopg
+    from fibreflow.registry.registry import promote, register
+
+    register(train_run(tiny_llama, tmp_path / "a", seed=1))
+    _write_test_set(home, tmp_path / "a")
+    client = mlflow.MlflowClient()
+    cli = Path(sys.executable).with_name("fibreflow")
+    proc = subprocess.Popen([str(cli), "promote"], env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        while not conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()[0]:
+            assert proc.poll() is None and time.monotonic() < deadline, "the promotion never took its lock"
+            time.sleep(0.1)
+    time.sleep(1.0)  # into its evaluation
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    try:
+        client.get_model_version_by_alias("fibreflow-assistant", "champion")
+        raise AssertionError("a killed promotion moved @champion")
+    except mlflow.exceptions.MlflowException:
+        pass  # still unset: wholly the old state
+    assert (
+        promote()["promoted"]
+        and str(client.get_model_version_by_alias("fibreflow-assistant", "champion").version) == "1"
+    )
