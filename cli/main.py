@@ -23,6 +23,9 @@ app.add_typer(keys_app, name="keys")
 F = TypeVar("F", bound=Callable[..., Any])
 GATE_REFUSED = 3  # `fibreflow promote`'s exit status when the gate refuses (errors exit 2)
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")]
+ReplaceData = Annotated[
+    bool, typer.Option("--replace-data", help="Seed even over data the demo seed did not write (it is deleted).")
+]
 
 
 def friendly(fn: F) -> F:
@@ -112,16 +115,18 @@ def db_migrate(set_: Overrides = None) -> None:
 def db_seed(
     scale: Annotated[int | None, typer.Option(help="Size: 10 projects (~10k rows) per unit.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    replace_data: ReplaceData = False,
     set_: Overrides = None,
 ) -> None:
-    """Replace the data with deterministic demo FibreFlow data (COPY, one transaction)."""
+    """Replace the data with deterministic demo FibreFlow data (COPY, one transaction). Refuses a database
+    holding data the seed did not write, unless --replace-data."""
     from fibreflow.core.db import open_db
     from fibreflow.datasets.seed import load_seed_config
     from fibreflow.datasets.seed import seed as run_seed
 
     cfg = load_seed_config(_overrides(set_, scale=scale, seed=seed))
     with open_db() as conn:
-        _print(run_seed(conn, cfg))
+        _print(run_seed(conn, cfg, replace_data=replace_data))
 
 
 @data_app.command("build")
@@ -245,14 +250,14 @@ def main_job(
     train_config: TrainConfigPath = None,
     train_set: Annotated[list[str] | None, typer.Option("--train-set", help="Train config override k=v.")] = None,
     eval_set: Annotated[list[str] | None, typer.Option("--eval-set", help="Eval config override k=v.")] = None,
+    replace_data: ReplaceData = False,
 ) -> None:
     """The whole pipeline on embedded defaults: demo data -> datasets -> embeddings -> fine-tune -> evaluate ->
     register -> promote (one MLflow parent run; unchanged steps are reused)."""
     from fibreflow.cli.pipeline import main
 
-    steps = main(
-        scale, train_config=train_config, train_overrides=_overrides(train_set), eval_overrides=_overrides(eval_set)
-    )
+    steps = main(scale, train_config=train_config, train_overrides=_overrides(train_set),
+                 eval_overrides=_overrides(eval_set), replace_data=replace_data)  # fmt: skip
     report = steps.pop("report")
     _print(steps)
     typer.echo("\n" + report)

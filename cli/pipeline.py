@@ -21,7 +21,7 @@ from fibreflow.datasets.seed import load_seed_config, seed
 EXPERIMENT = "fibreflow-pipeline"
 
 
-def seed_step(scale: int | None, progress: bool) -> dict[str, Any]:
+def seed_step(scale: int | None, progress: bool, replace_data: bool = False) -> dict[str, Any]:
     seed_cfg = load_seed_config({"scale": scale} if scale is not None else None)
     with open_db() as conn:
         out: dict[str, Any] = {"migrate": [f"{m.version:04d}_{m.name}" for m in migrate(conn)] or "up to date"}
@@ -30,7 +30,7 @@ def seed_step(scale: int | None, progress: bool) -> dict[str, Any]:
         wanted = {"source": "demo-seed", **json.loads(seed_cfg.model_dump_json())}
         if current and all(current[0].get(k) == v for k, v in wanted.items()):
             return out | {"reused": True, "rows": current[0]["rows"]}
-        return out | {"reused": False, "rows": seed(conn, seed_cfg, progress=progress)}
+        return out | {"reused": False, "rows": seed(conn, seed_cfg, progress=progress, replace_data=replace_data)}
 
 
 def train_step(config: str | None, overrides: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
@@ -71,6 +71,7 @@ def main(
     train_overrides: dict[str, Any] | None = None,
     eval_overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    replace_data: bool = False,
 ) -> dict[str, Any]:
     import mlflow
     from fibreflow.core.tracking import setup_mlflow
@@ -83,7 +84,7 @@ def main(
     parent = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run .` made the parent run: the stages nest in it
     steps: dict[str, Any] = {}
     with mlflow.start_run(run_id=parent, run_name=None if parent else "pipeline") as run:
-        steps["seed"] = _child("seed", lambda: seed_step(scale, progress))
+        steps["seed"] = _child("seed", lambda: seed_step(scale, progress, replace_data))
         steps["build_dataset"] = _child("build_dataset", lambda: build.main(progress=progress))
         steps["embed"] = _child("embed", lambda: embed.main(progress=progress))
         trained = steps["train"] = train_step(train_config, train_overrides, progress)

@@ -17,9 +17,14 @@ from typing import Any
 import psycopg
 import yaml
 from fibreflow.core.config import Strict, load_config
-from fibreflow.core.db import check_schema
-from fibreflow.core.errors import ConfigError
+from fibreflow.core.db import check_schema, redact, table_counts
+from fibreflow.core.errors import ConfigError, FibreFlowError
 from tqdm import tqdm
+
+
+class ForeignData(FibreFlowError):
+    """The database holds data the demo seed did not write; seeding would delete it."""
+
 
 # town -> (province, municipality, latitude, longitude)
 TOWNS: dict[str, tuple[str, str, float, float]] = {
@@ -445,12 +450,34 @@ PROJECT_COLUMNS = (
 )
 
 
-def seed(conn: psycopg.Connection, cfg: SeedConfig, *, progress: bool = True) -> dict[str, int]:
-    """Replace all FibreFlow data with the demo data for `cfg`, atomically. Returns rows per table."""
+def foreign_rows(conn: psycopg.Connection) -> dict[str, int]:
+    """Rows the demo seed did not write: every row when the data came from elsewhere (a Supabase sync, a company
+    database), else the tables whose counts differ from what the seed recorded. Empty: safe to replace."""
+    counts = table_counts(conn)
+    meta = conn.execute("SELECT value FROM fibreflow_meta WHERE key = 'data_source'").fetchone()
+    written = meta[0].get("rows", {}) if meta and meta[0].get("source") == "demo-seed" else {}
+    return {t: n for t, n in counts.items() if t != "fibreflow_meta" and n and n != written.get(t)}
+
+
+def seed(
+    conn: psycopg.Connection, cfg: SeedConfig, *, progress: bool = True, replace_data: bool = False
+) -> dict[str, int]:
+    """Replace all FibreFlow data with the demo data for `cfg`, atomically. Returns rows per table.
+
+    A database holding rows the seed did not write (`DATABASE_URL` may name a company's Supabase) is refused
+    unless `replace_data`: nothing is deleted then."""
     check_schema(conn)
     projects = [make_project(cfg.seed, i, cfg.as_of) for i in range(cfg.scale * cfg.projects_per_scale)]
     counts: dict[str, int] = {}
     with conn.transaction(), conn.cursor() as cur:
+        cur.execute("LOCK projects, tasks, boq_items, poles, daily_progress, glossary, fibreflow_meta")
+        if not replace_data and (found := foreign_rows(conn)):
+            rows = ", ".join(f"{t} {n}" for t, n in found.items())
+            raise ForeignData(
+                f"{redact(conn.info.dsn)} holds rows the demo seed did not write ({rows}); nothing was changed. "
+                "Seeding deletes them: pass --replace-data if that is what you want, or unset DATABASE_URL to "
+                "seed the embedded database"
+            )
         cur.execute("TRUNCATE projects, tasks, boq_items, poles, daily_progress, glossary, fibreflow_meta")
         with cur.copy("COPY glossary (term, category, definition, aliases) FROM STDIN") as copy:
             terms = glossary_terms()

@@ -139,3 +139,31 @@ def test_project_generation_is_pure() -> None:
     a = make_project(42, 5, dt.date(2026, 10, 31))
     assert a == make_project(42, 5, dt.date(2026, 10, 31))
     assert a.start <= a.end
+
+
+def test_data_the_seed_did_not_write_is_never_deleted_unless_asked(pg_url: str) -> None:
+    """DATABASE_URL may name a company's Supabase: a seed there would truncate its projects."""
+    from fibreflow.cli.main import app
+    from fibreflow.datasets.seed import ForeignData
+    from typer.testing import CliRunner
+
+    with db.connect(pg_url) as conn:
+        db.migrate(conn)
+        conn.execute(
+            "INSERT INTO projects (id, name, client, region, municipality, town, network_type, build_method, status,"
+            " project_manager, start_date, target_end_date, homes_planned, budget_zar, updated_at) VALUES"
+            " ('ACME-1', 'Real project', 'Client', 'Gauteng', 'City of Johannesburg', 'Soweto', 'FTTH', 'aerial',"
+            " 'in_progress', 'Someone', '2026-01-01', '2026-12-31', 100, 1000000, now())"
+        )
+        with pytest.raises(ForeignData, match=r"holds rows the demo seed did not write \(projects 1\).*--replace-data"):
+            seed(conn, load_seed_config(SMALL), progress=False)
+        assert conn.execute("SELECT id FROM projects").fetchall() == [("ACME-1",)]  # nothing was changed
+    result = CliRunner().invoke(app, ["db", "seed", "--set", "projects_per_scale=2"], env={"DATABASE_URL": pg_url})
+    assert result.exit_code == 2 and "--replace-data" in result.output
+    with db.connect(pg_url) as conn:
+        seed(conn, load_seed_config(SMALL), progress=False, replace_data=True)
+        assert conn.execute("SELECT count(*) FROM projects WHERE id = 'ACME-1'").fetchone()[0] == 0
+        seed(conn, load_seed_config(SMALL), progress=False)  # its own data: replaced freely
+        conn.execute("INSERT INTO glossary VALUES ('Added by hand', 'other', 'A term someone added.', '{}')")
+        with pytest.raises(ForeignData, match=r"glossary"):  # rows added after seeding are not the seed's either
+            seed(conn, load_seed_config(SMALL), progress=False)

@@ -77,3 +77,32 @@ def test_embeddings_are_the_bundled_models_with_cache_and_space_checks(api: str,
         client.embeddings.create(model="BAAI/bge-large-en-v1.5", input="x")
     with pytest.raises(openai.BadRequestError, match="384-d vectors, not 1024"):
         client.embeddings.create(model=name, input="x", dimensions=1024)
+
+
+@pytest.mark.integration
+def test_embeddings_reach_redis_once_per_request_however_many_texts(
+    tiny_engine: Any, run_app: Any, project_tmp: Path
+) -> None:
+    """One MGET for the lookups and one pipelined write for the new vectors (not a round trip per text)."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/14"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    upstream = run_app(create_model_app(tiny_engine, default_max_tokens=8))
+    unlimited = {"requests_per_minute": None, "tokens_per_minute": None}  # only the cache talks to Redis
+    base = run_app(create_app(config(upstream, limits=unlimited), redis_url=url, watch=False))
+
+    def calls() -> dict[str, int]:
+        stats = r.info("commandstats")
+        return {c: stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("get", "mget", "set")}
+
+    texts = [f"pole {i} planted on Main Street" for i in range(20)]
+    before = calls()
+    first = httpx.post(f"{base}/v1/embeddings", json={"model": "default", "input": texts}, timeout=60)
+    assert first.status_code == 200 and first.headers["x-fibreflow-embedding-dim"] == "384"
+    after = calls()
+    assert (after["mget"] - before["mget"], after["get"] - before["get"]) == (1, 0)
+    assert after["set"] - before["set"] == 20  # pipelined: one round trip
+    again = httpx.post(f"{base}/v1/embeddings", json={"model": "default", "input": texts}, timeout=60)
+    assert again.json()["data"] == first.json()["data"] and calls()["mget"] - after["mget"] == 1

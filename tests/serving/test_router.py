@@ -287,3 +287,29 @@ def test_openai_sdk_and_langchain_with_the_bundled_model(bundled_base: Path, run
         assert "".join(str(c.content) for c in llm.stream(question[0]["content"])) == answer.choices[0].message.content
     finally:
         engine.close()
+
+
+@pytest.mark.integration
+def test_shadow_copies_in_flight_are_bounded(upstream: str, run_app: Any, project_tmp: Path) -> None:
+    """A slow shadow arm cannot pile up copies: past `shadow_concurrency` they are dropped (counted); answers are
+    unaffected."""
+    import asyncio
+
+    slow = FastAPI()
+
+    @slow.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(2)
+        return {"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": "late"}}]}
+
+    arms = [{"name": "a", "upstream": "local", "model": "alpha", "weight": 1},
+            {"name": "s", "upstream": "slow", "model": "beta", "weight": 0}]  # fmt: skip
+    cfg = config(upstream, shadow_concurrency=2, cache={"enabled": False},
+                 upstreams={"local": {"url": f"{upstream}/v1"}, "slow": {"url": f"{run_app(slow)}/v1"}},
+                 experiments=[{"model": "assistant", "salt": "s", "arms": arms, "shadow": "s"}])  # fmt: skip
+    base = run_app(create_app(cfg, redis_url="", watch=False))
+    for i in range(6):
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": "assistant", "max_tokens": 2,
+                       "messages": [{"role": "user", "content": f"q{i}"}]})  # fmt: skip
+        assert r.status_code == 200 and r.headers["x-fibreflow-arm"] == "a"
+    assert metric(base, "fibreflow_router_shadow_dropped_total", arm="s") == 4  # 2 in flight, 4 dropped
