@@ -240,7 +240,7 @@ def _checkpoint(out: Path, resume: bool) -> Path | None:
         if is_main_process():
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return None
-    found = last_complete_checkpoint(out / "checkpoints")
+    found = last_complete_checkpoint(out / "checkpoints", remove_incomplete=is_main_process())
     if found is None:
         raise ConfigError(f"--resume: no complete checkpoint under {out / 'checkpoints'}; start without --resume")
     return found

@@ -72,8 +72,9 @@ class MlflowMetrics(TrainerCallback):
         mlflow.log_metrics(values, step=state.global_step)
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint the Trainer finished writing; newer cut-short ones are deleted."""
+def last_complete_checkpoint(folder: Path, remove_incomplete: bool) -> Path | None:
+    """The newest checkpoint the Trainer finished writing; newer cut-short ones are skipped, and deleted when
+    `remove_incomplete` (one process only: under DDP every rank looks, rank 0 alone cleans up)."""
     import shutil
 
     if not folder.is_dir():
@@ -86,5 +87,6 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
     for path in found:
         if (path / COMPLETE_MARK).is_file():
             return path
-        shutil.rmtree(path)
+        if remove_incomplete:
+            shutil.rmtree(path)
     return None

@@ -127,3 +127,18 @@ def test_killed_run_resumes_to_the_same_end(train_home: Path, tiny_llama: Path, 
     wa, wb = _adapter(Path(straight["run_dir"])), _adapter(run_dir)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+def test_only_one_process_removes_cut_short_checkpoints(tmp_path: Path) -> None:
+    """Under DDP every rank looks for the checkpoint to resume; only rank 0 deletes the cut-short ones."""
+    from fibreflow.training.trainer import COMPLETE_MARK, last_complete_checkpoint
+
+    for step, complete in ((4, True), (8, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / COMPLETE_MARK).write_text("{}")
+    assert last_complete_checkpoint(tmp_path, remove_incomplete=False) == tmp_path / "checkpoint-4"
+    assert (tmp_path / "checkpoint-8").is_dir()  # another rank's view: left alone
+    assert last_complete_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-4"
+    assert not (tmp_path / "checkpoint-8").exists()
+    assert last_complete_checkpoint(tmp_path / "none", remove_incomplete=True) is None
