@@ -51,6 +51,7 @@ from fibreflow.serving.routing import Route, Situation, Target, route
 from fibreflow.serving.shadow import shadow
 from fibreflow.serving.upstream import Answer, Upstreams, UpstreamUnavailable, ensure_adapter, usage_of
 from psycopg_pool import PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("fibreflow.serving")
 CHAT, COMPLETIONS = "/chat/completions", "/completions"
@@ -165,6 +166,8 @@ class Router:
                                headers={"Retry-After": "2"}) from None  # fmt: skip
             except RequestValidationError as exc:
                 raise invalid_request(exc) from None
+            except StarletteHTTPException as exc:  # FastAPI's own refusals (a body it cannot parse)
+                raise ApiError(exc.status_code, str(exc.detail)) from None
         except ApiError as exc:
             call.status, call.error, call.kind = exc.status, exc.message, call.kind or exc.code
             response = error_response(exc)
@@ -282,16 +285,21 @@ class Router:
         return Response(answer.body, 200, call.headers(), media_type=answer.content_type)
 
     def _passed_on(self, call: Call, r: Route, answer: Answer) -> Response:
-        """The upstream answered this request with an error: a 4xx passes on as it is; a 500 (the upstream failed
-        on this request, which it should not) is not retried and becomes our 502, with its message."""
-        if answer.status < 500:
+        """The upstream answered this request with an error: an OpenAI-shaped 4xx passes on as it is (any other
+        4xx is put in that shape); a 500 (the upstream failed on this request, which it should not) is not
+        retried and becomes our 502, with its message."""
+        try:
+            error = orjson.loads(answer.body)["error"]
+            said = error["message"] if isinstance(error, dict) else None
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            said = None
+        if answer.status < 500 and isinstance(said, str):
             call.status = answer.status
             return Response(answer.body, answer.status, call.headers(), media_type="application/json")
+        said = said if isinstance(said, str) else answer.body[:300].decode(errors="replace")
+        if answer.status < 500:
+            raise ApiError(answer.status, f"upstream {r.target.upstream} answered {answer.status}: {said}")
         call.kind = "upstream_500"
-        try:
-            said = orjson.loads(answer.body)["error"]["message"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            said = answer.body[:300].decode(errors="replace")
         raise ApiError(502, f"upstream {r.target.upstream} failed on this request ({answer.status}): {said}")
 
     async def forward(self, call: Call, body: dict[str, Any], path: str, r: Route, stream: bool) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fibreflow.serving.config import Period, Schedule
 from fibreflow.serving.resilience import Breaker, period
 from fibreflow.serving.router import create_app
@@ -158,6 +158,8 @@ class Flaky:
                 return JSONResponse({"error": {"message": "overloaded"}}, 503)
             if self.mode == "bug":
                 return JSONResponse({"error": {"message": "generation failed: IndexError"}}, 500)
+            if self.mode == "proxy":  # something in between answering in its own shape
+                return PlainTextResponse("<html>Not Found</html>", 404)
             if self.mode == "slow":
                 await asyncio.sleep(2)
             text = body["messages"][-1]["content"]
@@ -188,6 +190,9 @@ def test_a_half_open_trial_is_never_lost_and_only_unavailability_counts(
     flaky.mode, calls = "bug", flaky.calls
     bug = q("a question that breaks it")
     assert bug.status_code == 502 and "IndexError" in bug.json()["error"]["message"] and flaky.calls == calls + 1
+    flaky.mode = "proxy"  # a 4xx not in OpenAI's shape is put in it
+    odd = q("through a proxy")
+    assert odd.status_code == 404 and "answered 404: <html>Not Found" in odd.json()["error"]["message"]
     flaky.mode = "down"  # unavailable: the fallback answers and the breaker opens
     assert q("first failure").headers["x-fibreflow-fallback"] == "upstream_error"
     assert q("while open").headers["x-fibreflow-fallback"] == "breaker_open"
