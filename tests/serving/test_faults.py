@@ -283,3 +283,99 @@ def test_mlflow_stopped_and_restarted_changes_no_arm(
     finally:
         server.terminate()
         server.wait(30)
+
+
+def spawn(args: list[str], url: str, timeout_s: float = 120) -> Any:
+    """A `fibreflow` command started as its own process, once `url` answers."""
+    import os
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("fibreflow")
+    proc = subprocess.Popen([str(cli), *args], env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def up() -> bool:
+        assert proc.poll() is None, f"{args[0]} exited with {proc.returncode}"
+        try:
+            return httpx.get(url, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    until(up, timeout_s, f"{args[0]} answering")
+    return proc
+
+
+def test_the_upstream_killed_and_restarted(
+    keys_db: str, upstream: str, tiny_llama: Path, run_app: Any, project_tmp: Path
+) -> None:
+    """The arm's model server is killed (-9): the fallback answers meanwhile; once a new one runs on the same port
+    the breaker's trial finds it and the arm serves again, without a router restart."""
+    import signal
+
+    port = free_port()
+    args = ["serve-model", "--model", str(tiny_llama), "--no-registry", "--set", f"model_server.port={port}",
+            "--set", "model_server.dtype=float32", "--set", "model_server.max_batch=4"]  # fmt: skip
+    arms_server = spawn(args, f"http://127.0.0.1:{port}/health")
+    arms = [{"name": "a", "upstream": "arms", "model": tiny_llama.name, "weight": 1}]
+    cfg = guarded(upstream, upstreams={"arms": {"url": f"http://127.0.0.1:{port}/v1", "connect_timeout_s": 0.5},
+                                       "local": {"url": f"{upstream}/v1"}},
+                  experiments=[{"model": "assistant", "salt": "s", "arms": arms}],
+                  fallback={"upstream": "local", "model": "tiny"}, cache={"enabled": False},
+                  resilience={"retries": 1, "breaker_failures": 2, "breaker_reset_s": 0.5})  # fmt: skip
+    base = run_app(create_app(cfg, redis_url="", database_url=keys_db, watch=False))
+    key = new_key(keys_db)
+    served_by: list[str] = []
+
+    def one() -> httpx.Response:
+        r = ask(base, key)
+        served_by.append(r.headers.get("x-fibreflow-arm", ""))
+        return r
+
+    try:
+        with Traffic(one) as traffic:
+            until(lambda: "a" in served_by, 30, "the arm serving")
+            arms_server.send_signal(signal.SIGKILL)
+            arms_server.wait(10)
+            until(lambda: served_by[-3:] == ["fallback"] * 3, 30, "the fallback answering")
+            arms_server = spawn(args, f"http://127.0.0.1:{port}/health")
+            mark = len(served_by)
+            until(lambda: "a" in served_by[mark:], 30, "the arm serving again")
+        assert set(traffic.statuses) == {200}, traffic.statuses  # errors never reached a client
+        assert served_by.count("fallback") >= 3
+        rows = audit_rows(keys_db, len(traffic.statuses))
+        assert len(rows) == len(traffic.statuses) and {r["status"] for r in rows} == {200}
+    finally:
+        arms_server.kill()
+        arms_server.wait(10)
+
+
+def test_kill_9_of_the_router_loses_at_most_flush_s_of_audit_rows(
+    keys_db: str, upstream: str, monkeypatch: pytest.MonkeyPatch, project_tmp: Path
+) -> None:
+    import signal
+
+    flush_s = 1.0
+    port = free_port()
+    monkeypatch.setenv("DATABASE_URL", keys_db)
+    experiments = "[{model: assistant, salt: s, arms: [{name: a, upstream: primary, model: alpha, weight: 1}]}]"
+    router = spawn(["serve", "--backend", "none", "--set", f"router.port={port}",
+                    "--set", f"router.upstreams.primary.url={upstream}/v1",
+                    "--set", f"router.experiments={experiments}",
+                    "--set", "router.fallback=null", "--set", "router.schedule.periods=[]",
+                    "--set", f"router.audit.flush_s={flush_s}", "--set", "router.audit.batch_size=100000",
+                    "--set", "router.cache.enabled=false"], f"http://127.0.0.1:{port}/health")  # fmt: skip
+    key, done = new_key(keys_db), []
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * flush_s:
+            assert ask(f"http://127.0.0.1:{port}", key).status_code == 200
+            done.append(time.monotonic())
+        killed = time.monotonic()
+        router.send_signal(signal.SIGKILL)
+        router.wait(10)
+    finally:
+        router.kill()
+    written = len(audit_rows(keys_db, len(done), timeout_s=2))
+    older = sum(t < killed - flush_s - 0.5 for t in done)  # answered more than one flush (and a write) ago
+    assert older <= written <= len(done), (older, written, len(done))
