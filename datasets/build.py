@@ -313,13 +313,26 @@ def load_datasets(path: Path) -> dict[str, Any]:
 
 
 def log_to_mlflow(path: Path) -> None:
-    """Under an active MLflow run: every split as a run input (`mlflow.data`), the manifest as an artifact."""
-    if "mlflow" not in sys.modules and not os.environ.get("MLFLOW_RUN_ID"):
+    """Under an active MLflow run, or the run `mlflow run` made for this command (MLFLOW_RUN_ID): every split as
+    a run input (`mlflow.data`), the manifest as an artifact, the version as a tag."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if "mlflow" not in sys.modules and not run_id:
         return
     import mlflow
 
-    if mlflow.active_run() is None:
-        return
+    if mlflow.active_run() is not None:
+        _log(path)
+    elif run_id:
+        from fibreflow.core.tracking import setup_mlflow
+
+        setup_mlflow("fibreflow-data")
+        with mlflow.start_run(run_id=run_id):
+            _log(path)
+
+
+def _log(path: Path) -> None:
+    import mlflow
+
     manifest = read_manifest(path)
     for name, dsdict in load_datasets(path).items():
         for split, ds in dsdict.items():
