@@ -1,4 +1,4 @@
-"""Data-layer benchmarks (issue #2): seed, dataset build, embed + ingest, filtered retrieval.
+"""Data-layer benchmarks: seed, dataset build, embed + ingest, filtered retrieval.
 
     .venv/bin/python benchmarks/bench_data.py            # ~6 minutes on 2 cores
 

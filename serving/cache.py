@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -18,6 +19,9 @@ from typing import Any, Protocol
 
 import orjson
 from fibreflow.serving.config import Cache as CacheConfig
+from fibreflow.serving.metrics import Metrics
+
+log = logging.getLogger("fibreflow.serving")
 
 IGNORED = {"user", "stream", "stream_options"}  # do not change the answer
 
@@ -95,11 +99,16 @@ class Redis:
 
 
 class ResponseCache:
-    def __init__(self, cfg: CacheConfig, redis_url: str | None) -> None:
-        self.cfg = cfg
+    """The router's one cache (answers and embeddings). A backend that fails or is slower than its timeout is a
+    miss, never an error: counted per lookup, shown by `cache_backend_up`, logged once per outage."""
+
+    def __init__(self, cfg: CacheConfig, redis_url: str | None, metrics: Metrics) -> None:
+        self.cfg, self.metrics = cfg, metrics
         self.backend: Backend = Redis(redis_url, cfg.redis_timeout_s) if redis_url else Memory(cfg.max_entries)
         self.kind = "redis" if redis_url else "memory"
         self._patterns = [(p.name, re.compile(p.regex, re.IGNORECASE), p.ttl_s) for p in cfg.patterns]
+        self.up = True
+        metrics.cache_up.labels(self.kind).set(1)
 
     def policy(self, body: dict[str, Any], pattern: str | None = None) -> tuple[str, int]:
         """(pattern name, TTL seconds) for this request; TTL 0 = not cached. `pattern` names it directly."""
@@ -125,11 +134,35 @@ class ResponseCache:
         raw = orjson.dumps(normal, option=orjson.OPT_SORT_KEYS)
         return "ff:cache:" + hashlib.sha256(version.encode() + b"\x00" + raw).hexdigest()
 
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        return await self.backend.get_many(keys)
+    async def get_many(self, keys: list[str], arm: str) -> list[bytes | None]:
+        """The cached values (None where there is none), counted per key under `arm`."""
+        try:
+            found = await self.backend.get_many(keys)
+        except Exception as exc:  # Redis down or slow: served without cache, visibly
+            self._failed(arm, exc, len(keys))
+            return [None] * len(keys)
+        hits = sum(v is not None for v in found)
+        self.metrics.cache.labels(arm, "hit").inc(hits)
+        self.metrics.cache.labels(arm, "miss").inc(len(keys) - hits)
+        return found
 
-    async def set_many(self, items: dict[str, bytes], ttl_s: int) -> None:
-        await self.backend.set_many(items, ttl_s)
+    async def set_many(self, items: dict[str, bytes], ttl_s: int, arm: str) -> None:
+        try:
+            await self.backend.set_many(items, ttl_s)
+        except Exception as exc:
+            self._failed(arm, exc, 1)
+            return
+        if not self.up:
+            log.warning("cache %s answers again", self.kind)
+            self.up = True
+        self.metrics.cache_up.labels(self.kind).set(1)
+
+    def _failed(self, arm: str, exc: Exception, n: int) -> None:
+        self.metrics.cache.labels(arm, "error").inc(n)
+        self.metrics.cache_up.labels(self.kind).set(0)
+        if self.up:
+            log.warning("cache %s failed (%s): serving without it until it answers", self.kind, type(exc).__name__)
+            self.up = False
 
     async def close(self) -> None:
         if isinstance(self.backend, Redis):

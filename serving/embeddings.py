@@ -76,15 +76,9 @@ def embeddings_routes(router: Router, res: Resources) -> APIRouter:
 async def embed_cached(router: Router, res: Resources, spec: Any, texts: list[str]) -> tuple[list[np.ndarray], int]:
     """Vectors for `texts`: from the cache where present (TTL embeddings.cache_ttl_s), the rest encoded now."""
     keys = ["ff:emb:" + hashlib.sha256(f"{spec.name}\0{spec.revision}\0{t}".encode()).hexdigest() for t in texts]
-    try:
-        raw = await router.cache.get_many(keys)
-    except Exception as exc:  # Redis down or slow: encode everything, visibly
-        router.cache_failed("embeddings", exc)
-        raw = [None] * len(keys)
+    raw = await router.cache.get_many(keys, "embeddings")
     found: list[np.ndarray | None] = [np.frombuffer(r, dtype=np.float32) if r is not None else None for r in raw]
     hits = sum(v is not None for v in found)
-    router.metrics.cache.labels("embeddings", "hit").inc(hits)
-    router.metrics.cache.labels("embeddings", "miss").inc(len(keys) - hits)
     missing = [i for i, v in enumerate(found) if v is None]
     if missing:
         fresh = await asyncio.to_thread(res.encode, [texts[i] for i in missing])
@@ -92,8 +86,5 @@ async def embed_cached(router: Router, res: Resources, spec: Any, texts: list[st
         for i, vec in zip(missing, fresh, strict=True):
             found[i] = vec
             new[keys[i]] = vec.astype(np.float32).tobytes()
-        try:
-            await router.cache.set_many(new, router.rc.embeddings.cache_ttl_s)
-        except Exception as exc:
-            router.cache_failed("embeddings", exc)
+        await router.cache.set_many(new, router.rc.embeddings.cache_ttl_s, "embeddings")
     return [v for v in found if v is not None], hits

@@ -118,7 +118,8 @@ class Shared(Memory):
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
         if not self._failing:
-            log.warning("limits: Redis failed (%s); each router counts its own traffic until it is back", exc)
+            log.warning("limits: Redis failed (%s); each router counts its own traffic until it is back",
+                        type(exc).__name__)  # fmt: skip
             self._failing = True
 
     def _recovered(self) -> None:

@@ -67,13 +67,13 @@ class Router:
     ) -> None:
         self.cfg, self.rc, self.alias_hook = cfg, cfg.router, alias_hook
         self.targets = Targets(cfg.registered_model, self.rc.experiments)
-        self.cache = ResponseCache(self.rc.cache, redis_url)
+        self.metrics = Metrics()
+        self.cache = ResponseCache(self.rc.cache, redis_url, self.metrics)
         self.guard = Guard(self.rc.resilience)
         fb = self.rc.fallback
         self.fallback = Target(fb.upstream, fb.model, None) if fb is not None else None
         lim = self.rc.limits
         self.limiter = limiter(redis_url, lim.redis_timeout_s, lim.shared_staleness_s)
-        self.metrics = Metrics()
         self.database_url = database_url
         self.pool: Any = None
         if database_url:
@@ -88,7 +88,6 @@ class Router:
             AuditWriter(database_url, a.batch_size, a.flush_s, self.metrics) if a.enabled and database_url else None
         )
         self.upstreams = Upstreams(self.rc.upstreams)
-        self.metrics.cache_up.labels(self.cache.kind).set(1)
         self.metrics.limiter_errors.set_function(lambda: getattr(self.limiter.counts, "errors", 0))
         if self.keys is not None:
             self.metrics.keys_stale.set_function(lambda: self.keys.stale_served if self.keys else 0)
@@ -259,7 +258,7 @@ class Router:
         _, ttl = self.cache.policy(body, pattern)
         key = self.cache.key(body, r.target.model) if ttl else None
         call.cache = "miss" if key else "bypass"
-        if key is not None and (hit := await self.cached(key, call.arm)) is not None:
+        if key is not None and (hit := (await self.cache.get_many([key], call.arm))[0]) is not None:
             call.cache, call.response_id = "hit", usage_of(hit).get("id")
             self.remember(call)
             return Response(hit, 200, call.headers(), media_type="application/json")
@@ -280,7 +279,7 @@ class Router:
         call.response_id = call.usage.get("id")
         self.remember(call)
         if key is not None and call.fallback != "upstream_error":
-            self.spawn(self.store(key, answer.body, ttl, call.arm))  # off the request path
+            self.spawn(self.cache.set_many({key: answer.body}, ttl, call.arm))  # off the request path
         self._shadow(r, body, path, answer.body, call.arm)
         return Response(answer.body, 200, call.headers(), media_type=answer.content_type)
 
@@ -363,28 +362,6 @@ class Router:
                 await shadow(self, exp, body, path, returned)
 
         self.spawn(bounded())
-
-    async def cached(self, key: str, arm: str) -> bytes | None:
-        try:
-            hit = (await self.cache.get_many([key]))[0]
-        except Exception as exc:  # Redis down or slow: serve without cache, visibly
-            self.cache_failed(arm, exc)
-            return None
-        self.metrics.cache.labels(arm, "hit" if hit is not None else "miss").inc()
-        return hit
-
-    async def store(self, key: str, value: bytes, ttl: int, arm: str) -> None:
-        try:
-            await self.cache.set_many({key: value}, ttl)
-        except Exception as exc:
-            self.cache_failed(arm, exc)
-        else:
-            self.metrics.cache_up.labels(self.cache.kind).set(1)
-
-    def cache_failed(self, arm: str, exc: Exception) -> None:
-        self.metrics.cache.labels(arm, "error").inc()
-        self.metrics.cache_up.labels(self.cache.kind).set(0)
-        log.warning("cache %s failed (%s): serving without it", self.cache.kind, type(exc).__name__)
 
     def remember(self, call: Call) -> None:
         """The response's arm, version and key, for feedback on it."""
