@@ -19,6 +19,7 @@ from fibreflow.serving.config import Experiment
 from fibreflow.serving.guard import CurrentCall, guarded
 from fibreflow.serving.protocol import ApiError
 from psycopg.types.json import Jsonb
+from psycopg_pool import PoolTimeout
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class ExperimentStore:
     async def start(self) -> None:
         if self.router.pool is None:
             return
-        with contextlib.suppress(psycopg.Error):  # unreachable now: the poll catches up once it is back
+        with contextlib.suppress(psycopg.Error, PoolTimeout):  # unreachable now: the poll catches up once it is back
             await self.sync()
         self._task = asyncio.create_task(self._poll())
 

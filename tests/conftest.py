@@ -132,6 +132,17 @@ def project_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+@pytest.fixture
+def store(project_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An MLflow tracking store of the test's own (sqlite under the project home), set for this process."""
+    import mlflow
+
+    uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 @pytest.fixture(scope="session")
 def embedder():
     from fibreflow.datasets.embedding import Embedder

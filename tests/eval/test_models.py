@@ -10,16 +10,6 @@ from fibreflow.eval.config import load_eval_config
 from fibreflow.eval.models import generator, identify
 
 
-@pytest.fixture
-def store(project_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    import mlflow
-
-    uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

@@ -9,16 +9,6 @@ import pytest
 from fibreflow.training.weights import QUANTIZATION_FILE, load_local, weights
 
 
-@pytest.fixture
-def store(project_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    import mlflow
-
-    uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
 def _adapter(tiny: Path, out: Path):
     """A LoRA adapter on the tiny Llama with non-zero B (so it changes the logits), saved to `out`."""
     import torch
