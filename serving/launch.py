@@ -105,6 +105,20 @@ def serve(
     child: subprocess.Popen[bytes] | None = None
     merged: MergedArms | None = None
     hook = None
+
+    def stop_upstreams() -> None:
+        """Stop what was started, once. Also from the app's shutdown: uvicorn ends a SIGTERM'd process by raising
+        the signal again once it has stopped, so a `finally` here would never run and the upstream would be left
+        running without its router."""
+        nonlocal child, merged
+        if child is not None:
+            child.terminate()
+            child.wait(timeout=60)
+            child = None
+        if merged is not None:
+            merged.close()
+            merged = None
+
     try:
         if upstream_url:
             cfg = with_primary(cfg, upstream_url)
@@ -125,7 +139,7 @@ def serve(
             cfg = with_primary(cfg, url)
         resolve_path("var/serving").mkdir(parents=True, exist_ok=True)
         uvicorn.run(
-            create_app(cfg, alias_hook=hook),
+            create_app(cfg, alias_hook=hook, on_stop=stop_upstreams),
             host=cfg.router.host,
             port=cfg.router.port,
             log_level="warning",
@@ -134,8 +148,4 @@ def serve(
             proxy_headers=False,
         )
     finally:
-        if child is not None:
-            child.terminate()
-            child.wait(timeout=60)
-        if merged is not None:
-            merged.close()
+        stop_upstreams()

@@ -410,10 +410,11 @@ def create_app(
     database_url: str | None = None,
     watch: bool = True,
     alias_hook: AliasHook | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The router app. `redis_url` (default: $REDIS_URL; "" = none) backs the cache and the limits; the database
     (default: DATABASE_URL or the embedded one) holds keys, audit rows, feedback and experiments; `watch` follows
-    registry aliases."""
+    registry aliases; `on_stop` runs last when the app shuts down (what `fibreflow serve` started for it)."""
     from fibreflow.serving.admin import ExperimentStore, admin_routes
     from fibreflow.serving.api import metrics_listener, openai_routes, ops_routes
     from fibreflow.serving.embeddings import embeddings_routes
@@ -453,6 +454,8 @@ def create_app(
         if router.pool is not None:
             await router.pool.close()
         await asyncio.to_thread(resources.close)
+        if on_stop is not None:
+            await asyncio.to_thread(on_stop)
 
     docs = cfg.router.docs
     app = FastAPI(

@@ -379,3 +379,26 @@ def test_kill_9_of_the_router_loses_at_most_flush_s_of_audit_rows(
     written = len(audit_rows(keys_db, len(done), timeout_s=2))
     older = sum(t < killed - flush_s - 0.5 for t in done)  # answered more than one flush (and a write) ago
     assert older <= written <= len(done), (older, written, len(done))
+
+
+def test_fibreflow_serve_stops_its_upstream_with_it(
+    keys_db: str, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, tiny_home: Path
+) -> None:
+    """SIGTERM to `fibreflow serve`: the router stops promptly and takes the model server it started with it."""
+    import signal
+
+    import psutil
+
+    monkeypatch.setenv("DATABASE_URL", keys_db)
+    port, upstream_port = free_port(), free_port()
+    router = spawn(["serve", "--set", f"router.port={port}", "--set", f"model_server.port={upstream_port}",
+                    "--set", f"model_server.model={tiny_llama}", "--set", "model_server.dtype=float32"],
+                   f"http://127.0.0.1:{port}/health")  # fmt: skip
+    children = psutil.Process(router.pid).children(recursive=True)
+    assert children and httpx.get(f"http://127.0.0.1:{upstream_port}/health").status_code == 200
+    started = time.monotonic()
+    router.send_signal(signal.SIGTERM)
+    router.wait(60)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert time.monotonic() - started < 30
