@@ -22,6 +22,7 @@ app.add_typer(keys_app, name="keys")
 
 F = TypeVar("F", bound=Callable[..., Any])
 GATE_REFUSED = 3  # `fibreflow promote`'s exit status when the gate refuses (errors exit 2)
+REGRESSED, UNMEASURED = 3, 4  # `fibreflow regress`'s exit statuses
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Config override key.path=value (repeatable).")]
 ReplaceData = Annotated[
     bool, typer.Option("--replace-data", help="Seed even over data the demo seed did not write (it is deleted).")
@@ -261,6 +262,44 @@ def main_job(
     report = steps.pop("report")
     _print(steps)
     typer.echo("\n" + report)
+
+
+@app.command("regress")
+@friendly
+def regress(
+    arm: Annotated[list[str] | None, typer.Option(help="Only these arms (default: monitoring.yaml's).")] = None,
+    actions: Annotated[bool, typer.Option(help="Alert and roll back as the policy says (off: measure only).")] = True,
+    set_: Overrides = None,
+) -> None:
+    """The frozen regression suite through the live router, per arm, against the offline evaluation of the version
+    it serves: ok | regressed | unmeasured, alerts and rollback per configs/monitoring.yaml.
+    Exit status: 0 every arm ok, 3 one regressed, 4 one unmeasured (none regressed), 2 an error."""
+    from fibreflow.monitor.regress import dumps, main
+
+    results = main(_overrides(set_), arms=arm, actions=actions)
+    typer.echo(dumps(results))
+    statuses = {r.status for r in results}
+    if "regressed" in statuses:
+        sys.exit(REGRESSED)
+    if "unmeasured" in statuses:
+        sys.exit(UNMEASURED)
+
+
+@app.command("freeze-suite")
+@friendly
+def freeze_suite(
+    eval_run: Annotated[str | None, typer.Option(help="The evaluation to take (default: @champion's).")] = None,
+    set_: Overrides = None,
+) -> None:
+    """Write the regression suite from an evaluation's rows; prints its sha256 to pin in configs/monitoring.yaml."""
+    from fibreflow.core.tracking import setup_mlflow
+    from fibreflow.monitor.config import load_monitoring_config
+    from fibreflow.monitor.regress import freeze
+
+    cfg = load_monitoring_config(_overrides(set_))
+    setup_mlflow(cfg.experiment)
+    path, sha = freeze(cfg, eval_run)
+    _print({"suite": str(path), "sha256": sha})
 
 
 @app.command("serve-model")

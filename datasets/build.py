@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fibreflow.core.config import Strict, load_config, resolve_path
+from fibreflow.core.config import Strict, atomic_write, load_config, resolve_path
 from fibreflow.core.db import check_schema, open_db, redact, schema_version, table_counts
 from fibreflow.core.errors import DatasetBuildError, first_line
 from fibreflow.datasets import grounded_qa as qa
@@ -265,7 +265,7 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
         final = root / version
         if not final.exists():
             os.rename(staging, final)  # atomic: the version folder appears complete or not at all
-        _atomic_write(root / "LATEST", version + "\n")
+        atomic_write(root / "LATEST", version + "\n")
         return final
     except psycopg.Error as exc:
         raise DatasetBuildError(
@@ -280,12 +280,6 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as fh:
         return sum(1 for _ in fh)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def version_dir(cfg: DataConfig, version: str | None = None) -> Path:

@@ -7,6 +7,7 @@ Lifecycle: build -> `generate(conversations)` any number of times -> `settings` 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -121,7 +122,10 @@ class EndpointGenerator:
     timeout_s: float = 60.0
     retries: int = 2
     max_new_tokens: int = 128
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (e.g. the router's arm header)
+    tally_header: str | None = None  # a response header whose values are counted (e.g. the model version)
     peak_in_flight: int = field(default=0, init=False)  # achieved concurrency of the last call
+    tally: Counter[str] = field(default_factory=Counter, init=False)  # tally_header's values in the last call
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -142,12 +146,11 @@ class EndpointGenerator:
     async def _all(self, conversations: Sequence[Conversation]) -> list[str]:
         import openai
 
-        client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=self.retries
-        )
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
+                                    max_retries=self.retries, default_headers=self.headers)  # fmt: skip
         gate = asyncio.Semaphore(self.concurrency)
         in_flight = 0
-        self.peak_in_flight = 0
+        self.peak_in_flight, self.tally = 0, Counter()
 
         async def one(conv: Conversation) -> str:
             nonlocal in_flight
@@ -155,9 +158,12 @@ class EndpointGenerator:
                 in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, in_flight)
                 try:
-                    out = await client.chat.completions.create(
+                    raw = await client.chat.completions.with_raw_response.create(
                         model=self.model, messages=conv, max_tokens=self.max_new_tokens, temperature=0.0
                     )
+                    out = raw.parse()
+                    if self.tally_header:
+                        self.tally[raw.headers.get(self.tally_header, "")] += 1
                 except openai.APIError as exc:
                     raise GenerationError(f"{self.name} ({self.base_url}): {type(exc).__name__}: {exc}") from None
                 finally:

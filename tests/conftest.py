@@ -13,10 +13,12 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import yaml
+from servers import Served
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -276,6 +278,24 @@ def tiny_home(home_for: Callable[[Path, int], Path], tiny_llama: Path) -> Path:
 
 
 @pytest.fixture
+def gated_home(tiny_home: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The tiny home, gated on accuracy alone, evaluating on its own test set (`gated.write_reference_test_set`)
+    without RAG; its database (for the registry's and the regression runs' locks) an empty one on the session's
+    server."""
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    home = tiny_home
+    (home / "configs/gates.yaml").write_text(
+        yaml.safe_dump({"metrics": {"accuracy": {"min": 0.5, "max_regression": 0.02}}})
+    )
+    ev = yaml.safe_load((home / "configs/eval.yaml").read_text())
+    ev |= {"test_set": str(home / "test.jsonl"), "rag": {"mode": "off"}, "semantic_similarity": False,
+           "generation": {"batch_size": 8, "max_new_tokens": 8, "dtype": "float32"},
+           "bootstrap": {"resamples": 1000, "seed": 0, "confidence": 0.95}}  # fmt: skip
+    (home / "configs/eval.yaml").write_text(yaml.safe_dump(ev))
+    return home
+
+
+@pytest.fixture
 def write_config() -> Callable[..., Path]:
     return _write_config
 
@@ -300,3 +320,17 @@ def _write_config(home: Path, tiny: Path, **sections: dict) -> Path:
     path = home / "train.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
+
+
+@pytest.fixture
+def run_app() -> Iterator[Callable[[Any], str]]:
+    """Serve an ASGI app with uvicorn on a free loopback port (in a thread); returns its base URL."""
+    servers: list[Served] = []
+
+    def start(app: Any) -> str:
+        servers.append(Served(app))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.stop()

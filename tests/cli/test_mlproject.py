@@ -27,7 +27,8 @@ def test_entry_points_run_through_mlflow_run(pg_url: str, project_tmp: Path) -> 
     import mlflow
 
     uri = f"sqlite:///{project_tmp / 'mlflow.db'}"
-    env = os.environ | {
+    leaked = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")  # what earlier tests may have set
+    env = {k: v for k, v in os.environ.items() if k not in leaked} | {
         "MLFLOW_TRACKING_URI": uri,
         "DATABASE_URL": pg_url,
         "FIBREFLOW_HOME": str(project_tmp),

@@ -11,57 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-
-QUESTIONS = [f"What does fibreflow code {i} mean?" for i in range(8)]
-
-
-@pytest.fixture
-def home(tiny_home: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The tiny home, gated on accuracy alone, evaluating on its own test set without RAG; its database (for the
-    promotion lock) is an empty one on the session's server."""
-    monkeypatch.setenv("DATABASE_URL", pg_url)
-    home = tiny_home
-    (home / "configs/gates.yaml").write_text(
-        yaml.safe_dump({"metrics": {"accuracy": {"min": 0.5, "max_regression": 0.02}}})
-    )
-    ev = yaml.safe_load((home / "configs/eval.yaml").read_text())
-    ev |= {"test_set": str(home / "test.jsonl"), "rag": {"mode": "off"}, "semantic_similarity": False,
-           "generation": {"batch_size": 8, "max_new_tokens": 8, "dtype": "float32"},
-           "bootstrap": {"resamples": 1000, "seed": 0, "confidence": 0.95}}  # fmt: skip
-    (home / "configs/eval.yaml").write_text(yaml.safe_dump(ev))
-    return home
-
-
-def _write_test_set(home: Path, adapter: Path) -> None:
-    """References = adapter A's own greedy answers, generated exactly as `fibreflow eval` will."""
-    from fibreflow.datasets.build import load_data_config
-    from fibreflow.eval.config import load_eval_config
-    from fibreflow.eval.rag import build_prompts
-    from fibreflow.eval.run import answers_of
-    from fibreflow.eval.testset import Sample
-
-    cfg = load_eval_config()
-    samples = [Sample(id=str(i), question=q, reference="", kind="exact") for i, q in enumerate(QUESTIONS)]
-    prompts = build_prompts(samples, load_data_config().system_prompt, cfg.rag)
-    answers, _ = answers_of(str(adapter), cfg, prompts)
-    assert all(a.strip() for a in answers)
-    rows = [
-        {"id": str(i), "question": q, "reference": a, "kind": "exact"}
-        for i, (q, a) in enumerate(zip(QUESTIONS, answers, strict=True))
-    ]
-    (home / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+from gated import write_reference_test_set
 
 
 @pytest.mark.integration
 def test_register_promote_refuse_force_and_roll_back(
-    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path
+    train_run: Any, gated_home: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:
     import mlflow
     from fibreflow.registry.registry import RegistryError, history, promote, register, rollback
 
     run_a = train_run(tiny_llama, tmp_path / "a", seed=1)
-    _write_test_set(home, tmp_path / "a")
+    write_reference_test_set(gated_home, tmp_path / "a")
     client = mlflow.MlflowClient()
 
     first = register(run_a, eval_run_id="e" * 32)
@@ -123,7 +84,7 @@ def test_register_promote_refuse_force_and_roll_back(
 
 
 @pytest.mark.integration
-def test_registering_something_that_is_not_a_training_run_fails(home: Path) -> None:
+def test_registering_something_that_is_not_a_training_run_fails(gated_home: Path) -> None:
     import mlflow
     from fibreflow.registry.registry import RegistryError, promote, register
 
@@ -141,7 +102,7 @@ def test_registering_something_that_is_not_a_training_run_fails(home: Path) -> N
 
 
 @pytest.mark.integration
-def test_alias_moves_reach_a_watcher(train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path) -> None:
+def test_alias_moves_reach_a_watcher(train_run: Any, gated_home: Path, tiny_llama: Path, tmp_path: Path) -> None:
     """What the serving layer subscribes to: a promotion and a rollback are seen by polling, in order."""
     import time
 
@@ -181,7 +142,7 @@ def test_alias_moves_reach_a_watcher(train_run: Any, home: Path, tiny_llama: Pat
 
 @pytest.mark.integration
 def test_an_interrupted_registration_is_completed_not_duplicated(
-    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path
+    train_run: Any, gated_home: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:
     import mlflow
     from fibreflow.registry.registry import register
@@ -198,7 +159,7 @@ def test_an_interrupted_registration_is_completed_not_duplicated(
 
 @pytest.mark.integration
 def test_promotions_take_turns_and_never_move_a_champion_that_moved_meanwhile(
-    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
+    train_run: Any, gated_home: Path, tiny_llama: Path, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
     import psycopg
@@ -207,7 +168,7 @@ def test_promotions_take_turns_and_never_move_a_champion_that_moved_meanwhile(
     from fibreflow.registry import registry
 
     run_a = train_run(tiny_llama, tmp_path / "a", seed=1)
-    _write_test_set(home, tmp_path / "a")
+    write_reference_test_set(gated_home, tmp_path / "a")
     client = mlflow.MlflowClient()
     registry.register(run_a)
     monkeypatch.setattr(registry, "LOCK_WAIT_S", 0.5)
@@ -235,7 +196,7 @@ def test_promotions_take_turns_and_never_move_a_champion_that_moved_meanwhile(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_kill_9_mid_promotion_leaves_the_aliases_whole_and_the_lock_free(
-    train_run: Any, home: Path, tiny_llama: Path, tmp_path: Path, pg_url: str
+    train_run: Any, gated_home: Path, tiny_llama: Path, tmp_path: Path, pg_url: str
 ) -> None:
     """`fibreflow promote` killed with SIGKILL while it evaluates: @champion is wholly the old version, the lock is
     released by the server, and the next promotion completes."""
@@ -250,7 +211,7 @@ def test_kill_9_mid_promotion_leaves_the_aliases_whole_and_the_lock_free(
     from fibreflow.registry.registry import promote, register
 
     register(train_run(tiny_llama, tmp_path / "a", seed=1))
-    _write_test_set(home, tmp_path / "a")
+    write_reference_test_set(gated_home, tmp_path / "a")
     client = mlflow.MlflowClient()
     cli = Path(sys.executable).with_name("fibreflow")
     proc = subprocess.Popen([str(cli), "promote"], env=os.environ.copy(), stdout=subprocess.DEVNULL,

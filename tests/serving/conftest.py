@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from serving_helpers import Served
-
-
-@pytest.fixture
-def run_app() -> Iterator[Callable[[Any], str]]:
-    """Serve an ASGI app with uvicorn on a free loopback port (in a thread); returns its base URL."""
-    servers: list[Served] = []
-
-    def start(app: Any) -> str:
-        servers.append(Served(app))
-        return servers[-1].url
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

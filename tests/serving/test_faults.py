@@ -14,7 +14,8 @@ import httpx
 import psycopg
 import pytest
 from fibreflow.serving.router import create_app
-from serving_helpers import ask, audit_rows, bearer, free_port, guarded, new_key
+from servers import free_port
+from serving_helpers import ask, audit_rows, bearer, guarded, new_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -21,7 +21,8 @@ from fastapi.responses import StreamingResponse
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from serving_helpers import Served, bearer, guarded, new_key
+from servers import Served
+from serving_helpers import bearer, guarded, new_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCOPES = ("chat", "qa", "admin", "metrics")

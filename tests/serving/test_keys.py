@@ -189,7 +189,7 @@ def test_audit_rows_are_not_lost_on_a_clean_shutdown(keys_db: str, upstream: str
     import threading
 
     import uvicorn
-    from serving_helpers import free_port
+    from servers import free_port
 
     cfg = guarded(upstream, audit={"enabled": True, "flush_s": 60, "batch_size": 1000})
     port = free_port()
@@ -255,7 +255,7 @@ def test_feedback_needs_a_key_is_stored_once_per_caller_and_joins_the_audit_row(
 def test_surfaces_need_keys_and_forcing_an_arm_needs_qa(
     keys_db: str, upstream: str, run_app: Any, project_tmp: Path
 ) -> None:
-    from serving_helpers import free_port
+    from servers import free_port
 
     port = free_port()
     base = run_app(create_app(guarded(upstream, metrics_listen=f"127.0.0.1:{port}"), redis_url="",

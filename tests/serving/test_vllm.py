@@ -129,7 +129,7 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
     from fibreflow.registry.registry import register
     from fibreflow.serving.router import create_app
     from fibreflow.serving.vllm import start_vllm
-    from serving_helpers import free_port
+    from servers import free_port
 
     client = mlflow.MlflowClient()
     v1 = register(train_run(bundled_base, tmp_path / "a", 1, steps=3))["version"]
@@ -186,7 +186,7 @@ def test_a_merged_champion_is_replaced_blue_green_when_promoted(
     from fibreflow.registry.registry import register
     from fibreflow.serving.launch import prepare_vllm
     from fibreflow.serving.router import create_app
-    from serving_helpers import free_port
+    from servers import free_port
 
     client = mlflow.MlflowClient()
     v1 = register(train_run(bundled_base, tmp_path / "a", 1, steps=3))["version"]
