@@ -302,6 +302,16 @@ def freeze_suite(
     _print({"suite": str(path), "sha256": sha})
 
 
+@app.command("monitor")
+@friendly
+def monitor(set_: Overrides = None) -> None:
+    """Run `regress` on the cron schedule in configs/monitoring.yaml and soon after every alias move, one run at a
+    time, until SIGTERM; its Prometheus gauges on schedule.metrics_listen."""
+    from fibreflow.monitor.scheduler import main
+
+    main(_overrides(set_))
+
+
 @app.command("serve-model")
 @friendly
 def serve_model(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fibreflow.core.config import Strict, load_config
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, field_validator
 
 
 class Suite(Strict):
@@ -35,6 +35,26 @@ class Alert(Strict):
     timeout_s: float = Field(10.0, gt=0)
 
 
+class Schedule(Strict):
+    """`fibreflow monitor`: when it runs `regress` on its own."""
+
+    cron: list[str] = Field(default_factory=lambda: ["0 2 * * *"])  # croniter syntax (a 6th field: seconds)
+    timezone: str = "UTC"
+    after_alias_move_s: float = Field(300.0, ge=0)  # a promotion or rollback: measure it this soon after
+    alias_poll_s: float = Field(5.0, gt=0)
+    metrics_listen: str | None = "127.0.0.1:9465"  # "host:port" of its Prometheus gauges (None: none)
+
+    @field_validator("cron")
+    @classmethod
+    def _valid(cls, exprs: list[str]) -> list[str]:
+        from croniter import croniter
+
+        bad = [e for e in exprs if not croniter.is_valid(e)]
+        if bad:
+            raise ValueError(f"not a cron expression: {', '.join(bad)}")
+        return exprs
+
+
 class MonitoringConfig(Strict):
     suite: Suite
     router: RouterEndpoint
@@ -45,6 +65,7 @@ class MonitoringConfig(Strict):
     unmeasured_failed_share: float = Field(0.0, ge=0, le=1)
     rollback: list[str] = Field(default_factory=list)
     alert: Alert = Alert()
+    schedule: Schedule = Schedule()
 
 
 def load_monitoring_config(overrides: dict[str, Any] | None = None) -> MonitoringConfig:

@@ -4,6 +4,7 @@ on sys.path)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -29,6 +30,14 @@ class Served:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Wait for `check()` to hold, polling every 0.1 s; fail saying `what` did not happen within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.1)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 from fibreflow.serving.router import create_app
-from servers import free_port
+from servers import free_port, until
 from serving_helpers import ask, audit_rows, bearer, guarded, new_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -44,13 +44,6 @@ class Traffic:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=60)
-
-
-def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        time.sleep(0.1)
 
 
 @pytest.fixture
