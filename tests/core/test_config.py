@@ -11,6 +11,7 @@ from fibreflow.datasets.embed import EmbedConfig
 from fibreflow.datasets.seed import SeedConfig
 from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.gates import GatesConfig
+from fibreflow.monitor.config import MonitoringConfig
 from fibreflow.registry.registry import RegistryConfig
 from fibreflow.serving.config import ServingConfig
 from fibreflow.training.config import Catalogue
@@ -29,6 +30,7 @@ MODELS = {
     "eval": EvalConfig,
     "registry": RegistryConfig,
     "serving": ServingConfig,
+    "monitoring": MonitoringConfig,
 }
 
 
@@ -37,6 +39,12 @@ def test_every_shipped_config_parses() -> None:
     assert shipped == set(MODELS), "a config file without a model (or a model without a file)"
     for name, model in MODELS.items():
         load_config(model, name)
+
+
+def test_the_shipped_clients_of_the_router_ask_for_a_model_it_serves() -> None:
+    served = {e.model for e in load_config(ServingConfig, "serving").router.experiments}
+    assert load_config(EvalConfig, "eval").endpoints["router"].model in served
+    assert load_config(MonitoringConfig, "monitoring").router.model in served
 
 
 @pytest.mark.parametrize(
