@@ -312,6 +312,23 @@ def monitor(set_: Overrides = None) -> None:
     main(_overrides(set_))
 
 
+@app.command("trace")
+@friendly
+def trace(
+    what: Annotated[str, typer.Argument(help="A response id (chatcmpl-...) or a model version (3, v3, @champion).")],
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable: every hop in full.")] = False,
+) -> None:
+    """Walk the lineage: audit row -> registered version -> training run -> dataset manifest -> the evaluation that
+    promoted it -> later regression runs, with a link for each in the MLflow UI."""
+    import os
+
+    from fibreflow.monitor.trace import render, trace
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small reads: no bars
+    found = trace(what)
+    typer.echo(found.model_dump_json(indent=2) if json_ else render(found))
+
+
 @app.command("serve-model")
 @friendly
 def serve_model(

@@ -66,6 +66,23 @@ def newest_finished_run(condition: str) -> Any | None:
     return runs[0] if runs else None
 
 
+def ui_link(path: str) -> str:
+    """A link that opens `path` (e.g. `#/experiments/1/runs/<id>`) in the MLflow UI: under a tracking server, its
+    URL; for a sqlite or file store, the path to open in `mlflow ui` started on that store."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    return f"{uri.rstrip('/')}/{path}" if uri.startswith("http") else f"mlflow ui: {path}"
+
+
+def run_link(run: Any) -> str:
+    return ui_link(f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+
+
+def version_link(name: str, version: str) -> str:
+    return ui_link(f"#/models/{name}/versions/{version}")
+
+
 def git_sha() -> str:
     """The checkout's commit (with `-dirty` when it has uncommitted changes), or "unknown" outside git."""
     try:

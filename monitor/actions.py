@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from fibreflow.core.tracking import run_link
 from fibreflow.eval.summary import label
 from fibreflow.eval.testset import Sample
 from fibreflow.monitor.config import MonitoringConfig
@@ -38,15 +39,6 @@ def earlier_flags(cfg: MonitoringConfig, name: str, version: str, arm: str) -> d
     return {
         m: [r.data.tags.get(f"below.{m}") == "true" for r in runs if f"below.{m}" in r.data.tags] for m in cfg.policy
     }
-
-
-def run_url(run: Any) -> str:
-    """A link that opens the run in the MLflow UI (for a file or sqlite store: the run id, for `mlflow ui`)."""
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    return f"{uri.rstrip('/')}/{path}" if uri.startswith("http") else f"mlflow ui: {path}"
 
 
 def log_run(
@@ -86,7 +78,7 @@ def log_run(
             mlflow.log_table(rows, artifact_file="regression/rows.json")
         mlflow.log_dict(result.summary(), "regression/summary.json")
         if result.status != "ok" and actions is not None:
-            actions(cfg, result, run_url(run))
+            actions(cfg, result, run_link(run))
             mlflow.set_tags({f"action.{k}": v for k, v in result.actions.items()})
     if result.version is not None:
         client = mlflow.MlflowClient()

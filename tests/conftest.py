@@ -208,11 +208,13 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     return out
 
 
-def _train_run(tiny: Path, out: Path, seed: int, steps: int = 0) -> str:
+def _train_run(tiny: Path, out: Path, seed: int, steps: int = 0, data: Path | None = None) -> str:
     """A finished training run as `fibreflow train` leaves it: lineage tags, params, metrics, the logged adapter
-    (random LoRA weights, then `steps` AdamW steps on a glossary sentence)."""
+    (random LoRA weights, then `steps` AdamW steps on a glossary sentence); with `data` (a built dataset version),
+    that version logged as its inputs, manifest and `dataset_version` as training logs them."""
     import mlflow
     import torch
+    from fibreflow.datasets.build import log_to_mlflow
     from fibreflow.training.publish import log_adapter
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -238,6 +240,8 @@ def _train_run(tiny: Path, out: Path, seed: int, steps: int = 0) -> str:
         mlflow.log_params({"quantization": None, "dtype": "float32"})
         mlflow.log_metrics({"heldout_known_tuned": 0.5, "heldout_known_gain": 0.25})
         log_adapter(peft.eval(), tok, str(tiny), None)
+        if data is not None:
+            log_to_mlflow(data)
     return run.info.run_id
 
 
