@@ -19,6 +19,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
 keys_app = typer.Typer(help="API keys of the router (stored hashed in Postgres).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+ab_app = typer.Typer(help="Live A/B tests of the router's experiments.", no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
 
 F = TypeVar("F", bound=Callable[..., Any])
 GATE_REFUSED = 3  # `fibreflow promote`'s exit status when the gate refuses (errors exit 2)
@@ -329,6 +331,41 @@ def trace(
     typer.echo(found.model_dump_json(indent=2) if json_ else render(found))
 
 
+@ab_app.command("report")
+@friendly
+def ab_report(
+    experiment: Annotated[str | None, typer.Option(help="The model clients ask for (default: the first).")] = None,
+    since: Annotated[str, typer.Option(help="Window start: an ISO time or a span back (7d, 12h).")] = "30d",
+    control: Annotated[str | None, typer.Option(help="The arm others are compared with (default: champion).")] = None,
+    promote: Annotated[bool, typer.Option(help="Promote a live winner through the offline gate.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable.")] = False,
+    set_: Overrides = None,
+) -> None:
+    """Per arm: feedback score, thumbs-up rate, error rate, p95 latency and shadow similarity with CIs; the
+    sequential test's decision (winner / no difference yet / stop: futility) and the false-winner rate it controls.
+    Logged to MLflow (fibreflow-ab) with a plot per arm over time."""
+    from fibreflow.monitor.ab import main, render
+
+    out = main(experiment, _since(since), control=control, promote=promote, overrides=_overrides(set_))
+    typer.echo(out.model_dump_json(indent=2) if json_ else render(out))
+
+
+def _since(text: str) -> Any:
+    import datetime as dt
+    import re
+
+    from fibreflow.core.errors import ConfigError
+
+    if m := re.fullmatch(r"(\d+)([dhm])", text.strip()):
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[m[2]]
+        return dt.datetime.now(dt.UTC) - dt.timedelta(**{unit: int(m[1])})
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--since {text!r}: give an ISO time (2026-11-30T08:00) or a span (7d, 12h, 30m)") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
 @app.command("serve-model")
 @friendly
 def serve_model(
@@ -368,7 +405,7 @@ def serve(
 @friendly
 def keys_create(
     name: Annotated[str, typer.Option(help="Who or what uses it (shown in listings and audit).")],
-    scopes: Annotated[str, typer.Option(help="Comma-separated: chat, admin.")] = "chat",
+    scopes: Annotated[str, typer.Option(help="Comma-separated: chat, admin, qa (forces an arm), metrics.")] = "chat",
     expires_days: Annotated[float | None, typer.Option(help="Expire after this many days.")] = None,
     rpm: Annotated[int | None, typer.Option(help="Own requests-per-minute limit (else the config's).")] = None,
     tpm: Annotated[int | None, typer.Option(help="Own tokens-per-minute limit (else the config's).")] = None,

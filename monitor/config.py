@@ -55,6 +55,18 @@ class Schedule(Strict):
         return exprs
 
 
+class Ab(Strict):
+    """`fibreflow ab report`: the live A/B test from feedback, audit rows and shadow scores."""
+
+    experiment: str = "fibreflow-ab"  # the MLflow experiment of the reports
+    control: str = "champion"  # the arm every other arm is compared with (absent: the first arm by name)
+    alpha: float = Field(0.05, gt=0, lt=0.5)  # the false-winner rate the sequential test controls, at any reading
+    min_effect: float = Field(0.05, gt=0, le=1)  # the smallest feedback-score difference worth acting on
+    min_samples: PositiveInt = 30  # votes per arm before any decision
+    confidence: float = Field(0.95, gt=0, lt=1)  # of the per-arm CIs
+    shadow_log: str = "var/serving/shadow.jsonl"  # where the router writes its shadow scores
+
+
 class MonitoringConfig(Strict):
     suite: Suite
     router: RouterEndpoint
@@ -66,6 +78,7 @@ class MonitoringConfig(Strict):
     rollback: list[str] = Field(default_factory=list)
     alert: Alert = Alert()
     schedule: Schedule = Schedule()
+    ab: Ab = Ab()
 
 
 def load_monitoring_config(overrides: dict[str, Any] | None = None) -> MonitoringConfig:

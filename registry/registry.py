@@ -171,12 +171,14 @@ def promote(
     reason: str | None = None,
     eval_overrides: dict[str, Any] | None = None,
     eval_run_id: str | None = None,
+    expected: str | None = None,
     cfg: RegistryConfig | None = None,
 ) -> dict[str, Any]:
     """Gate `@challenger` against `@champion` (the first time: against the base model) and move `@champion` only
     if the gate passes, or if forced with a reason. The decision is an MLflow run and tags on the version.
     `eval_run_id` (default: the version's `eval_run_id` tag): an evaluation of exactly this pair, judged again
-    with the current gates instead of evaluating again.
+    with the current gates instead of evaluating again. `expected`: refuse unless @challenger is that version (a
+    caller that chose it, e.g. a live A/B test, never promotes a version moved in after its choice).
 
     One promotion or rollback at a time (`_exclusive`); @champion is compared before it is moved (a move made
     meanwhile by anyone else refuses this one); a version rolled back before is promoted again only by force."""
@@ -190,6 +192,9 @@ def promote(
         challenger = _alias(cfg.name, "challenger")
         if challenger is None:
             raise RegistryError(f"{cfg.name} has no @challenger: run `fibreflow register` first")
+        if expected is not None and str(challenger.version) != str(expected):
+            raise RegistryError(f"@challenger is v{challenger.version}, not v{expected} as expected: nothing was "
+                                "changed")  # fmt: skip
         champion = _alias(cfg.name, "champion")
         if champion is not None and champion.version == challenger.version:
             reasons = ["@challenger is already @champion"]

@@ -45,6 +45,9 @@ class AuditRow:
     error: str | None
     prompt: str | None
     response_id: str | None
+    routed_arm: str | None  # the arm the split chose (`arm` says "fallback" when the fallback answered instead)
+    fallback: str | None  # why the fallback answered
+    forced: bool  # a QA key forced the arm (regression runs): not user traffic
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -83,6 +86,7 @@ class Call:
     fallback: str | None = None  # why the fallback answered instead of the arm
     forced: bool = False  # a QA key asked for this arm: its answer, or an error, never the fallback's
     response_id: str | None = None
+    routed_arm: str | None = None  # the arm the split chose, kept when the fallback answers instead
     finished: bool = False  # its metrics and audit row are done: exactly once
 
     def headers(self) -> dict[str, str]:
@@ -118,6 +122,9 @@ class Call:
             self.error,
             self.prompt,
             self.response_id,
+            self.routed_arm,
+            self.fallback,
+            self.forced,
         )
 
 

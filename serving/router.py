@@ -240,18 +240,27 @@ class Router:
         )
 
     async def dispatch(
-        self, request: Request, path: str, body: dict[str, Any], call: Call, pattern: str | None = None
+        self,
+        request: Request,
+        path: str,
+        body: dict[str, Any],
+        call: Call,
+        pattern: str | None = None,
+        arm: str | None = None,
     ) -> Response:
-        """A validated request through routing, cache and upstream (`pattern` forces a cache TTL pattern)."""
+        """A validated request through routing, cache and upstream (`pattern` forces a cache TTL pattern; `arm`:
+        the router's own choice of arm, as a QA key's header would force it, e.g. the arena's)."""
         call.model = body["model"]
         if self.rc.audit.log_prompts:
             call.prompt = last_user_text(body)
-        forced = request.headers.get(self.rc.arm_header)
-        if forced is not None and self.keys is not None and not (call.has_scope("qa") or call.has_scope("admin")):
+        forced = arm or request.headers.get(self.rc.arm_header)
+        qa = call.has_scope("qa") or call.has_scope("admin")
+        if arm is None and forced is not None and self.keys is not None and not qa:
             raise ApiError(403, f"{self.rc.arm_header}: forcing an arm needs a key with the qa or admin scope")
         user = body["user"] if isinstance(body.get("user"), str) else call.key_id or call.caller
         r = route(call.model, user, forced, self.situation())
         call.arm, call.fallback, call.forced = r.arm, r.fallback, forced is not None
+        call.routed_arm = r.routed or (r.arm if r.arm != "fallback" else None)
         call.version = r.target.version or r.target.model
         if r.fallback is not None:
             self.metrics.fallbacks.labels(r.fallback).inc()
@@ -417,6 +426,7 @@ def create_app(
     registry aliases; `on_stop` runs last when the app shuts down (what `fibreflow serve` started for it)."""
     from fibreflow.serving.admin import ExperimentStore, admin_routes
     from fibreflow.serving.api import metrics_listener, openai_routes, ops_routes
+    from fibreflow.serving.arena import arena_routes
     from fibreflow.serving.embeddings import embeddings_routes
     from fibreflow.serving.feedback import feedback_routes
     from fibreflow.serving.fibreflow_api import Resources, frontend_routes
@@ -481,6 +491,7 @@ def create_app(
     for routes in (
         openai_routes(router),
         feedback_routes(router),
+        arena_routes(router),
         frontend_routes(router, resources),
         embeddings_routes(router, resources),
         admin_routes(router, experiments),

@@ -33,6 +33,7 @@ class Route:
     arm: str  # the arm's name, or "fallback"
     target: Target
     fallback: str | None = None  # why the fallback answers instead of the arm
+    routed: str | None = None  # the arm the split chose when the fallback answers instead (breaker, overload)
 
 
 @dataclass(frozen=True)
@@ -131,4 +132,4 @@ def route(model: str, user: str, forced: str | None, now: Situation) -> Route:
         raise ApiError(
             503, f"arm {arm.name} is unavailable: its upstream's circuit breaker is open", code="breaker_open"
         )
-    return Route(exp, "fallback", now.fallback, why)
+    return Route(exp, "fallback", now.fallback, why, routed=arm.name)

@@ -44,7 +44,7 @@ async def shadow(router: Router, exp: Experiment, body: dict[str, Any], path: st
         "ts": time.time(),
         "model": exp.model,
         "arm": arm,
-        "version": target.version,
+        "version": target.version or target.model,  # as the audit log names it
         "status": answer.status,
         "answer": shadow_text,
         "returned": main_text,

@@ -284,13 +284,16 @@ def spawn(args: list[str], url: str, timeout_s: float = 120) -> Any:
     import os
     import subprocess
     import sys
+    import tempfile
 
     cli = Path(sys.executable).with_name("fibreflow")
-    proc = subprocess.Popen([str(cli), *args], env=os.environ.copy(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the process) what it says on its way out, for the failure message
+    proc = subprocess.Popen([str(cli), *args], env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=log)
 
     def up() -> bool:
-        assert proc.poll() is None, f"{args[0]} exited with {proc.returncode}"
+        if proc.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"{args[0]} exited with {proc.returncode}: {log.read()[-3000:].decode()}")
         try:
             return httpx.get(url, timeout=1).status_code < 500
         except httpx.HTTPError:

@@ -299,12 +299,16 @@ def test_a_flood_of_random_keys_neither_evicts_real_ones_nor_loads_the_database(
             return [r.status_code for r in replies]
 
     import asyncio
+    import math
+    import time
 
+    started = time.monotonic()
     statuses = asyncio.run(flood())
+    budget = 5 + math.ceil(5 * (time.monotonic() - started))  # a full bucket, then 5 a second while it lasted
     assert set(statuses) <= {401, 503} and 500 not in statuses
-    assert app.state.router.keys.reads - reads <= 5 + 5  # the lookup budget (5 a second over ~1 s), not 300
+    assert app.state.router.keys.reads - reads <= budget < 100  # the lookup budget, not one read per fake key
     assert ask(base, key).status_code == 200  # the real key was neither evicted nor re-read
-    assert app.state.router.keys.reads - reads <= 10
+    assert app.state.router.keys.reads - reads <= budget
 
 
 @pytest.mark.integration
