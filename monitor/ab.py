@@ -353,14 +353,20 @@ def render(rep: AbReport) -> str:
         high = format(e.high, fmt) if e.high is not None else "?"
         return f"{format(e.value, fmt)} [{low}, {high}]"
 
+    widths = (12, 9, 17, 8, 6, 20, 20, 22, 20, 0)
+    head = ("arm", "version", "since", "requests", "votes", "feedback score", "thumbs up", "error rate",
+            "p95 latency ms", "shadow similarity")  # fmt: skip
+
+    def row(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in (3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                         strict=True))).rstrip()  # fmt: skip
+
     lines = [f"Live A/B test of {rep.model} (control: {rep.control}); per-arm CIs at the configured confidence",
-             f"{'arm':<12}{'version':<9}{'since':<18}{'requests':>9}{'votes':>7}  {'feedback score':<20}"
-             f"{'thumbs up':<20}{'error rate':<20}{'p95 latency ms':<22}{'shadow similarity':<20}"]  # fmt: skip
+             row(head)]  # fmt: skip
     for a in rep.arms:
-        lines.append(f"{a.arm:<12}{a.version:<9}{a.since:%Y-%m-%d %H:%M}  {a.requests:>9}{a.votes:>7}  "
-                     f"{est(a.feedback_score, '.2f'):<20}{est(a.thumbs_up_rate, '.2f'):<20}"
-                     f"{est(a.error_rate, '.3f'):<20}{est(a.p95_latency_ms, '.0f'):<22}"
-                     f"{est(a.shadow_similarity, '.2f'):<20}")  # fmt: skip
+        lines.append(row((a.arm, a.version, f"{a.since:%Y-%m-%d %H:%M}", str(a.requests), str(a.votes),
+                          est(a.feedback_score, ".2f"), est(a.thumbs_up_rate, ".2f"), est(a.error_rate, ".3f"),
+                          est(a.p95_latency_ms, ".0f"), est(a.shadow_similarity, ".2f"))))  # fmt: skip
     for c in rep.comparisons:
         diff = f"{c.diff:+.3f}" if c.diff is not None else "n/a"
         verdict = f"winner: {c.winner}" if c.decision == "winner" else c.decision
