@@ -25,7 +25,7 @@ Decisions, each valid whenever it is read:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,6 +54,13 @@ def half_width(v: np.ndarray | float, tau: float, alpha: float) -> np.ndarray | 
     """Half the always-valid CI's width for a difference with variance `v` (elementwise)."""
     v = np.asarray(v, dtype=float)
     return np.sqrt(v * (v + tau**2) / tau**2 * (np.log((v + tau**2) / v) + 2 * np.log(1 / alpha)))
+
+
+def fixed_width(v: np.ndarray | float, tau: float, alpha: float) -> np.ndarray | float:
+    """The fixed-sample (1 - alpha) normal CI's half-width: valid for one reading only (the peeking baseline)."""
+    from scipy.stats import norm
+
+    return norm.ppf(1 - alpha / 2) * np.sqrt(np.asarray(v, dtype=float))
 
 
 def likelihood_ratio(d: np.ndarray | float, v: np.ndarray | float, tau: float) -> np.ndarray | float:
@@ -117,8 +124,11 @@ def simulate(
     batch: int = 20,
     looks: int = 100,
     seed: int = 0,
+    width: Callable[[np.ndarray, float, float], np.ndarray] | None = None,
 ) -> OperatingCharacteristics:
-    """Thumbs up with probability p_a and p_b, `batch` votes per arm between readings, up to `looks` readings."""
+    """Thumbs up with probability p_a and p_b, `batch` votes per arm between readings, up to `looks` readings.
+    `width(v, tau, alpha)`: the CI's half-width rule (default: the always-valid one; `fixed_width`, the textbook
+    fixed-sample CI, shows what reading it repeatedly costs)."""
     rng = np.random.default_rng(seed)
     n = batch * np.arange(1, looks + 1)  # votes per arm at each reading
     ups_a = rng.binomial(batch, p_a, (experiments, looks)).cumsum(axis=1)
@@ -127,7 +137,7 @@ def simulate(
     var_a = np.maximum(mean_a * (1 - mean_a) * n / np.maximum(n - 1, 1), VAR_FLOOR)  # the sample variance of 0/1
     var_b = np.maximum(mean_b * (1 - mean_b) * n / np.maximum(n - 1, 1), VAR_FLOOR)
     d, v = mean_b - mean_a, var_a / n + var_b / n
-    h = half_width(v, min_effect, alpha)
+    h = (width or half_width)(v, min_effect, alpha)
     codes = decide(d - h, d + h, np.broadcast_to(n >= min_samples, d.shape), min_effect)
     decided = codes != 0
     first = np.where(decided.any(axis=1), decided.argmax(axis=1), looks - 1)

@@ -7,8 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from fibreflow.monitor import sequential
-from fibreflow.monitor.sequential import likelihood_ratio, msprt, simulate
+from fibreflow.monitor.sequential import fixed_width, likelihood_ratio, msprt, simulate
 
 RULE = {"alpha": 0.05, "min_effect": 0.05, "min_samples": 30}
 EXPERIMENTS = 1000
@@ -33,12 +32,7 @@ def test_the_simulation_catches_a_rule_that_peeks() -> None:
     """The same simulation with a fixed-sample 95% CI read after every batch (peeking) names far more false
     winners than 5%: the check above is able to fail."""
     naive = simulate(0.5, 0.5, experiments=EXPERIMENTS, batch=20, looks=100, seed=5, **RULE)
-    original = sequential.half_width
-    try:
-        sequential.half_width = lambda v, tau, alpha: 1.96 * np.sqrt(v)  # type: ignore[assignment]
-        peeking = simulate(0.5, 0.5, experiments=EXPERIMENTS, batch=20, looks=100, seed=5, **RULE)
-    finally:
-        sequential.half_width = original
+    peeking = simulate(0.5, 0.5, experiments=EXPERIMENTS, batch=20, looks=100, seed=5, width=fixed_width, **RULE)
     print(f"mSPRT: {naive.winner_a + naive.winner_b:.3f} false winners, peeking t-test: "
           f"{peeking.winner_a + peeking.winner_b:.3f}")  # fmt: skip
     assert peeking.winner_a + peeking.winner_b > 3 * RULE["alpha"]
