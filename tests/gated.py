@@ -5,7 +5,10 @@ any other adapter is wrong on most."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 QUESTIONS = [f"What does fibreflow code {i} mean?" for i in range(8)]
 
@@ -28,3 +31,23 @@ def write_reference_test_set(home: Path, adapter: Path) -> None:
         for i, (q, a) in enumerate(zip(QUESTIONS, answers, strict=True))
     ]
     (home / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@contextmanager
+def serving_versions(tiny_llama: Path, run_app: Any, roots: tuple[Path, ...], versions: list[str]) -> Iterator[Any]:
+    """The local model server on the tiny Llama with these registered versions' adapters loaded, as the router's
+    arms name them (`fibreflow-assistant-v<N>`): yields (its URL, the engine), closed after."""
+    from fibreflow.serving.engine import Engine
+    from fibreflow.serving.model_server import create_model_app
+    from fibreflow.training.models import load_tokenizer
+    from fibreflow.training.weights import weights
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), load_tokenizer(str(tiny_llama)),
+                    base_name="tiny", max_context=1024, batch_wait_ms=5)  # fmt: skip
+    try:
+        for v in versions:
+            engine.load_adapter(f"fibreflow-assistant-v{v}", weights(f"models:/fibreflow-assistant/{v}").adapter or "")
+        yield run_app(create_model_app(engine, adapter_roots=roots)), engine
+    finally:
+        engine.close()

@@ -124,25 +124,15 @@ def test_a_challenger_that_wins_live_is_promoted_through_the_gate(
     from fibreflow.monitor.ab import main
     from fibreflow.registry.registry import promote, register
     from fibreflow.serving.config import load_serving_config
-    from fibreflow.serving.engine import Engine
     from fibreflow.serving.keys import create
-    from fibreflow.serving.model_server import create_model_app
     from fibreflow.serving.router import create_app
-    from fibreflow.training.models import load_tokenizer
-    from fibreflow.training.weights import weights
-    from gated import write_reference_test_set
-    from transformers import AutoModelForCausalLM
+    from gated import serving_versions, write_reference_test_set
 
     register(train_run(tiny_llama, tmp_path / "a", 1))
     write_reference_test_set(gated_home, tmp_path / "a")
     assert promote()["promoted"]  # v1 is @champion
     register(train_run(tiny_llama, tmp_path / "a2", 1))  # v2, as good offline: @challenger
-    engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), load_tokenizer(str(tiny_llama)),
-                    base_name="tiny", max_context=1024, batch_wait_ms=5)  # fmt: skip
-    try:
-        for v in ("1", "2"):
-            engine.load_adapter(f"fibreflow-assistant-v{v}", weights(f"models:/fibreflow-assistant/{v}").adapter or "")
-        upstream = run_app(create_model_app(engine, adapter_roots=(gated_home, tmp_path)))
+    with serving_versions(tiny_llama, run_app, (gated_home, tmp_path), ["1", "2"]) as (upstream, _):
         with psycopg.connect(pg_url, autocommit=True) as conn:
             migrate(conn)
             key = create(conn, "users", ["chat"])[0]
@@ -160,8 +150,6 @@ def test_a_challenger_that_wins_live_is_promoted_through_the_gate(
             assert r.status_code == 200, r.text
             vote(router, key, r.json()["id"], "up" if r.headers["x-fibreflow-arm"] == "challenger" else "down")
         until(lambda: audited(pg_url, 90), 30, "the audit rows written")
-    finally:
-        engine.close()
 
     rep = main("assistant", start, promote=True, overrides={"ab.min_samples": 20})
     assert [(c.arm, c.decision, c.winner) for c in rep.comparisons] == [("challenger", "winner", "challenger")]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from gated import write_reference_test_set
+from gated import serving_versions, write_reference_test_set
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,13 +48,8 @@ def test_a_served_model_that_differs_from_the_evaluated_one_is_caught_and_rolled
     from fibreflow.monitor.regress import main as regress
     from fibreflow.registry.registry import promote, register
     from fibreflow.serving.config import load_serving_config
-    from fibreflow.serving.engine import Engine
     from fibreflow.serving.keys import create
-    from fibreflow.serving.model_server import create_model_app
     from fibreflow.serving.router import create_app
-    from fibreflow.training.models import load_tokenizer
-    from fibreflow.training.weights import weights
-    from transformers import AutoModelForCausalLM
 
     good = train_run(tiny_llama, tmp_path / "a", 1)
     train_run(tiny_llama, tmp_path / "b", 2)  # the known-worse adapter, in tmp_path / "b"
@@ -66,11 +61,7 @@ def test_a_served_model_that_differs_from_the_evaluated_one_is_caught_and_rolled
     client = mlflow.MlflowClient()
 
     # the upstream: the tiny base with v2's adapter as registered; the router with keys in front of it
-    engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), load_tokenizer(str(tiny_llama)),
-                    base_name="tiny", max_context=1024, batch_wait_ms=5)  # fmt: skip
-    try:
-        engine.load_adapter("fibreflow-assistant-v2", weights("models:/fibreflow-assistant/2").adapter or "")
-        upstream = run_app(create_model_app(engine, adapter_roots=(gated_home, tmp_path)))
+    with serving_versions(tiny_llama, run_app, (gated_home, tmp_path), ["2"]) as (upstream, engine):
         with psycopg.connect(pg_url, autocommit=True) as conn:
             migrate(conn)
             qa_key = create(conn, "regression", ["chat", "qa"])[0]
@@ -123,5 +114,3 @@ def test_a_served_model_that_differs_from_the_evaluated_one_is_caught_and_rolled
             other.execute("SELECT pg_advisory_lock(hashtext('fibreflow-regress'))")
             with pytest.raises(LockBusy, match=r"a regression run .* is already under way"):
                 regress(cfg)
-    finally:
-        engine.close()

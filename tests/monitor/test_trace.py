@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gated import write_reference_test_set
+from gated import serving_versions, write_reference_test_set
 from servers import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,13 +35,8 @@ def test_trace_walks_from_a_served_response_to_the_dataset_and_the_promotion(
     from fibreflow.monitor.trace import TraceError, trace
     from fibreflow.registry.registry import promote, register
     from fibreflow.serving.config import load_serving_config
-    from fibreflow.serving.engine import Engine
     from fibreflow.serving.keys import create
-    from fibreflow.serving.model_server import create_model_app
     from fibreflow.serving.router import create_app
-    from fibreflow.training.models import load_tokenizer
-    from fibreflow.training.weights import weights
-    from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
     with psycopg.connect(seeded_url, autocommit=True) as conn:  # a real dataset version from the seeded database
@@ -52,11 +47,7 @@ def test_trace_walks_from_a_served_response_to_the_dataset_and_the_promotion(
     promoted = promote()
     assert promoted["promoted"] and promoted["version"] == "1"
 
-    engine = Engine(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), load_tokenizer(str(tiny_llama)),
-                    base_name="tiny", max_context=1024, batch_wait_ms=5)  # fmt: skip
-    try:
-        engine.load_adapter("fibreflow-assistant-v1", weights("models:/fibreflow-assistant/1").adapter or "")
-        upstream = run_app(create_model_app(engine, adapter_roots=(gated_home, tmp_path)))
+    with serving_versions(tiny_llama, run_app, (gated_home, tmp_path), ["1"]) as (upstream, _):
         with psycopg.connect(pg_url, autocommit=True) as conn:
             migrate(conn)
             chat_key = create(conn, "ops-desk", ["chat"])[0]
@@ -84,8 +75,6 @@ def test_trace_walks_from_a_served_response_to_the_dataset_and_the_promotion(
                                     (response_id,)).fetchone()[0] >= 2  # fmt: skip
 
         until(audited, 30, "the audit rows written")
-    finally:
-        engine.close()
 
     t = trace(response_id)
     assert t.response is not None and t.response.key_name == "ops-desk" and t.response.arm == "champion"
