@@ -18,7 +18,7 @@ class Sampling(Strict):
 class Generation(Strict):
     batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 64
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 where native, else float32
 
 
 class Rag(Strict):

@@ -12,7 +12,7 @@ class ModelServer(Strict):
     host: str = "127.0.0.1"
     port: int = 8001
     model: str = "smollm2-135m-instruct"  # catalogue name or model folder; adapters from the registry must match it
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 where native, else float32
     max_batch: PositiveInt = 16
     batch_wait_ms: float = Field(5.0, ge=0)
     registry_aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"])
@@ -202,7 +202,7 @@ class Vllm(Strict):
     )
     host: str = "127.0.0.1"
     port: int = 8002
-    dtype: str = "bfloat16"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where native here, else fp32
     max_num_seqs: PositiveInt = 32
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enable_prefix_caching: bool = True
@@ -211,7 +211,7 @@ class Vllm(Strict):
     max_loras: PositiveInt = 4
     always_enable_lora: bool = True  # also with no adapter yet, so a later promotion can be loaded at run time
     merged_aliases: list[str] = Field(default_factory=list)  # served merged, one vLLM each (faster than LoRA)
-    merged_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    merged_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     replaced_grace_s: float = Field(30.0, ge=0)  # a replaced merged vLLM finishes its requests this long
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)

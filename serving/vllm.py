@@ -22,6 +22,7 @@ from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.registry.spec import ServingSpec
 from fibreflow.serving.config import ServingConfig, served_name
+from fibreflow.training.config import dtype_name
 
 MERGED_DIR = "var/serving/merged"  # <served name>-<dtype>: one folder per version, reused once written
 
@@ -71,7 +72,7 @@ def _common(cfg: ServingConfig, model: str, served: str, port: int, max_context:
         "--port",
         str(port),
         "--dtype",
-        v.dtype,
+        dtype_name(v.dtype),  # vLLM's own "auto" would mean the checkpoint's dtype: resolved here instead
         "--max-num-seqs",
         str(v.max_num_seqs),
         "--gpu-memory-utilization",
@@ -171,7 +172,8 @@ class MergedArms:
             return self.running[alias][2]
         v, name = self.cfg.vllm, served_name(self.cfg.registered_model, version)
         w = weights(f"models:/{self.cfg.registered_model}/{version}")
-        folder = merge(w, resolve_path(MERGED_DIR) / f"{name}-{v.merged_dtype}", v.merged_dtype)
+        dtype = dtype_name(v.merged_dtype)
+        folder = merge(w, resolve_path(MERGED_DIR) / f"{name}-{dtype}", dtype)
         port, self._next_port = self._next_port, self._next_port + 1
         url = f"http://{v.host}:{port}/v1"
         cmd = merged_command(self.cfg, folder, name, port, v.max_model_len)

@@ -6,6 +6,7 @@ The converters are the whole boundary to bitsandbytes / peft (as in trl's `get_q
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+# "auto": bfloat16 where this machine computes it natively, else float32 (see `torch_dtype`)
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ModelEntry(Strict):
@@ -56,8 +58,8 @@ class Quantization(Strict):
     load_in_4bit: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Dtype = "bfloat16"
-    quant_storage: Dtype = "bfloat16"
+    compute_dtype: Dtype = "auto"
+    quant_storage: Dtype = "bfloat16"  # only the container of the packed 4-bit weights
 
 
 class Lora(Strict):
@@ -121,7 +123,7 @@ class Tracking(Strict):
 class TrainConfig(Strict):
     model: str
     model_path: str | None = None  # overrides the catalogue entry's source (a local folder or hub id)
-    dtype: Dtype = "bfloat16"  # dtype of the unquantized parts (and of the whole base without 4-bit)
+    dtype: Dtype = "auto"  # dtype of the unquantized parts (and of the whole base without 4-bit)
     quantization: Quantization | None = Quantization()
     lora: Lora = Lora()
     data: DataSection = DataSection()
@@ -168,9 +170,29 @@ def default_train_config() -> Path:
 
 
 def torch_dtype(name: str) -> Any:
+    """The torch dtype of a config's name; "auto" is resolved on the machine that loads the model, so a config (and
+    its hash, and a recorded quantization) means the same everywhere."""
     import torch
 
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_native() else torch.float32
     return getattr(torch, name)
+
+
+def dtype_name(name: str) -> str:
+    """A config's dtype name with "auto" resolved on this machine ("bfloat16" or "float32")."""
+    return str(torch_dtype(name)).removeprefix("torch.")
+
+
+@functools.cache
+def bf16_is_native() -> bool:
+    """bfloat16 runs in hardware here: a CUDA device that has it, or a CPU oneDNN computes bf16 on (AVX512 / AMX).
+    Elsewhere (AVX2-only CPUs) bf16 matmuls are emulated: 25-70x slower than float32 at SmolLM2's shapes."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def bnb_config(q: Quantization | None) -> BitsAndBytesConfig | None:

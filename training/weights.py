@@ -179,6 +179,7 @@ def weights(spec: str, base_model: str | None = None) -> Weights:
 def load_local(w: Weights, dtype: str) -> tuple[Any, Any]:
     """(model, tokenizer) on CPU/GPU in `dtype`, the adapter (if any) applied, ready to generate."""
     import torch
+    from fibreflow.training.config import torch_dtype
     from fibreflow.training.models import load_tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -188,10 +189,10 @@ def load_local(w: Weights, dtype: str) -> tuple[Any, Any]:
         from fibreflow.training.config import bnb_config
 
         model = AutoModelForCausalLM.from_pretrained(
-            w.base, dtype=getattr(torch, q.compute_dtype), quantization_config=bnb_config(q)
+            w.base, dtype=torch_dtype(q.compute_dtype), quantization_config=bnb_config(q)
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(w.base, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(w.base, dtype=torch_dtype(dtype))
     if w.adapter:
         from peft import PeftModel
 

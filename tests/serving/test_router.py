@@ -256,11 +256,12 @@ def test_cors_headers_on_the_fast_path_and_preflight(upstream: str, run_app: Any
 def test_openai_sdk_and_langchain_with_the_bundled_model(bundled_base: Path, run_app: Any, project_tmp: Path) -> None:
     """The real bundled SmolLM2-135M-Instruct behind the local model server, the router in front."""
     from fibreflow.serving.engine import Engine
+    from fibreflow.training.config import torch_dtype
     from fibreflow.training.models import load_tokenizer
     from langchain_openai import ChatOpenAI
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(bundled_base, dtype="bfloat16").eval()
+    model = AutoModelForCausalLM.from_pretrained(bundled_base, dtype=torch_dtype("auto")).eval()
     engine = Engine(model, load_tokenizer(str(bundled_base)), base_name="smollm2", max_context=2048)
     try:
         upstream = run_app(create_model_app(engine, default_max_tokens=24))

@@ -98,3 +98,39 @@ def test_a_qlora_adapter_is_loaded_on_the_base_quantized_as_in_training(
         assert any(isinstance(mod, Linear4bit) for mod in model.modules()), spec
     assert weights(plain_run.info.run_id).quantization is None
     assert weights(run.info.run_id).tags()["quantization"] == "nf4"
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["avx2-only", "bf16-native"])
+def test_auto_precision_is_bf16_only_where_the_machine_computes_it(
+    tiny_llama: Path, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped demo configs say `auto`: on a CPU without native bf16 (AVX2 only: bf16 matmuls 25-70x slower than
+    fp32) every stage loads in float32, elsewhere in bfloat16; an adapter's quantization record stays `auto`."""
+    import torch
+    from fibreflow.eval.config import load_eval_config
+    from fibreflow.serving.config import load_serving_config
+    from fibreflow.training import config
+    from fibreflow.training.config import default_train_config, load_train_config, torch_dtype
+    from fibreflow.training.weights import Weights
+
+    monkeypatch.setattr(config, "bf16_is_native", lambda: native)
+    want = torch.bfloat16 if native else torch.float32
+    train = load_train_config(default_train_config())
+    assert train.quantization is not None
+    names = [train.dtype, train.quantization.compute_dtype, load_eval_config().generation.dtype,
+             load_serving_config().model_server.dtype]  # fmt: skip
+    assert names == ["auto"] * 4 and {torch_dtype(n) for n in names} == {want}
+    assert torch_dtype("float32") == torch.float32 and torch_dtype("bfloat16") == torch.bfloat16  # explicit wins
+    model, _ = load_local(Weights(str(tiny_llama), None, {"kind": "base"}, None), "auto")
+    assert model.dtype == want
+
+
+def test_the_bf16_probe_matches_the_cpu() -> None:
+    """oneDNN computes bf16 natively only with AVX512 (or AMX); this machine's flags say which it has."""
+    import torch
+    from fibreflow.training.config import bf16_is_native
+
+    if not Path("/proc/cpuinfo").is_file() or torch.cuda.is_available():
+        pytest.skip("a Linux CPU-only machine is needed to read the flags")
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert bf16_is_native() == bool(flags & {"avx512bw", "avx512_bf16", "amx_bf16"})
