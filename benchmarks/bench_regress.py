@@ -16,6 +16,7 @@ Prints rows/s for each and the ratio to offline.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -111,7 +112,11 @@ def main() -> None:
     rows = []
     try:
         wait(f"http://127.0.0.1:{port}/health", serve)
-        regress(common | {"router.concurrency": 2}, actions=False)  # warm-up: the adapter loaded, the path hot
+        warm = {"model": "fibreflow-assistant", "max_tokens": 8, "messages": [{"role": "user", "content": "BOQ?"}]}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(warm).encode(),
+                                         {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                                          "x-fibreflow-arm": "champion"})  # fmt: skip
+        urllib.request.urlopen(request, timeout=300).read()  # warm-up: the champion's adapter loaded, the path hot
         for c in [int(x) for x in args.concurrency.split(",")]:
             start = time.perf_counter()
             [result] = regress(common | {"router.concurrency": c}, actions=False)
