@@ -25,7 +25,7 @@ import numpy as np
 from fibreflow.core.config import Strict, resolve_path
 from fibreflow.core.errors import FibreFlowError
 from fibreflow.monitor.config import Ab
-from fibreflow.monitor.sequential import Decision, half_width, msprt
+from fibreflow.monitor.sequential import VAR_FLOOR, Decision, half_width, msprt
 
 REQUESTS = """
 SELECT coalesce(routed_arm, arm), arm, model_version, status, latency_ms, completion_tokens, cache, fallback, at
@@ -261,7 +261,7 @@ def plot(rep: AbReport, t: Traffic) -> Any:
             continue
         n, s, ss = n[:, ok], s[:, ok], ss[:, ok]
         mean = s / n
-        var = np.maximum((ss - s * mean) / (n - 1), 0.01)
+        var = np.maximum((ss - s * mean) / (n - 1), VAR_FLOOR)  # as the test floors it
         d, h = mean[1] - mean[0], half_width((var / n).sum(axis=0), rep.min_effect, c.alpha)
         times = [e[0] for e, keep in zip(events, ok, strict=True) if keep]
         line = bottom.plot(times, d, label=f"{c.arm} - {c.control}")[0]
