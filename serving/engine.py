@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fibreflow.core.errors import FibreFlowError
+from fibreflow.serving.metrics import ModelMetrics
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -59,6 +60,7 @@ class Finished:
 @dataclass
 class _Request:
     ids: list[int]
+    model: str  # as the client named it (the metrics' label)
     adapter: str
     max_tokens: int
     sampling: Sampling
@@ -69,6 +71,8 @@ class _Request:
     sent: str = ""
     done: bool = False
     cancelled: bool = False  # the client went away: stop generating for it
+    arrived: float = field(default_factory=time.monotonic)
+    first_at: float | None = None  # when its first token came
 
     def emit(self, item: str | Finished | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -77,17 +81,21 @@ class _Request:
 class _Rows:
     """HF streamer + per-row stopping criteria for one batch: routes each row's tokens to its request."""
 
-    def __init__(self, reqs: list[_Request], tok: Any, eos: set[int]) -> None:
-        self.reqs, self.tok, self.eos, self.prompt_seen = reqs, tok, eos, False
+    def __init__(self, reqs: list[_Request], tok: Any, eos: set[int], metrics: ModelMetrics) -> None:
+        self.reqs, self.tok, self.eos, self.metrics, self.prompt_seen = reqs, tok, eos, metrics, False
 
     def put(self, value: Any) -> None:  # transformers' streamer protocol
         if not self.prompt_seen:  # the first call carries the prompts
             self.prompt_seen = True
             return
         for req, token in zip(self.reqs, value.view(-1).tolist(), strict=True):
-            if req.cancelled:
+            if req.cancelled and not req.done:
                 req.done = True
+                _ended(self.metrics, req, "cancelled")
             elif not req.done:
+                if req.first_at is None:
+                    req.first_at = time.monotonic()
+                    self.metrics.ttft.labels(req.model).observe(req.first_at - req.arrived)
                 self._advance(req, token)
 
     def end(self) -> None:
@@ -117,11 +125,23 @@ class _Rows:
     def _finish(self, req: _Request, reason: str) -> None:
         req.done = True
         req.emit(Finished(reason, len(req.ids), len(req.generated)))
+        _ended(self.metrics, req, reason)
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # StoppingCriteria: per-row done
         import torch
 
         return torch.tensor([r.done or r.cancelled for r in self.reqs], device=input_ids.device)
+
+
+def _ended(m: ModelMetrics, req: _Request, reason: str) -> None:
+    """A request's last metrics: why it ended, its tokens, its whole time and time per token after the first."""
+    now, n = time.monotonic(), len(req.generated)
+    m.finished.labels(req.model, reason).inc()
+    m.prompt_tokens.labels(req.model).inc(len(req.ids))
+    m.generation_tokens.labels(req.model).inc(n)
+    m.request_time.labels(req.model).observe(now - req.arrived)
+    if req.first_at is not None and n > 1:
+        m.tpot.labels(req.model).observe((now - req.first_at) / (n - 1))
 
 
 class Engine:
@@ -136,6 +156,7 @@ class Engine:
         max_context: int,
         max_batch: int = 16,
         batch_wait_ms: float = 5.0,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         self.model, self.tok, self.base_name, self.max_context = model, tok, base_name, max_context
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_ms / 1000
@@ -148,6 +169,8 @@ class Engine:
         self.batches = 0  # batches run (and rows in them): how much batching happened
         self.rows = 0
         self.tokens = 0  # tokens generated
+        self.metrics = metrics or ModelMetrics()
+        self.metrics.waiting.set_function(self._queue.qsize)
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -212,7 +235,8 @@ class Engine:
         """Text deltas as they are generated, then one `Finished`."""
         adapter = self.check(model, ids, max_tokens)
         out: asyncio.Queue[str | Finished | BaseException] = asyncio.Queue()
-        req = _Request(ids, adapter, max_tokens, sampling, tuple(s for s in stop if s), asyncio.get_running_loop(), out)
+        stops = tuple(s for s in stop if s)
+        req = _Request(ids, model, adapter, max_tokens, sampling, stops, asyncio.get_running_loop(), out)
         self._queue.put(req)
         try:
             while True:
@@ -245,6 +269,7 @@ class Engine:
     def _take(self) -> list[_Request] | None:
         first = self._queue.get()
         while first is not None and first.cancelled:  # left before its turn: nothing to generate
+            _ended(self.metrics, first, "cancelled")
             first = self._queue.get()
         if first is None:
             return None
@@ -257,7 +282,9 @@ class Engine:
             if nxt is None:
                 held.append(None)
                 break
-            if not nxt.cancelled:
+            if nxt.cancelled:
+                _ended(self.metrics, nxt, "cancelled")
+            else:
                 (batch if nxt.sampling == first.sampling else held).append(nxt)
         for r in held:  # other sampling settings wait for the next batch, in order
             self._queue.put(r)
@@ -273,13 +300,20 @@ class Engine:
                     if not req.done:
                         req.done = True
                         req.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
+                        _ended(self.metrics, req, "error")
 
     def _generate(self, batch: list[_Request]) -> None:
         self.batches += 1
         self.rows += len(batch)
+        m, now = self.metrics, time.monotonic()
+        m.batch_size.observe(len(batch))
+        for req in batch:
+            m.queue_wait.labels(req.model).observe(now - req.arrived)
+        m.running.inc(len(batch))
         try:
             self._run_generate(batch)
         finally:
+            m.running.dec(len(batch))
             self.tokens += sum(len(r.generated) for r in batch)
 
     def _run_generate(self, batch: list[_Request]) -> None:
@@ -291,7 +325,7 @@ class Engine:
         width = max(len(r.ids) for r in batch)
         ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in batch], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in batch], device=self.model.device)
-        rows = _Rows(batch, self.tok, self.eos)
+        rows = _Rows(batch, self.tok, self.eos, self.metrics)
         s = batch[0].sampling
         kw: dict[str, Any] = {"do_sample": False} if s.greedy else {"do_sample": True, "temperature": s.temperature}
         if not s.greedy:

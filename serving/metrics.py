@@ -72,3 +72,40 @@ class Metrics:
         self.shadow_dropped = Counter(
             p + "shadow_dropped", "Shadow copies not sent: too many already in flight", ["arm"], registry=r
         )
+
+
+TOKEN_TIME = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class ModelMetrics:
+    """Prometheus metrics of the local model server's engine (vLLM's `vllm:*` set, under our prefix): queue wait,
+    rows per batch, time to first token and per output token, tokens generated (rate() of it: tokens/s)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "fibreflow_model_"
+        self.waiting = Gauge(p + "requests_waiting", "Requests queued for a batch", registry=r)
+        self.running = Gauge(p + "requests_running", "Requests in the batch being generated", registry=r)
+        self.queue_wait = Histogram(
+            p + "queue_wait_seconds", "Time from arrival to joining a batch", ["model"], buckets=LATENCY, registry=r
+        )
+        self.batch_size = Histogram(
+            p + "batch_size", "Rows of each batch generated", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Time from arrival to the first token", ["model"], buckets=LATENCY,
+            registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            p + "time_per_output_token_seconds", "Time per output token after the first", ["model"],
+            buckets=TOKEN_TIME, registry=r,
+        )  # fmt: skip
+        self.request_time = Histogram(
+            p + "request_seconds", "Time from arrival to the last token", ["model"], buckets=LATENCY, registry=r
+        )
+        self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of requests served", ["model"], registry=r)
+        self.finished = Counter(
+            p + "requests", "Requests ended, by reason (stop, length, cancelled, error)", ["model", "reason"],
+            registry=r,
+        )  # fmt: skip

@@ -3,7 +3,8 @@
 One base model and several LoRA adapters (like vLLM's `--lora-modules`), batching of concurrent requests
 (serving/engine.py), `/v1/chat/completions`, `/v1/completions` (both with SSE streaming and usage counts),
 `/v1/models`, and vLLM's runtime adapter endpoints `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`, so the
-router drives this server and vLLM the same way.
+router drives this server and vLLM the same way. `/metrics` (Prometheus, no token, like vLLM's): queue wait, rows
+per batch, time to first token and per output token, tokens generated.
 
 Like vLLM with `--api-key`, every /v1 route needs the shared upstream token (`Authorization: Bearer ...`) when one
 is set; adapters are loaded at run time only from the project's artifact store (`var/models/artifacts`, where
@@ -43,6 +44,7 @@ from fibreflow.serving.protocol import (
     usage_chunk,
 )
 from fibreflow.training.weights import Weights, weights
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias")  # vLLM has them; this server not
@@ -110,6 +112,10 @@ def create_model_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": engine.models(), "batches": engine.batches, "rows": engine.rows}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:  # like vLLM's: outside /v1, so without the upstream token
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

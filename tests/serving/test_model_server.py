@@ -176,3 +176,54 @@ def test_the_upstream_token_guards_every_v1_route(
     router = run_app(create_app(cfg, redis_url="", watch=False))
     via = httpx.post(f"{router}/v1/chat/completions", json=chat | {"model": "assistant"})
     assert via.status_code == 200, via.text
+
+
+def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a real /metrics scrape, by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+
+
+@pytest.mark.integration
+def test_metrics_count_what_was_served(tiny_engine: Any, run_app: Any) -> None:
+    """/metrics (outside /v1: no token, like vLLM's) agrees with the answers: requests by model and finish reason,
+    prompt and completion tokens, one queue wait per request, the rows of every batch, nothing left running."""
+    server = run_app(create_model_app(tiny_engine, default_max_tokens=8, token="s3cret"))
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="s3cret")
+    jobs = [(q, m, n) for q in QUESTIONS for m, n in (("tiny", 1), ("alpha", 6), ("beta", 9))]
+
+    async def all_() -> list[Any]:
+        return await asyncio.gather(*(
+            client.chat.completions.create(model=m, messages=[{"role": "user", "content": q}], max_tokens=n,
+                                           temperature=0)
+            for q, m, n in jobs
+        ))  # fmt: skip
+
+    outs = asyncio.run(all_())
+    s = scrape(server)
+    p = "fibreflow_model_"
+    for model in ("tiny", "alpha", "beta"):
+        mine = [o for (_, m, _), o in zip(jobs, outs, strict=True) if m == model]
+        for reason in ("stop", "length"):
+            want = sum(o.choices[0].finish_reason == reason for o in mine)
+            assert total(s, p + "requests_total", model=model, reason=reason) == want, (model, reason)
+        assert total(s, p + "generation_tokens_total", model=model) == sum(o.usage.completion_tokens for o in mine)
+        assert total(s, p + "prompt_tokens_total", model=model) == sum(o.usage.prompt_tokens for o in mine)
+        assert total(s, p + "queue_wait_seconds_count", model=model) == len(mine)
+        assert total(s, p + "time_to_first_token_seconds_count", model=model) == len(mine)
+        assert total(s, p + "time_per_output_token_seconds_count", model=model) == sum(
+            o.usage.completion_tokens > 1 for o in mine
+        )
+    assert total(s, p + "batch_size_sum") == len(jobs)  # every request was a row of some batch
+    assert total(s, p + "batch_size_count") == tiny_engine.batches < len(jobs)
+    assert total(s, p + "requests_running") == 0 and total(s, p + "requests_waiting") == 0
