@@ -1,7 +1,7 @@
 """`fibreflow monitor`: a long-running process that runs `regress` on the schedule's cron expressions and soon
 after every alias move (the registry's alias watcher), one run at a time (the regression lock also keeps it apart
 from manual runs), until SIGTERM or SIGINT: the run under way finishes, then it stops. Its Prometheus gauges
-say how each arm's last run ended, when it ran, and when the next one is due."""
+say how each arm's last run ended, what it scored against the baseline, when it ran, and when the next one is due."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ class Monitor:
         self.last_run = Gauge(p + "last_run_timestamp_seconds", "When the last regression run ended", registry=r)
         self.next_run = Gauge(p + "next_run_timestamp_seconds", "When the next regression run is due", registry=r)
         self.runs = Counter(p + "runs", "Regression runs by outcome (done, busy, failed)", ["outcome"], registry=r)
+        by = ["arm", "metric"]
+        self.score = Gauge(p + "score", "Last run's live score per arm and metric", by, registry=r)
+        self.baseline = Gauge(p + "baseline_score", "The promoting evaluation's score, same rows", by, registry=r)
+        self.diff_low = Gauge(p + "score_diff_ci_low", "Lower CI bound of live - baseline", by, registry=r)
         self.watcher: Any = None
 
     def on_alias(self, alias: str, old: str | None, new: str | None) -> None:
@@ -77,6 +81,12 @@ class Monitor:
         self.runs.labels("done").inc()
         for r in results:
             self.last_status.labels(r.arm).set(STATUS_VALUE[r.status])
+            for metric, value in r.scores.items():
+                self.score.labels(r.arm, metric).set(value)
+            for metric, value in r.baseline.items():
+                self.baseline.labels(r.arm, metric).set(value)
+            for v in r.verdicts:
+                self.diff_low.labels(r.arm, v.metric).set(v.diff.low)
         self.last_run.set_to_current_time()
 
     def run(self) -> None:

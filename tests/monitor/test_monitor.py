@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 from fibreflow.core.errors import ConfigError, LockBusy
+from fibreflow.eval.stats import PairedDiff
 from fibreflow.monitor.config import Schedule, load_monitoring_config
+from fibreflow.monitor.decide import MetricVerdict
+from fibreflow.monitor.regress import Regression
 from fibreflow.monitor.scheduler import Monitor, next_cron
 from servers import free_port, until
 
@@ -28,11 +31,6 @@ def test_the_next_run_is_the_earliest_expression_in_the_schedules_timezone() -> 
 def test_a_schedule_that_is_not_cron_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="not a cron expression: 61 2"):
         load_monitoring_config({"schedule.cron": ["0 2 * * *", "61 2 * * *"]})
-
-
-class Result:
-    def __init__(self, arm: str, status: str) -> None:
-        self.arm, self.status = arm, status
 
 
 def sample(monitor: Monitor, name: str, labels: dict[str, str] | None = None) -> float | None:
@@ -54,7 +52,13 @@ def test_the_loop_runs_when_due_counts_what_happened_and_stops_after_the_run_und
         if len(calls) == 4:
             in_last_run.set()
             release.wait(10)  # stop() arrives while this run is under way: it finishes first
-        return [Result("champion", "ok"), Result("challenger", "regressed")]
+        worse = PairedDiff(a=0.75, b=0.5, diff=-0.25, low=-0.4, high=-0.1, n=16)
+        verdict = MetricVerdict("accuracy", worse, below=True, streak=1, regressed=True, reason="accuracy fell")
+        return [
+            Regression("champion", "1", "ok", [], scores={"accuracy": 0.75}, baseline={"accuracy": 0.75}),
+            Regression("challenger", "2", "regressed", ["accuracy fell"], [verdict], {"accuracy": 0.5},
+                       {"accuracy": 0.75}),
+        ]  # fmt: skip
 
     monitor = Monitor(cfg, regress)
     loop = threading.Thread(target=monitor.run)
@@ -70,6 +74,11 @@ def test_the_loop_runs_when_due_counts_what_happened_and_stops_after_the_run_und
     assert sample(monitor, "fibreflow_monitor_last_status", {"arm": "champion"}) == 0
     assert sample(monitor, "fibreflow_monitor_last_status", {"arm": "challenger"}) == 1
     assert calls[-1] <= (sample(monitor, "fibreflow_monitor_last_run_timestamp_seconds") or 0)
+    challenger = {"arm": "challenger", "metric": "accuracy"}
+    assert sample(monitor, "fibreflow_monitor_score", challenger) == 0.5
+    assert sample(monitor, "fibreflow_monitor_baseline_score", challenger) == 0.75
+    assert sample(monitor, "fibreflow_monitor_score_diff_ci_low", challenger) == -0.4
+    assert sample(monitor, "fibreflow_monitor_score", {"arm": "champion", "metric": "accuracy"}) == 0.75
 
 
 def test_an_alias_move_brings_the_next_run_forward() -> None:
