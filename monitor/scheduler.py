@@ -45,6 +45,8 @@ class Monitor:
         self.last_run = Gauge(p + "last_run_timestamp_seconds", "When the last regression run ended", registry=r)
         self.next_run = Gauge(p + "next_run_timestamp_seconds", "When the next regression run is due", registry=r)
         self.runs = Counter(p + "runs", "Regression runs by outcome (done, busy, failed)", ["outcome"], registry=r)
+        for outcome in ("done", "busy", "failed"):  # at 0 from the start, so increase() sees the first failure
+            self.runs.labels(outcome)
         by = ["arm", "metric"]
         self.score = Gauge(p + "score", "Last run's live score per arm and metric", by, registry=r)
         self.baseline = Gauge(p + "baseline_score", "The promoting evaluation's score, same rows", by, registry=r)

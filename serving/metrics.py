@@ -36,6 +36,7 @@ class Metrics:
         )
         self.retries = Counter(p + "upstream_retries", "Upstream calls retried", ["arm", "upstream"], registry=r)
         self.fallbacks = Counter(p + "fallbacks", "Requests served by the fallback, by why", ["reason"], registry=r)
+        self.fallbacks.labels("upstream_error")
         self.shadow = Counter(p + "shadow", "Shadow copies by outcome", ["arm", "outcome"], registry=r)
         self.shadow_similarity = Histogram(
             p + "shadow_similarity",
@@ -61,6 +62,8 @@ class Metrics:
             p + "audit_rows", "Audit rows by outcome (written, dropped_invalid, dropped_overflow)", ["outcome"],
             registry=r,
         )  # fmt: skip
+        for outcome in ("written", "dropped_invalid", "dropped_overflow"):  # at 0 from the start: increase() sees
+            self.audit_rows.labels(outcome)  # the first drop
         self.audit_pending = Gauge(p + "audit_rows_pending", "Audit rows waiting to be written", registry=r)
         self.breaker_open = Gauge(
             p + "breaker_open", "1 while an upstream model's circuit breaker is open", ["upstream", "model"], registry=r

@@ -10,6 +10,7 @@ import pytest
 from fibreflow.serving.config import load_serving_config
 from fibreflow.serving.vllm import LoraModule, alias_specs, vllm_command
 from fibreflow.training.config import Quantization
+from observed import exported, used_names
 
 
 @pytest.mark.integration
@@ -168,6 +169,12 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         assert now.json()["choices"][0]["message"]["content"] == direct(f"fibreflow-assistant-v{v2}")
         streamed = httpx.post(f"{base}/v1/chat/completions", json=body | {"stream": True}, timeout=120)
         assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+        # deploy/'s dashboard and alert rules read vLLM's own metrics: every vllm:* name they use is exported
+        scrape = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30)  # outside /v1: no token, as scraped
+        assert scrape.status_code == 200
+        vllm_names = {n for n in used_names() if n.startswith("vllm:")}
+        assert "vllm:request_queue_time_seconds_bucket" in vllm_names
+        assert vllm_names - exported(scrape.text) == set(), "deploy/ names vLLM metrics this vLLM does not export"
     finally:
         proc.terminate()
         proc.wait(timeout=60)
