@@ -3,12 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# The arena page's test drives a real browser: Debian's chromium (Playwright's own download cannot be reached).
-if ! command -v chromium >/dev/null; then
+# Debian packages some tests need: chromium (the arena page's browser test; Playwright's own download cannot be
+# reached), promtool and amtool (deploy/'s Prometheus rules and Alertmanager config).
+need=()
+command -v chromium >/dev/null || need+=(chromium)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v amtool >/dev/null || need+=(prometheus-alertmanager)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "the browser test needs Debian's chromium: run as root, or apt-get install chromium first" >&2; exit 1
+    echo "the tests need Debian's ${need[*]}: run as root, or apt-get install ${need[*]} first" >&2; exit 1
   fi
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  echo "installing Debian's ${need[*]} for the tests" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 export HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true RAGAS_DO_NOT_TRACK=true
 .venv/bin/ruff check .
