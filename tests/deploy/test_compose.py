@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from manifests import overrides
 from observed import DEPLOY
 
 ROOT = DEPLOY.parent
@@ -104,25 +105,18 @@ def test_prometheus_scrapes_what_compose_runs(compose: dict[str, Any]) -> None:
     assert "schedule.metrics_listen=0.0.0.0:9465" in flags and "monitor:9465" in targets
 
 
-def _overrides(command: list[str]) -> dict[str, Any]:
-    from fibreflow.core.config import parse_overrides
-
-    interpolated = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in command]  # compose's defaults
-    return parse_overrides([a.removeprefix("--set=") for a in interpolated if a.startswith("--set=")])
-
-
 def test_the_router_and_monitor_commands_are_valid_configs(compose: dict[str, Any]) -> None:
     """The --set overrides in compose load into the real serving and monitoring configs."""
     from fibreflow.monitor.config import load_monitoring_config
     from fibreflow.serving.config import load_serving_config
 
-    router = load_serving_config(_overrides(compose["services"]["router"]["command"])).router
+    router = load_serving_config(overrides(compose["services"]["router"]["command"])).router
     assert router.host == "0.0.0.0" and router.metrics_listen == "0.0.0.0:9464"
     assert router.upstreams["primary"].url == "http://vllm:8000/v1"
     assert router.fallback.upstream == "fallback" and router.upstreams["fallback"].url.startswith(
         "http://vllm-fallback"
     )
-    monitor = load_monitoring_config(_overrides(compose["services"]["monitor"]["command"]))
+    monitor = load_monitoring_config(overrides(compose["services"]["monitor"]["command"]))
     assert monitor.router.base_url == "http://router:8000/v1" and monitor.alert.webhook_url is None
 
 
