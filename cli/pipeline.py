@@ -36,7 +36,8 @@ def seed_step(scale: int | None, progress: bool, replace_data: bool = False) -> 
 def train_step(config: str | None, overrides: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
     """The finished training run of this config hash on this dataset version, or a new one."""
     from fibreflow.core.tracking import newest_finished_run
-    from fibreflow.datasets.build import load_data_config, version_dir
+    from fibreflow.datasets.build import version_dir
+    from fibreflow.datasets.config import load_data_config
     from fibreflow.eval.heldout import check
     from fibreflow.training.config import default_train_config, load_train_config
     from fibreflow.training.train import main as train

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 from typing import Any
 
 from fibreflow.core.config import Strict, load_config, project_root, resolve_path
+from fibreflow.core.errors import ConfigError
 
 
 class TrackingConfig(Strict):
@@ -32,6 +34,11 @@ def setup_mlflow(experiment: str) -> str:
         db = resolve_path("var/mlflow/mlflow.db")
         db.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{db}"
+    if uri.startswith("sqlite:") and importlib.util.find_spec("sqlalchemy") is None:
+        raise ConfigError(
+            f"the tracking store {uri} needs the full mlflow package (the train extra); a router installed with the "
+            "serve extra alone reads the registry from an MLflow server: set MLFLOW_TRACKING_URI=http://<server>:5000"
+        )
     mlflow.set_tracking_uri(uri)
     if (active := mlflow.active_run()) is not None:  # a stage under a parent (the pipeline): its runs nest there
         return active.info.experiment_id

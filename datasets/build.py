@@ -21,11 +21,12 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fibreflow.core.config import Strict, atomic_write, load_config, resolve_path
+from fibreflow.core.config import atomic_write, resolve_path
 from fibreflow.core.db import check_schema, open_db, redact, schema_version, table_counts
 from fibreflow.core.errors import DatasetBuildError, first_line
 from fibreflow.datasets import grounded_qa as qa
 from fibreflow.datasets import terminology as term
+from fibreflow.datasets.config import DataConfig, load_data_config
 from fibreflow.datasets.manifest import FILE as MANIFEST
 from fibreflow.datasets.manifest import (
     DatabaseSnapshot,
@@ -71,22 +72,6 @@ SCHEMAS = {
 GLOSSARY_SQL = "SELECT term, category, definition, aliases FROM glossary ORDER BY term"
 PROJECTS_SQL = "SELECT id FROM projects ORDER BY id"
 TEST_SET = "accuracy_test.jsonl"
-
-
-class DataConfig(Strict):
-    output_dir: str
-    cursor_rows: int
-    system_prompt: str
-    terminology: term.TerminologyConfig
-    grounded_qa: qa.GroundedQAConfig
-
-    def content_config(self) -> dict[str, Any]:
-        """What decides the content (and so the version): everything but where and how fast."""
-        return self.model_dump(mode="json", exclude={"output_dir", "cursor_rows"})
-
-
-def load_data_config(overrides: dict[str, Any] | None = None) -> DataConfig:
-    return load_config(DataConfig, "data", overrides)
 
 
 def canonical(obj: Any) -> bytes:

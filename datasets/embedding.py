@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from fibreflow.core.errors import ConfigError
@@ -22,6 +23,16 @@ class EmbeddingSpec:
     name: str
     revision: str
     dim: int
+
+
+class TextEncoder(Protocol):
+    """An embedding model: the in-process `Embedder`, or one on an embeddings server (the router's RemoteEmbedder)."""
+
+    spec: EmbeddingSpec
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]: ...
 
 
 def bundled_model_path() -> Path:
@@ -55,6 +66,10 @@ class Embedder:
         """Tokens the model reads for `texts` (its own tokenizer, truncated at its maximum length as in encode)."""
         enc = self._model.tokenizer(texts, truncation=True, max_length=self._model.get_max_seq_length())
         return sum(len(ids) for ids in enc["input_ids"])
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors and the tokens the model read for them."""
+        return self.encode(texts), self.count_tokens(texts)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return self._model.encode(

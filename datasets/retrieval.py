@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 from fibreflow.datasets.embed import check_space
-from fibreflow.datasets.embedding import Embedder
+from fibreflow.datasets.embedding import TextEncoder
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
@@ -58,7 +58,7 @@ class Hit:
 class Retriever:
     """Embeds the query with the same model that built the table (checked on first use) and searches HNSW."""
 
-    def __init__(self, embedder: Embedder, table: str, ef_search: int = 64) -> None:
+    def __init__(self, embedder: TextEncoder, table: str, ef_search: int = 64) -> None:
         self.embedder, self.table, self.ef_search = embedder, table, ef_search
         self._checked = False
 

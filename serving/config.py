@@ -17,6 +17,7 @@ class ModelServer(Strict):
     batch_wait_ms: float = Field(5.0, ge=0)
     registry_aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"])
     api_key_env: str | None = "FIBREFLOW_UPSTREAM_KEY"  # the variable holding the shared upstream token
+    embeddings: str | None = "bundled"  # /v1/embeddings with this model (as embed.yaml `model`); null: none
 
 
 class Upstream(Strict):
@@ -150,6 +151,8 @@ class FibreflowApi(Strict):
 
 class Embeddings(Strict):
     model: str = "bundled"  # all-MiniLM-L6-v2 (384-d), or a local sentence-transformers folder (bge-large)
+    upstream: str | None = None  # an upstream's /v1/embeddings instead of the model in process (no torch here)
+    revision: str | None = None  # the model's revision, for an upstream that reports none (the records' one)
     cache_ttl_s: PositiveInt = 3600
     max_inputs: PositiveInt = 256
 
@@ -185,6 +188,8 @@ class Router(Strict):
                     raise ValueError(f"experiment {exp.model}, arm {arm.name}: unknown upstream {arm.upstream!r}")
         if self.fallback is not None and self.fallback.upstream not in self.upstreams:
             raise ValueError(f"fallback: unknown upstream {self.fallback.upstream!r}")
+        if self.embeddings.upstream is not None and self.embeddings.upstream not in self.upstreams:
+            raise ValueError(f"embeddings: unknown upstream {self.embeddings.upstream!r}")
         arms = {a.name for e in self.experiments for a in e.arms} | {"experiment", "fallback"}
         for period in self.schedule.periods:
             if period.route not in arms:

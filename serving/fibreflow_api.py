@@ -67,11 +67,18 @@ class Resources:
         self._retriever: Any = None
 
     def embedder(self) -> Any:
+        """The in-process model (`embeddings.model`), or the one on `embeddings.upstream`."""
         with self._lock:
             if self._embedder is None:
-                from fibreflow.datasets.embedding import Embedder
+                e = self.router.rc.embeddings
+                if e.upstream is not None:
+                    from fibreflow.serving.embeddings import RemoteEmbedder
 
-                self._embedder = Embedder(self.router.rc.embeddings.model)
+                    self._embedder = RemoteEmbedder(self.router.rc.upstreams[e.upstream], e.model, e.revision)
+                else:
+                    from fibreflow.datasets.embedding import Embedder
+
+                    self._embedder = Embedder(e.model)
             return self._embedder
 
     def pool(self) -> Any:
@@ -99,9 +106,13 @@ class Resources:
             return project_facts(conn, project_id)
 
     def encode(self, texts: list[str]) -> Any:
+        return self.embed(texts)[0]
+
+    def embed(self, texts: list[str]) -> tuple[Any, int]:
+        """Vectors and the tokens the model read for them."""
         embedder = self.embedder()
         with self._lock:
-            return embedder.encode(texts)
+            return embedder.embed(texts)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -128,7 +139,7 @@ def _ours(resp: Response) -> dict[str, str]:
 
 
 def frontend_routes(router: Router, res: Resources) -> APIRouter:
-    from fibreflow.datasets.build import load_data_config
+    from fibreflow.datasets.config import load_data_config
     from fibreflow.datasets.grounded_qa import rag_messages
 
     api = APIRouter(route_class=guarded(("chat",)))

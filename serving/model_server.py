@@ -4,7 +4,8 @@ One base model and several LoRA adapters (like vLLM's `--lora-modules`), batchin
 (serving/engine.py), `/v1/chat/completions`, `/v1/completions` (both with SSE streaming and usage counts),
 `/v1/models`, and vLLM's runtime adapter endpoints `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`, so the
 router drives this server and vLLM the same way. `/metrics` (Prometheus, no token, like vLLM's): queue wait, rows
-per batch, time to first token and per output token, tokens generated.
+per batch, time to first token and per output token, tokens generated. With an embedding model
+(`model_server.embeddings`), `/v1/embeddings` too: the router's embeddings upstream when it runs without torch.
 
 Like vLLM with `--api-key`, every /v1 route needs the shared upstream token (`Authorization: Bearer ...`) when one
 is set; adapters are loaded at run time only from the project's artifact store (`var/models/artifacts`, where
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fibreflow.serving.config import ServingConfig, served_name
+from fibreflow.serving.embeddings import EmbeddingsRequest, check_request, embeddings_response
 from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling, TooLong, UnknownModel
 from fibreflow.serving.protocol import (
     SSE_DONE,
@@ -93,9 +96,16 @@ class TokenCheck:
 
 
 def create_model_app(
-    engine: Engine, default_max_tokens: int = 256, *, token: str | None = None, adapter_roots: tuple[Path, ...] = ()
+    engine: Engine,
+    default_max_tokens: int = 256,
+    *,
+    token: str | None = None,
+    adapter_roots: tuple[Path, ...] = (),
+    embedder: Any = None,
+    max_embedding_inputs: int = 256,
 ) -> FastAPI:
-    """The app around `engine`; with `token`, /v1 needs it; adapters load at run time only from `adapter_roots`."""
+    """The app around `engine`; with `token`, /v1 needs it; adapters load at run time only from `adapter_roots`;
+    with `embedder` (datasets.embedding.Embedder), /v1/embeddings."""
     app = FastAPI(title="FibreFlow local model server", version="1")
     install_error_handlers(app)
     if token:
@@ -116,6 +126,19 @@ def create_model_app(
     @app.get("/metrics")
     async def metrics() -> Response:  # like vLLM's: outside /v1, so without the upstream token
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if embedder is not None:
+        lock = threading.Lock()  # one encode at a time
+
+        def embed(texts: list[str]) -> tuple[Any, int]:
+            with lock:
+                return embedder.embed(texts)
+
+        @app.post("/v1/embeddings")
+        async def embeddings(req: EmbeddingsRequest) -> Response:
+            texts = check_request(req, embedder.spec, max_embedding_inputs)
+            vectors, tokens = await asyncio.to_thread(embed, texts)
+            return embeddings_response(embedder.spec, list(vectors), tokens, req.encoding_format)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -285,12 +308,15 @@ def serve_model(
     """Load, then serve until interrupted (uvicorn)."""
     import uvicorn
     from fibreflow.core.config import resolve_path
+    from fibreflow.datasets.embedding import Embedder
     from fibreflow.training.weights import ARTIFACTS_DIR
 
     engine = build_engine(cfg, model, loras, registry)
     ms = cfg.model_server
     token = os.environ.get(ms.api_key_env) if ms.api_key_env else None
-    app = create_model_app(engine, cfg.max_new_tokens, token=token, adapter_roots=(resolve_path(ARTIFACTS_DIR),))
+    embedder = Embedder(ms.embeddings) if ms.embeddings else None
+    app = create_model_app(engine, cfg.max_new_tokens, token=token, adapter_roots=(resolve_path(ARTIFACTS_DIR),),
+                           embedder=embedder, max_embedding_inputs=cfg.router.embeddings.max_inputs)  # fmt: skip
     try:
         uvicorn.run(app, host=cfg.model_server.host, port=cfg.model_server.port, log_level="warning")
     finally:

@@ -15,7 +15,7 @@ QUESTIONS = [f"What does fibreflow code {i} mean?" for i in range(8)]
 
 def write_reference_test_set(home: Path, adapter: Path) -> None:
     """References = the adapter's own greedy answers, generated exactly as `fibreflow eval` will."""
-    from fibreflow.datasets.build import load_data_config
+    from fibreflow.datasets.config import load_data_config
     from fibreflow.eval.config import load_eval_config
     from fibreflow.eval.rag import build_prompts
     from fibreflow.eval.run import answers_of

@@ -18,7 +18,8 @@ from typing import Any
 
 from fibreflow.core.config import atomic_folder, resolve_path
 from fibreflow.core.errors import ConfigError
-from fibreflow.datasets.build import TEST_SET, load_data_config, version_dir
+from fibreflow.datasets.build import TEST_SET, version_dir
+from fibreflow.datasets.config import load_data_config
 from fibreflow.datasets.manifest import read_manifest
 from fibreflow.training.config import TrainConfig, load_train_config
 from fibreflow.training.data import Collator, check_examples, count_tokens, prepare

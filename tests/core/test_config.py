@@ -6,7 +6,7 @@ from fibreflow.core.config import load_config, parse_overrides
 from fibreflow.core.db import DbConfig
 from fibreflow.core.errors import ConfigError
 from fibreflow.core.tracking import TrackingConfig
-from fibreflow.datasets.build import DataConfig
+from fibreflow.datasets.config import DataConfig
 from fibreflow.datasets.embed import EmbedConfig
 from fibreflow.datasets.seed import SeedConfig
 from fibreflow.eval.config import EvalConfig

@@ -9,13 +9,14 @@ import pytest
 from fibreflow.core import db
 from fibreflow.core.errors import DatasetBuildError, SchemaMissing
 from fibreflow.datasets import build
+from fibreflow.datasets.config import load_data_config
 from fibreflow.datasets.manifest import read_manifest
 
 pytestmark = pytest.mark.integration
 
 
 def _build(url: str, out: Path, **overrides) -> Path:
-    cfg = build.load_data_config({"output_dir": str(out), **overrides})
+    cfg = load_data_config({"output_dir": str(out), **overrides})
     with db.connect(url) as conn:
         return build.build(conn, cfg, progress=False)
 
@@ -117,7 +118,7 @@ def test_nulls_and_unicode(seeded_url: str, tmp_path: Path) -> None:
 
 def test_database_lost_mid_build_leaves_nothing(seeded_url: str, tmp_path: Path) -> None:
     """Kill the build's backend while it streams: a clear error, no version folder, no LATEST."""
-    cfg = build.load_data_config({"output_dir": str(tmp_path), "cursor_rows": 1})
+    cfg = load_data_config({"output_dir": str(tmp_path), "cursor_rows": 1})
     conn = db.connect(seeded_url)
     pid = conn.info.backend_pid
     original = build.SplitWriter.write

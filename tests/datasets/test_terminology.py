@@ -2,7 +2,7 @@
 
 from fibreflow.core.config import load_config
 from fibreflow.datasets import terminology as term
-from fibreflow.datasets.build import DataConfig
+from fibreflow.datasets.config import DataConfig
 from fibreflow.datasets.seed import glossary_terms
 
 CFG = load_config(DataConfig, "data")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fibreflow.core import db
 from fibreflow.datasets import build
+from fibreflow.datasets.config import load_data_config
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def eval_home(project_tmp: Path, embedded_url: str, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     with db.connect(embedded_url) as conn:
-        build.build(conn, build.load_data_config(), progress=False)
+        build.build(conn, load_data_config(), progress=False)
     return project_tmp
 
 

@@ -72,7 +72,7 @@ def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Pa
 
 @pytest.mark.integration
 def test_retrieval_stays_inside_the_rows_filters(eval_home: Path, embedded_url: str) -> None:
-    from fibreflow.datasets.build import load_data_config
+    from fibreflow.datasets.config import load_data_config
     from fibreflow.eval.config import Rag
     from fibreflow.eval.rag import build_prompts
     from fibreflow.eval.testset import Sample

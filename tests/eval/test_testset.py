@@ -46,9 +46,10 @@ def test_the_built_accuracy_set_loads(seeded_url: str, tmp_path: Path) -> None:
     """The accuracy set #2 builds from the database is in this format, every kind present scores."""
     from fibreflow.core import db
     from fibreflow.datasets import build
+    from fibreflow.datasets.config import load_data_config
     from fibreflow.eval.scorers import score
 
-    cfg = build.load_data_config({"output_dir": str(tmp_path)})
+    cfg = load_data_config({"output_dir": str(tmp_path)})
     with db.connect(seeded_url) as conn:
         path = build.build(conn, cfg, progress=False)
     samples = load_test_set(path / "accuracy_test.jsonl")

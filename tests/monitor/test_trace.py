@@ -30,7 +30,8 @@ def test_trace_walks_from_a_served_response_to_the_dataset_and_the_promotion(
     import psycopg
     from fibreflow.cli.main import app
     from fibreflow.core.db import migrate
-    from fibreflow.datasets.build import build, load_data_config
+    from fibreflow.datasets.build import build
+    from fibreflow.datasets.config import load_data_config
     from fibreflow.monitor.regress import main as regress
     from fibreflow.monitor.trace import TraceError, trace
     from fibreflow.registry.registry import promote, register
