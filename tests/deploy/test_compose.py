@@ -116,6 +116,7 @@ def test_the_router_and_monitor_commands_are_valid_configs(compose: dict[str, An
     assert router.fallback.upstream == "fallback" and router.upstreams["fallback"].url.startswith(
         "http://vllm-fallback"
     )
+    assert router.embeddings.upstream == "embeddings" and "embeddings" in compose["services"]
     monitor = load_monitoring_config(overrides(compose["services"]["monitor"]["command"]))
     assert monitor.router.base_url == "http://router:8000/v1" and monitor.alert.webhook_url is None
 
@@ -132,6 +133,9 @@ def test_the_dockerfiles_copy_every_stage_and_run_unprivileged() -> None:
             for path in source.split():
                 assert (ROOT / path).exists(), f"{name}.Dockerfile copies missing {path}"
         assert re.search(r"^USER 10001$", text, re.M)
-        assert "torch==2.13.0" in text
+        assert "pip install -c constraints.txt" in text  # the tested set
+    router = (DEPLOY / "docker" / "router.Dockerfile").read_text()
+    assert '".[serve]"' in router and "torch" not in router.replace("no torch", "")  # the router image stays small
+    assert '".[all]"' in (DEPLOY / "docker" / "trainer.Dockerfile").read_text()
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "var", "deploy/secrets"} <= set(ignored)

@@ -63,8 +63,8 @@ def test_each_overlay_builds_and_validates(overlay: str) -> None:
                  ("Deployment", "mlflow"), ("Service", "mlflow"), ("CronJob", "regress")):  # fmt: skip
         assert want in kinds, want
     assert not [d for d in docs if d["kind"] == "Secret"], "secrets are referenced, never written in"
-    refs = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
-            for d in docs for c in containers(d) for e in c.get("env", []) if "valueFrom" in e}  # fmt: skip
+    env = [e for d in docs for c in containers(d) for e in c.get("env", [])]
+    refs = {(r["name"], r["key"]) for e in env if (r := e.get("valueFrom", {}).get("secretKeyRef"))}
     assert {name for name, _ in refs} == {"fibreflow-secrets"}
     assert {key for _, key in refs} == {"DATABASE_URL", "FIBREFLOW_UPSTREAM_KEY", "FIBREFLOW_QA_KEY",
                                         "MLFLOW_BACKEND_STORE_URI"}  # fmt: skip
@@ -94,6 +94,9 @@ def test_the_router_is_probed_scaled_protected_and_configured() -> None:
 
     loaded = load_serving_config(cfg).router  # the --set arguments load into the real config
     assert loaded.upstreams["primary"].url == "http://vllm:8000/v1" and loaded.fallback.upstream == "fallback"
+    assert loaded.embeddings.upstream == "embeddings" and ("Service", "embeddings") in {
+        (d["kind"], d["metadata"]["name"]) for d in docs
+    }
     vllm = containers(by(docs, "Deployment", "vllm"))[0]
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == "1" and vllm["startupProbe"]["failureThreshold"] >= 60
     job = containers(by(docs, "CronJob", "regress"))[0]
