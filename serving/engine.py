@@ -1,11 +1,12 @@
-"""The local model server's engine: one base model, any number of LoRA adapters, batched generation.
+"""The local model server's engine: one base model, any number of LoRA adapters, continuous batching.
 
-Requests queue up; a worker thread takes up to `max_batch` of them that share sampling settings (waiting at most
-`batch_wait_ms` for company) and runs one `generate` over them, each row with its own adapter (peft's mixed-batch
-LoRA: `adapter_names`), its own token budget and stop strings. Tokens go back to each request as they are
-produced, so streaming and batching work together. A request whose client went away is cancelled: it is
-dropped from the queue, or its row stops (and the batch's `generate` with it once every row has stopped).
-Adapters are loaded and unloaded at run time, like vLLM's `/v1/load_lora_adapter`.
+Requests queue up; one worker thread runs the batch a step at a time (iteration-level scheduling, as vLLM): each
+step first prefills the requests that arrived (up to `max_batch` rows in all) and merges their KV caches into the
+running batch, then decodes one token for every row. A request joins at the next step and leaves as soon as it is
+done, so nobody waits for a whole batch to end. Each row has its own adapter (peft's mixed-batch LoRA:
+`adapter_names`), sampling settings, token budget and stop strings; tokens go back to each request as they are
+produced. A request whose client went away is cancelled: dropped from the queue, or its row leaves the batch.
+Adapters are loaded and unloaded at run time (between steps), like vLLM's `/v1/load_lora_adapter`.
 """
 
 from __future__ import annotations
@@ -73,64 +74,12 @@ class _Request:
     cancelled: bool = False  # the client went away: stop generating for it
     arrived: float = field(default_factory=time.monotonic)
     first_at: float | None = None  # when its first token came
+    pos: int = 0  # position of the next token fed (prompt and generated tokens in the cache)
+    next_input: int = 0  # the token it generated last, fed at the next step
+    generator: Any = None  # its random stream when sampling
 
     def emit(self, item: str | Finished | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-
-
-class _Rows:
-    """HF streamer + per-row stopping criteria for one batch: routes each row's tokens to its request."""
-
-    def __init__(self, reqs: list[_Request], tok: Any, eos: set[int], metrics: ModelMetrics) -> None:
-        self.reqs, self.tok, self.eos, self.metrics, self.prompt_seen = reqs, tok, eos, metrics, False
-
-    def put(self, value: Any) -> None:  # transformers' streamer protocol
-        if not self.prompt_seen:  # the first call carries the prompts
-            self.prompt_seen = True
-            return
-        for req, token in zip(self.reqs, value.view(-1).tolist(), strict=True):
-            if req.cancelled and not req.done:
-                req.done = True
-                _ended(self.metrics, req, "cancelled")
-            elif not req.done:
-                if req.first_at is None:
-                    req.first_at = time.monotonic()
-                    self.metrics.ttft.labels(req.model).observe(req.first_at - req.arrived)
-                self._advance(req, token)
-
-    def end(self) -> None:
-        for req in self.reqs:
-            if not req.done:
-                self._finish(req, "length")
-
-    def _advance(self, req: _Request, token: int) -> None:
-        if token in self.eos:
-            self._finish(req, "stop")
-            return
-        req.generated.append(token)
-        text = self.tok.decode(req.generated, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-        elif text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
-            text = req.sent
-        if len(text) > len(req.sent):
-            req.emit(text[len(req.sent) :])
-            req.sent = text
-        if cut >= 0:
-            self._finish(req, "stop")
-        elif len(req.generated) >= req.max_tokens:
-            self._finish(req, "length")
-
-    def _finish(self, req: _Request, reason: str) -> None:
-        req.done = True
-        req.emit(Finished(reason, len(req.ids), len(req.generated)))
-        _ended(self.metrics, req, reason)
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:  # StoppingCriteria: per-row done
-        import torch
-
-        return torch.tensor([r.done or r.cancelled for r in self.reqs], device=input_ids.device)
 
 
 def _ended(m: ModelMetrics, req: _Request, reason: str) -> None:
@@ -166,9 +115,10 @@ class Engine:
         self._lock = threading.Lock()  # adapters change only between batches
         eos = tok.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
-        self.batches = 0  # batches run (and rows in them): how much batching happened
+        self.batches = 0  # forward passes run (and rows in them): how much batching happened
         self.rows = 0
         self.tokens = 0  # tokens generated
+        self._closing = False  # close(): no more requests; the running ones finish
         self.metrics = metrics or ModelMetrics()
         self.metrics.waiting.set_function(self._queue.qsize)
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -264,85 +214,230 @@ class Engine:
         self._queue.put(None)
         self._worker.join(timeout=30)
 
-    # ---- worker ------------------------------------------------------------------------------------------
+    # ---- worker: one step at a time ------------------------------------------------------------------------
 
-    def _take(self) -> list[_Request] | None:
-        first = self._queue.get()
-        while first is not None and first.cancelled:  # left before its turn: nothing to generate
-            _ended(self.metrics, first, "cancelled")
-            first = self._queue.get()
-        if first is None:
-            return None
-        batch, deadline, held = [first], time.monotonic() + self.batch_wait_s, []
-        while len(batch) < self.max_batch:
+    def _admit(self, room: int, wait: bool) -> list[_Request] | None:
+        """Up to `room` queued requests (None once closed and nothing runs); with `wait` (nothing running), block
+        for the first, then give others `batch_wait_ms` to arrive."""
+        taken: list[_Request] = []
+        deadline = None
+        while len(taken) < room:
             try:
-                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                if wait and not taken:
+                    req = self._queue.get()
+                    deadline = time.monotonic() + self.batch_wait_s
+                elif deadline is not None:
+                    req = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    req = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if nxt is None:
-                held.append(None)
+            if req is None:
+                self._closing = True
                 break
-            if nxt.cancelled:
-                _ended(self.metrics, nxt, "cancelled")
+            if req.cancelled:  # left before its turn: nothing to generate
+                _ended(self.metrics, req, "cancelled")
             else:
-                (batch if nxt.sampling == first.sampling else held).append(nxt)
-        for r in held:  # other sampling settings wait for the next batch, in order
-            self._queue.put(r)
-        return batch
+                taken.append(req)
+        return None if self._closing and not taken and wait else taken
 
     def _run(self) -> None:
-        while (batch := self._take()) is not None:
+        batch = _Batch(self)
+        while True:
+            new = self._admit(self.max_batch - len(batch.rows), wait=not batch.rows)
+            if new is None:
+                return
             try:
                 with self._lock:
-                    self._generate(batch)
-            except Exception as exc:  # a failed batch fails its requests, never the worker
-                for req in batch:
+                    batch.step(new)
+            except Exception as exc:  # a failed step fails its requests, never the worker
+                for req in [*batch.rows, *new]:
                     if not req.done:
                         req.done = True
                         req.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
                         _ended(self.metrics, req, "error")
+                batch = _Batch(self)
+            self.metrics.running.set(len(batch.rows))
+            if self._closing and not batch.rows:
+                return
 
-    def _generate(self, batch: list[_Request]) -> None:
-        self.batches += 1
-        self.rows += len(batch)
-        m, now = self.metrics, time.monotonic()
-        m.batch_size.observe(len(batch))
-        for req in batch:
-            m.queue_wait.labels(req.model).observe(now - req.arrived)
-        m.running.inc(len(batch))
-        try:
-            self._run_generate(batch)
-        finally:
-            m.running.dec(len(batch))
-            self.tokens += sum(len(r.generated) for r in batch)
 
-    def _run_generate(self, batch: list[_Request]) -> None:
+class _Batch:
+    """The running rows and their KV cache, left-padded to one length: `attention_mask` marks the real tokens.
+    Every row's cache holds its prompt and the tokens it generated except the last, which is fed next step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.rows: list[_Request] = []
+        self.cache: Any = None
+        self.mask: Any = None
+
+    def step(self, new: list[_Request]) -> None:
         import torch
-        from peft import PeftModel
-        from transformers import StoppingCriteriaList
 
-        pad = self.tok.pad_token_id
-        width = max(len(r.ids) for r in batch)
-        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in batch], device=self.model.device)
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in batch], device=self.model.device)
-        rows = _Rows(batch, self.tok, self.eos, self.metrics)
-        s = batch[0].sampling
-        kw: dict[str, Any] = {"do_sample": False} if s.greedy else {"do_sample": True, "temperature": s.temperature}
-        if not s.greedy:
-            kw["top_p"] = s.top_p
-            if s.seed is not None:
-                torch.manual_seed(s.seed)
-        if isinstance(self.model, PeftModel):
-            kw["adapter_names"] = [r.adapter for r in batch]
+        e = self.e
+        now = time.monotonic()
+        for req in new:
+            e.metrics.queue_wait.labels(req.model).observe(now - req.arrived)
+            req.generator = _generator(req.sampling)
         with torch.no_grad():
-            self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max(r.max_tokens for r in batch),
-                pad_token_id=pad,
-                eos_token_id=sorted(self.eos),
-                streamer=rows,
-                stopping_criteria=StoppingCriteriaList([rows]),
-                **kw,
-            )
-        rows.end()
+            if new:
+                self._prefill(new)
+            self._leave()
+            if self.rows:
+                self._decode()
+            self._leave()
+
+    def _forward(self, rows: list[_Request], ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        from peft import PeftModel
+
+        e = self.e
+        e.batches += 1
+        e.rows += len(rows)
+        e.metrics.batch_size.observe(len(rows))
+        kw: dict[str, Any] = {"adapter_names": [r.adapter for r in rows]} if isinstance(e.model, PeftModel) else {}
+        out = e.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1, **kw)  # fmt: skip
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _prefill(self, new: list[_Request]) -> None:
+        """The new rows' prompts in one forward (left-padded), their first token, their cache merged in."""
+        import torch
+        from transformers import DynamicCache
+
+        e = self.e
+        device, pad = e.model.device, e.tok.pad_token_id
+        width = max(len(r.ids) for r in new)
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in new], device=device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in new], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(new, ids, mask, positions, DynamicCache())
+        for req, row in zip(new, logits, strict=True):
+            req.pos = len(req.ids)
+            self._emit(req, _pick(row, req.sampling, req.generator))
+        self._merge(new, cache, mask)
+
+    def _decode(self) -> None:
+        """One token for every row: the last one each generated goes in, the next comes out."""
+        import torch
+
+        device = self.e.model.device
+        ids = torch.tensor([[r.next_input] for r in self.rows], device=device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)], 1)
+        positions = torch.tensor([[r.pos] for r in self.rows], device=device)
+        logits, self.cache = self._forward(self.rows, ids, self.mask, positions, self.cache)
+        rows = list(self.rows)
+        for req, row in zip(rows, logits, strict=True):
+            req.pos += 1
+            self._emit(req, _pick(row, req.sampling, req.generator))
+
+    def _merge(self, new: list[_Request], cache: Any, mask: Any) -> None:
+        """Join the new rows' cache to the running one: both left-padded to the longer length, stacked by row."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        if not self.rows:
+            self.rows, self.cache, self.mask = list(new), cache, mask
+            return
+        length = max(self.mask.shape[1], mask.shape[1])
+
+        def left(x: Any, dim_from_end: int) -> Any:  # pad `x` on the left of its sequence dimension to `length`
+            missing = length - x.shape[-dim_from_end]
+            return x if missing == 0 else F.pad(x, (0, 0) * (dim_from_end - 1) + (missing, 0))
+
+        layers = [(torch.cat([left(a.keys, 2), left(b.keys, 2)]), torch.cat([left(a.values, 2), left(b.values, 2)]))
+                  for a, b in zip(self.cache.layers, cache.layers, strict=True)]  # fmt: skip
+        self.cache = DynamicCache(layers)
+        self.mask = torch.cat([left(self.mask, 1), left(mask, 1)])
+        self.rows += new
+
+    def _emit(self, req: _Request, token: int) -> None:
+        e = self.e
+        if req.first_at is None:
+            req.first_at = time.monotonic()
+            e.metrics.ttft.labels(req.model).observe(req.first_at - req.arrived)
+        e.tokens += 1
+        req.next_input = token
+        _advance(req, token, e.tok, e.eos, e.metrics)
+
+    def _leave(self) -> None:
+        """Rows that are done or whose client went away leave the batch; columns no row uses any more go."""
+        for req in self.rows:
+            if req.cancelled and not req.done:
+                req.done = True
+                _ended(self.e.metrics, req, "cancelled")
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask = self.mask.index_select(0, index)
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def _generator(s: Sampling) -> Any:
+    """A sampled row's own random stream (seeded when the request gives a seed); none for greedy rows."""
+    import torch
+
+    if s.greedy:
+        return None
+    g = torch.Generator()
+    if s.seed is not None:
+        g.manual_seed(s.seed)
+    else:
+        g.seed()
+    return g
+
+
+def _pick(logits: Any, s: Sampling, generator: Any) -> int:
+    """The next token: argmax for greedy; else temperature, then nucleus (top-p) sampling, as transformers does."""
+    import torch
+
+    if s.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _advance(req: _Request, token: int, tok: Any, eos: set[int], metrics: ModelMetrics) -> None:
+    """A row's new token: the new text to the client (cut at the first stop string), then done on EOS, a stop
+    string or its token budget."""
+    if token in eos:
+        _finish(req, "stop", metrics)
+        return
+    req.generated.append(token)
+    text = tok.decode(req.generated, skip_special_tokens=True)
+    cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+    elif text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
+        text = req.sent
+    if len(text) > len(req.sent):
+        req.emit(text[len(req.sent) :])
+        req.sent = text
+    if cut >= 0:
+        _finish(req, "stop", metrics)
+    elif len(req.generated) >= req.max_tokens:
+        _finish(req, "length", metrics)
+
+
+def _finish(req: _Request, reason: str, metrics: ModelMetrics) -> None:
+    req.done = True
+    req.emit(Finished(reason, len(req.ids), len(req.generated)))
+    _ended(metrics, req, reason)

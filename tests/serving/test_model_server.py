@@ -57,15 +57,49 @@ def test_concurrent_requests_are_batched_and_answer_as_one_by_one(server: str, t
     async def all_() -> list[Any]:
         return await asyncio.gather(*(ask(q, m) for q, m in jobs))
 
-    before = tiny_engine.batches
+    batches, rows = tiny_engine.batches, tiny_engine.rows
     outs = asyncio.run(all_())
-    assert tiny_engine.batches - before < len(jobs)  # several requests shared a generate call
+    assert tiny_engine.rows - rows > 2 * (tiny_engine.batches - batches)  # rows shared their forward passes
     got = {(q, m): o.choices[0].message.content.strip() for (q, m), o in zip(jobs, outs, strict=True)}
     for q, m in jobs:
         assert got[(q, m)] == one_by_one(tiny_engine, None if m == "tiny" else m, q), (q, m)
     assert len({got[(q, "alpha")] for q in QUESTIONS} ^ {got[(q, "beta")] for q in QUESTIONS}) > 0  # adapters differ
     usage = outs[0].usage
     assert usage.completion_tokens <= 8 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.integration
+def test_requests_join_the_running_batch_and_answer_as_one_by_one(server: str, tiny_engine: Any) -> None:
+    """Continuous batching: short questions sent while a long answer is generating join it at the next step and
+    finish while it still runs (a static batch would hold them until it ended), each answering exactly as alone,
+    the long one too, though its cache was re-padded for every newcomer."""
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="none")
+
+    def ask(q: str, model: str, n: int) -> Any:
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=n,
+                                              temperature=0)  # fmt: skip
+
+    async def scenario() -> tuple[Any, list[Any], float, float]:
+        long = asyncio.create_task(ask("Tell me everything about pole permissions", "alpha", 600))
+        while tiny_engine.tokens < 20:  # the long answer is being generated
+            await asyncio.sleep(0.01)
+        shorts = []
+        for q, model in zip(QUESTIONS, ("tiny", "beta", "alpha", "beta", "tiny", "alpha"), strict=True):
+            shorts.append(asyncio.create_task(ask(q, model, 8)))
+            await asyncio.sleep(0.02)  # arriving one by one, at different steps
+        done = await asyncio.gather(*shorts)
+        shorts_end = asyncio.get_running_loop().time()
+        whole = await long
+        return whole, done, shorts_end, asyncio.get_running_loop().time()
+
+    whole, shorts, shorts_end, long_end = asyncio.run(scenario())
+    assert whole.usage.completion_tokens > 300  # long enough to tell the two batchings apart
+    assert long_end - shorts_end > 0.2  # the short ones did not wait for it
+    models = ("tiny", "beta", "alpha", "beta", "tiny", "alpha")
+    for q, model, out in zip(QUESTIONS, models, shorts, strict=True):
+        assert out.choices[0].message.content.strip() == one_by_one(tiny_engine, None if model == "tiny" else model, q)
+    alone = one_by_one(tiny_engine, "alpha", "Tell me everything about pole permissions", max_new_tokens=600)
+    assert whole.choices[0].message.content.strip() == alone
 
 
 @pytest.mark.integration
@@ -224,6 +258,5 @@ def test_metrics_count_what_was_served(tiny_engine: Any, run_app: Any) -> None:
         assert total(s, p + "time_per_output_token_seconds_count", model=model) == sum(
             o.usage.completion_tokens > 1 for o in mine
         )
-    assert total(s, p + "batch_size_sum") == len(jobs)  # every request was a row of some batch
-    assert total(s, p + "batch_size_count") == tiny_engine.batches < len(jobs)
+    assert total(s, p + "batch_size_sum") == tiny_engine.rows > total(s, p + "batch_size_count") == tiny_engine.batches
     assert total(s, p + "requests_running") == 0 and total(s, p + "requests_waiting") == 0
