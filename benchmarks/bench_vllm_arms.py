@@ -84,7 +84,7 @@ def main() -> None:
     from fibreflow.eval.config import load_eval_config
     from fibreflow.eval.run import test_set_path
     from fibreflow.eval.testset import load_test_set
-    from fibreflow.serving.vllm import MERGED_DIR
+    from fibreflow.serving.config import MERGED_DIR
     from fibreflow.training.merge import merge
     from fibreflow.training.weights import weights
 

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from fibreflow.core.config import Strict, load_config
 from pydantic import Field, PositiveInt, model_validator
 
+MERGED_DIR = "var/serving/merged"  # <served name>-<dtype>: one folder per merged version, reused once written
+
 
 class ModelServer(Strict):
     host: str = "127.0.0.1"
@@ -18,6 +20,7 @@ class ModelServer(Strict):
     registry_aliases: list[str] = Field(default_factory=lambda: ["champion", "challenger"])
     api_key_env: str | None = "FIBREFLOW_UPSTREAM_KEY"  # the variable holding the shared upstream token
     embeddings: str | None = "bundled"  # /v1/embeddings with this model (as embed.yaml `model`); null: none
+    merged_aliases: list[str] = Field(default_factory=lambda: ["champion"])  # served merged (~2x the 4-bit path)
 
 
 class Upstream(Strict):

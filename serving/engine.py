@@ -120,7 +120,7 @@ class Engine:
         self.tokens = 0  # tokens generated
         self._closing = False  # close(): no more requests; the running ones finish
         self.metrics = metrics or ModelMetrics()
-        self.metrics.waiting.set_function(self._queue.qsize)
+        self.metrics.watch_queue(self._queue)
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -242,7 +242,7 @@ class Engine:
         return None if self._closing and not taken and wait else taken
 
     def _run(self) -> None:
-        batch = _Batch(self)
+        batch, running = _Batch(self), 0
         while True:
             new = self._admit(self.max_batch - len(batch.rows), wait=not batch.rows)
             if new is None:
@@ -257,7 +257,8 @@ class Engine:
                         req.emit(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
                         _ended(self.metrics, req, "error")
                 batch = _Batch(self)
-            self.metrics.running.set(len(batch.rows))
+            self.metrics.running.inc(len(batch.rows) - running)  # by difference: engines may share the gauge
+            running = len(batch.rows)
             if self._closing and not batch.rows:
                 return
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -88,6 +90,8 @@ class ModelMetrics:
         r = self.registry = CollectorRegistry()
         p = "fibreflow_model_"
         self.waiting = Gauge(p + "requests_waiting", "Requests queued for a batch", registry=r)
+        self._queues: list[Any] = []  # of every engine that reports here (a model server may run several)
+        self.waiting.set_function(lambda: sum(q.qsize() for q in self._queues))
         self.running = Gauge(p + "requests_running", "Requests in the batch being generated", registry=r)
         self.queue_wait = Histogram(
             p + "queue_wait_seconds", "Time from arrival to joining a batch", ["model"], buckets=LATENCY, registry=r
@@ -112,3 +116,7 @@ class ModelMetrics:
             p + "requests", "Requests ended, by reason (stop, length, cancelled, error)", ["model", "reason"],
             registry=r,
         )  # fmt: skip
+
+    def watch_queue(self, q: Any) -> None:
+        """Count `q`'s requests as waiting."""
+        self._queues.append(q)

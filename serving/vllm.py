@@ -21,10 +21,8 @@ from pathlib import Path
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.registry.spec import ServingSpec
-from fibreflow.serving.config import ServingConfig, served_name
+from fibreflow.serving.config import MERGED_DIR, ServingConfig, served_name
 from fibreflow.training.config import dtype_name
-
-MERGED_DIR = "var/serving/merged"  # <served name>-<dtype>: one folder per version, reused once written
 
 
 @dataclass(frozen=True)
