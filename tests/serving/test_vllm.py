@@ -175,6 +175,19 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         vllm_names = {n for n in used_names() if n.startswith("vllm:")}
         assert "vllm:request_queue_time_seconds_bucket" in vllm_names
         assert vllm_names - exported(scrape.text) == set(), "deploy/ names vLLM metrics this vLLM does not export"
+        # `fibreflow capacity`'s VRAM planner against vLLM's own KV cache: VLLM_CPU_KVCACHE_SPACE GiB holds
+        # num_gpu_blocks x block_size tokens of this model
+        from fibreflow.monitor.costs import Arch, kv_cache_tokens
+        from fibreflow.training.config import dtype_name
+        from prometheus_client.parser import text_string_to_metric_families
+
+        info = next(s.labels for f in text_string_to_metric_families(scrape.text) for s in f.samples
+                    if s.name == "vllm:cache_config_info")  # fmt: skip
+        held = int(info["num_gpu_blocks"]) * int(info["block_size"])
+        arch = Arch.from_hf_config(bundled_base, 134_515_008, 4 if dtype_name(cfg.vllm.dtype) == "float32" else 2)
+        planned = kv_cache_tokens(arch, float(cfg.vllm.env["VLLM_CPU_KVCACHE_SPACE"]) * 2**30)
+        print(f"KV cache tokens: planner {planned}, vLLM {held} ({info['num_gpu_blocks']} x {info['block_size']})")
+        assert abs(held - planned) <= max(int(info["block_size"]), 0.02 * planned), (held, planned)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
