@@ -11,6 +11,7 @@ from fibreflow.datasets.embed import EmbedConfig
 from fibreflow.datasets.seed import SeedConfig
 from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.gates import GatesConfig
+from fibreflow.monitor.capacity import CapacityConfig
 from fibreflow.monitor.config import MonitoringConfig
 from fibreflow.registry.registry import RegistryConfig
 from fibreflow.serving.config import ServingConfig
@@ -31,6 +32,7 @@ MODELS = {
     "registry": RegistryConfig,
     "serving": ServingConfig,
     "monitoring": MonitoringConfig,
+    "capacity": CapacityConfig,
 }
 
 
