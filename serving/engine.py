@@ -297,9 +297,9 @@ class _Batch:
         e.rows += len(rows)
         e.metrics.batch_size.observe(len(rows))
         kw: dict[str, Any] = {"adapter_names": [r.adapter for r in rows]} if isinstance(e.model, PeftModel) else {}
-        out = e.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = e.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                       use_cache=True, logits_to_keep=1, **kw)  # fmt: skip
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits[:, -1, :].float(), out.cache
 
     def _prefill(self, new: list[_Request]) -> None:
         """The new rows' prompts in one forward (left-padded), their first token, their cache merged in."""
