@@ -1,0 +1,202 @@
+"""FibreFlow's tools: typed, read-only questions over the company's records. The assistant decides which question
+is asked and with what arguments; the database computes the answer (sums, counts, date ranges are SQL's job, not a
+small model's). Each tool has an OpenAI tool schema (from its arguments model), one parameterised SQL query (bound
+parameters only), and runs in a read-only transaction with a statement timeout and a row limit. Bad arguments (an
+unknown project, reversed dates, an injection attempt) give a `ToolError` the model can read and act on, never a
+database error or a silent empty answer. Dates are "as of the data's date" (fibreflow_meta), never today."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+import psycopg
+from fibreflow.core.errors import FibreFlowError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROW_LIMIT = 200  # rows a tool returns at most (the answer says when there were more)
+TIMEOUT_MS = 2000  # per query
+PROJECT = re.compile(r"^\s*(?:prj[-\s_]?|project\s+)?0*(\d{1,4})\s*$", re.I)
+POLE_STATUS = Literal["planned", "permission_pending", "permission_granted", "planted", "dressed", "rejected"]
+TASK_STATUS = Literal["todo", "in_progress", "blocked", "done"]
+BOQ_CATEGORY = {"CIV": "civil works", "AER": "aerial", "CAB": "cabling", "SPL": "splicing", "TST": "testing",
+                "CON": "home connections", "DOC": "documentation", "PM": "project management"}  # fmt: skip
+
+
+class ToolError(FibreFlowError):
+    """A tool call the records cannot answer as asked: the message says why, for the model to read."""
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectArgs(Args):
+    project_id: str = Field(description="The project's id, e.g. PRJ-0003")
+
+    @field_validator("project_id")
+    @classmethod
+    def _canonical(cls, v: str) -> str:
+        """PRJ-0003, prj-3, 'project 3' -> PRJ-0003; anything else is refused before any SQL."""
+        m = PROJECT.match(v)
+        if m is None:
+            raise ValueError(f"{v!r} is not a project id like PRJ-0003")
+        return f"PRJ-{int(m.group(1)):04d}"
+
+
+class PoleArgs(ProjectArgs):
+    status: POLE_STATUS | None = Field(None, description="Only poles in this status")
+
+
+class BoqArgs(ProjectArgs):
+    category: Literal["CIV", "AER", "CAB", "SPL", "TST", "CON", "DOC", "PM"] | None = Field(
+        None, description="Only this BOQ category: " + ", ".join(f"{k} {v}" for k, v in BOQ_CATEGORY.items())
+    )
+
+
+class ProgressArgs(ProjectArgs):
+    start: dt.date = Field(description="First day, inclusive (YYYY-MM-DD)")
+    end: dt.date = Field(description="Last day, inclusive (YYYY-MM-DD)")
+    activity: str | None = Field(None, description="Only this activity, e.g. trenching, pole_planting")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProgressArgs:
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+
+class TaskArgs(ProjectArgs):
+    status: TASK_STATUS | None = Field(None, description="Only tasks in this status")
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    tool: str
+    arguments: dict[str, Any]
+    data: dict[str, Any]
+    record_ids: list[str]  # what the answer should cite
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    args: type[Args]
+    run: Callable[[psycopg.Connection, Any], tuple[dict[str, Any], list[str]]]
+
+    def schema(self) -> dict[str, Any]:
+        """The OpenAI `tools` entry."""
+        params = self.args.model_json_schema()
+        params.pop("title", None)
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": params}}  # fmt: skip
+
+
+def _rows(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """At most ROW_LIMIT + 1 rows of `sql` (bound `params` only), as dicts with JSON-ready values."""
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute(sql, params)  # type: ignore[arg-type]
+        rows = cur.fetchmany(ROW_LIMIT + 1)
+    return [{k: float(v) if isinstance(v, Decimal) else v.isoformat() if isinstance(v, dt.date) else v
+             for k, v in r.items()} for r in rows]  # fmt: skip
+
+
+def _project(conn: psycopg.Connection, project_id: str) -> dict[str, Any]:
+    rows = _rows(conn, "SELECT id, name, status, start_date, target_end_date, homes_planned FROM projects"
+                       " WHERE id = %(p)s", {"p": project_id})  # fmt: skip
+    if not rows:
+        known = [r["id"] for r in _rows(conn, "SELECT id FROM projects ORDER BY id LIMIT 20", {})]
+        raise ToolError(f"no project {project_id}; known projects: {', '.join(known)}")
+    return rows[0]
+
+
+def _limited(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"rows": rows[:ROW_LIMIT], "truncated": len(rows) > ROW_LIMIT}
+
+
+def project_status(conn: psycopg.Connection, a: ProjectArgs) -> tuple[dict[str, Any], list[str]]:
+    p = _project(conn, a.project_id)
+    tasks = _rows(conn, "SELECT status, count(*) AS tasks FROM tasks WHERE project_id = %(p)s GROUP BY status"
+                        " ORDER BY status", {"p": a.project_id})  # fmt: skip
+    as_of = _rows(conn, "SELECT coalesce((SELECT (value->>'as_of')::date FROM fibreflow_meta"
+                        " WHERE key = 'data_source'), current_date) AS as_of", {})[0]["as_of"]  # fmt: skip
+    data = {"project": p, "tasks_by_status": {r["status"]: r["tasks"] for r in tasks}, "as_of": as_of}
+    return data, [a.project_id]
+
+
+def pole_counts(conn: psycopg.Connection, a: PoleArgs) -> tuple[dict[str, Any], list[str]]:
+    _project(conn, a.project_id)
+    rows = _rows(conn, "SELECT status, count(*) AS poles FROM poles WHERE project_id = %(p)s"
+                       " AND (%(s)s::text IS NULL OR status = %(s)s) GROUP BY status ORDER BY status",
+                 {"p": a.project_id, "s": a.status})  # fmt: skip
+    counts = {r["status"]: r["poles"] for r in rows}
+    return {"poles_by_status": counts, "total": sum(counts.values()), "unit": "poles"}, [a.project_id]
+
+
+def boq_totals(conn: psycopg.Connection, a: BoqArgs) -> tuple[dict[str, Any], list[str]]:
+    _project(conn, a.project_id)
+    rows = _rows(conn, "SELECT split_part(item_code, '-', 1) AS category, unit, sum(quantity) AS quantity,"
+                       " round(sum(quantity * rate_zar), 2) AS amount_zar, count(*) AS items FROM boq_items"
+                       " WHERE project_id = %(p)s AND (%(c)s::text IS NULL OR split_part(item_code, '-', 1) = %(c)s)"
+                       " GROUP BY 1, 2 ORDER BY 1, 2", {"p": a.project_id, "c": a.category})  # fmt: skip
+    for r in rows:
+        r["category_name"] = BOQ_CATEGORY.get(r["category"], r["category"])
+    total = round(sum(r["amount_zar"] for r in rows), 2)
+    return {"by_category_and_unit": rows, "total_zar": total, "currency": "ZAR"}, [a.project_id]
+
+
+def progress(conn: psycopg.Connection, a: ProgressArgs) -> tuple[dict[str, Any], list[str]]:
+    _project(conn, a.project_id)
+    rows = _rows(conn, "SELECT activity, unit, sum(quantity) AS quantity, count(DISTINCT report_date) AS days"
+                       " FROM daily_progress WHERE project_id = %(p)s AND report_date BETWEEN %(a)s AND %(b)s"
+                       " AND (%(act)s::text IS NULL OR activity = %(act)s) GROUP BY activity, unit ORDER BY activity",
+                 {"p": a.project_id, "a": a.start, "b": a.end, "act": a.activity})  # fmt: skip
+    return {"start": a.start.isoformat(), "end": a.end.isoformat(), "by_activity": rows}, [a.project_id]
+
+
+def task_status(conn: psycopg.Connection, a: TaskArgs) -> tuple[dict[str, Any], list[str]]:
+    _project(conn, a.project_id)
+    rows = _rows(conn, "SELECT id, phase, title, status, assignee, due_date FROM tasks WHERE project_id = %(p)s"
+                       " AND (%(s)s::text IS NULL OR status = %(s)s) ORDER BY due_date, id",
+                 {"p": a.project_id, "s": a.status})  # fmt: skip
+    return _limited(rows) | {"count": min(len(rows), ROW_LIMIT)}, [f"task:{r['id']}" for r in rows[:ROW_LIMIT]]
+
+
+TOOLS: dict[str, Tool] = {t.name: t for t in (
+    Tool("project_status", "A project's name, status, dates, homes planned and its tasks by status.", ProjectArgs,
+         project_status),
+    Tool("pole_counts", "How many poles a project has in each status (planned, permission_pending, ...).", PoleArgs,
+         pole_counts),
+    Tool("boq_totals", "A project's bill of quantities: quantities with units and amounts in ZAR by category.",
+         BoqArgs, boq_totals),
+    Tool("progress", "Work done on a project between two dates, by activity, with units.", ProgressArgs, progress),
+    Tool("task_status", "A project's tasks (phase, title, status, assignee, due date), optionally by status.",
+         TaskArgs, task_status),
+)}  # fmt: skip
+
+
+def run_tool(
+    conn: psycopg.Connection, name: str, arguments: dict[str, Any], timeout_ms: int = TIMEOUT_MS
+) -> ToolResult:
+    """Validate `arguments`, then run the tool's SQL read-only within `timeout_ms`."""
+    tool = TOOLS.get(name)
+    if tool is None:
+        raise ToolError(f"no tool {name!r}; the tools are: {', '.join(TOOLS)}")
+    try:
+        args = tool.args.model_validate(arguments)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors())
+        raise ToolError(f"{name}: {problems}") from None
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+            data, ids = tool.run(conn, args)
+    except psycopg.errors.QueryCanceled:
+        raise ToolError(f"{name}: the records took longer than {timeout_ms} ms to answer; ask for less") from None
+    return ToolResult(name, args.model_dump(mode="json"), data, ids)

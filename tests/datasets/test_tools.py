@@ -1,0 +1,105 @@
+"""FibreFlow's tools against the real embedded Postgres (the small demo seed): each answers what an independent
+query says, bad arguments and injection strings get a ToolError the model can read and change nothing, the
+transaction is read-only, and a slow query is stopped by the statement timeout."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import psycopg
+import pytest
+from fibreflow.datasets import tools
+from fibreflow.datasets.tools import TOOLS, Tool, ToolError, run_tool
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def conn(seeded_url: str) -> Any:
+    with psycopg.connect(seeded_url, autocommit=True) as c:
+        yield c
+
+
+def first_project(conn: Any) -> str:
+    return conn.execute("SELECT id FROM projects ORDER BY id LIMIT 1").fetchone()[0]
+
+
+def test_every_tool_has_an_openai_schema() -> None:
+    for tool in TOOLS.values():
+        s = tool.schema()
+        assert s["type"] == "function" and s["function"]["name"] == tool.name and s["function"]["description"]
+        params = s["function"]["parameters"]
+        assert params["type"] == "object" and "project_id" in params["required"]
+    assert TOOLS["progress"].schema()["function"]["parameters"]["properties"]["start"]["format"] == "date"
+
+
+def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
+    p = first_project(conn)
+    status = run_tool(conn, "project_status", {"project_id": p.lower().replace("prj-000", "prj-")})  # prj-1 style
+    assert status.arguments["project_id"] == p and status.record_ids == [p]
+    want_tasks = dict(conn.execute("SELECT status, count(*) FROM tasks WHERE project_id = %s GROUP BY 1", (p,)))
+    assert status.data["tasks_by_status"] == want_tasks and status.data["project"]["id"] == p
+    as_of = conn.execute("SELECT value->>'as_of' FROM fibreflow_meta WHERE key = 'data_source'").fetchone()[0]
+    assert status.data["as_of"] == as_of  # the data's date, for "last week" (never today)
+    poles = run_tool(conn, "pole_counts", {"project_id": p})
+    want_poles = dict(conn.execute("SELECT status, count(*) FROM poles WHERE project_id = %s GROUP BY 1", (p,)))
+    assert poles.data["poles_by_status"] == want_poles and poles.data["total"] == sum(want_poles.values())
+    pending = run_tool(conn, "pole_counts", {"project_id": p, "status": "permission_pending"})
+    assert pending.data["total"] == want_poles.get("permission_pending", 0)
+    boq = run_tool(conn, "boq_totals", {"project_id": p})
+    money = conn.execute("SELECT round(sum(quantity * rate_zar), 2) FROM boq_items WHERE project_id = %s",
+                         (p,)).fetchone()[0]  # fmt: skip
+    assert boq.data["total_zar"] == pytest.approx(float(money)) and boq.data["currency"] == "ZAR"
+    civil = run_tool(conn, "boq_totals", {"project_id": p, "category": "CIV"})
+    assert {r["category"] for r in civil.data["by_category_and_unit"]} == {"CIV"}
+    assert {r["unit"] for r in civil.data["by_category_and_unit"]} <= {"m", "each", "m²"}
+    end = conn.execute("SELECT max(report_date) FROM daily_progress WHERE project_id = %s", (p,)).fetchone()[0]
+    start = end - dt.timedelta(days=6)
+    week = run_tool(conn, "progress", {"project_id": p, "start": str(start), "end": str(end)})
+    want = dict(conn.execute("SELECT activity, sum(quantity) FROM daily_progress WHERE project_id = %s AND"
+                             " report_date BETWEEN %s AND %s GROUP BY 1", (p, start, end)))  # fmt: skip
+    assert {r["activity"]: r["quantity"] for r in week.data["by_activity"]} == {k: float(v) for k, v in want.items()}
+    blocked = run_tool(conn, "task_status", {"project_id": p, "status": "blocked"})
+    assert blocked.data["count"] == want_tasks.get("blocked", 0)
+    assert all(r["status"] == "blocked" for r in blocked.data["rows"])
+    assert len(blocked.record_ids) == blocked.data["count"]
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments", "message"),
+    [
+        ("project_status", {"project_id": "PRJ-9999"}, "no project PRJ-9999; known projects: PRJ-0001"),
+        ("project_status", {"project_id": "PRJ-0001'; DROP TABLE projects; --"}, "is not a project id"),
+        ("pole_counts", {"project_id": "PRJ-0001", "status": "lost"}, "status"),
+        ("progress", {"project_id": "PRJ-0001", "start": "2026-03-10", "end": "2026-03-01"}, "is before start"),
+        ("progress", {"project_id": "PRJ-0001", "start": "last week", "end": "2026-03-01"}, "start"),
+        ("boq_totals", {"project_id": "PRJ-0001", "category": "X' OR 1=1 --"}, "category"),
+        ("task_status", {"project_id": "PRJ-0001", "limit": 5}, "limit: Extra inputs are not permitted"),
+        ("pole_count", {"project_id": "PRJ-0001"}, "no tool 'pole_count'; the tools are: project_status"),
+    ],
+)
+def test_bad_arguments_get_a_tool_error_and_change_nothing(conn: Any, name: str, arguments: dict, message: str) -> None:
+    before = conn.execute("SELECT count(*) FROM projects").fetchone()[0]
+    with pytest.raises(ToolError, match=message.replace("(", r"\(")):
+        run_tool(conn, name, arguments)
+    assert conn.execute("SELECT count(*) FROM projects").fetchone()[0] == before
+
+
+def test_tools_run_read_only_and_within_the_statement_timeout(conn: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stand-in tools for a slow query and a tool that writes: the timeout stops the first with a ToolError, the
+    read-only transaction refuses the second and nothing changes."""
+    slow = Tool("slow", "sleeps", tools.ProjectArgs, lambda c, a: (tools._rows(c, "SELECT pg_sleep(2)", {}), []))
+
+    def delete(c: Any, a: Any) -> tuple[dict[str, Any], list[str]]:
+        c.execute("DELETE FROM projects WHERE id = %s", (a.project_id,))
+        return {}, []
+
+    writes = Tool("writes", "deletes", tools.ProjectArgs, delete)
+    monkeypatch.setitem(TOOLS, "slow", slow)
+    monkeypatch.setitem(TOOLS, "writes", writes)
+    with pytest.raises(ToolError, match="took longer than 100 ms"):
+        run_tool(conn, "slow", {"project_id": "PRJ-0001"}, timeout_ms=100)
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        run_tool(conn, "writes", {"project_id": "PRJ-0001"})
+    assert conn.execute("SELECT count(*) FROM projects WHERE id = 'PRJ-0001'").fetchone()[0] == 1
