@@ -106,7 +106,10 @@ class Resources:
             return project_facts(conn, project_id)
 
     def encode(self, texts: list[str]) -> Any:
-        return self.embed(texts)[0]
+        """Vectors only (retrieval's query): no token count."""
+        embedder = self.embedder()
+        with self._lock:
+            return embedder.encode(texts)
 
     def embed(self, texts: list[str]) -> tuple[Any, int]:
         """Vectors and the tokens the model read for them."""
