@@ -9,15 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fibreflow.core.chat import chat_ids
 from tqdm.auto import tqdm
 
 
 def chat_prompts(tok: Any, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
     """Token ids of each conversation followed by the assistant generation prompt."""
-    return [
-        list(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
-        for c in conversations
-    ]
+    return [chat_ids(tok, c) for c in conversations]
 
 
 def generate_local(

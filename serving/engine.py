@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fibreflow.core.chat import ChatFormatError, chat_ids
 from fibreflow.core.errors import FibreFlowError
 from fibreflow.serving.metrics import ModelMetrics
 
@@ -155,14 +156,11 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------------------
 
-    def chat_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def chat_ids(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         try:
-            enc = self.tok.apply_chat_template(
-                list(messages), tokenize=True, add_generation_prompt=True, return_dict=True
-            )
-        except Exception as exc:  # a template that rejects the conversation (roles, order)
-            raise EngineError(f"messages: the chat template rejected them ({exc})") from None
-        return list(enc["input_ids"])
+            return chat_ids(self.tok, messages, tools)
+        except ChatFormatError as exc:
+            raise EngineError(f"messages: {exc}") from None
 
     def text_ids(self, prompt: str) -> list[int]:
         return list(self.tok(prompt)["input_ids"])

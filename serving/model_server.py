@@ -25,6 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fibreflow.core.chat import CALL_START, held_back, parse_tool_calls
 from fibreflow.serving.config import MERGED_DIR, ServingConfig, served_name
 from fibreflow.serving.embeddings import EmbeddingsRequest, check_request, embeddings_response
 from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling, TooLong, UnknownModel
@@ -36,6 +37,7 @@ from fibreflow.serving.protocol import (
     ClientGone,
     ClosingStreamingResponse,
     CompletionRequest,
+    NamedToolChoice,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -51,7 +53,7 @@ from fibreflow.training.weights import Weights, weights
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-UNSUPPORTED = ("tools", "functions", "logprobs", "top_logprobs", "logit_bias")  # vLLM has them; this server not
+UNSUPPORTED = ("functions", "logprobs", "top_logprobs", "logit_bias")  # vLLM has them; this server not
 
 
 class LoadAdapter(BaseModel):
@@ -195,7 +197,7 @@ def create_model_app(
         ids: list[int],
         rid: str,
         obj: str,
-        chunk: Callable[[str, str | None, bool], dict[str, Any]],
+        chunk: Callable[[str, str | None, bool], dict[str, Any] | None],
         whole: Callable[..., dict[str, Any]],
     ) -> Any:
         _refuse_unsupported(req)
@@ -216,31 +218,46 @@ def create_model_app(
             return JSONResponse(whole(rid, req.model, text, fin.reason, fin.prompt_tokens, fin.completion_tokens))
 
         async def events() -> AsyncIterator[bytes]:
-            yield sse(chunk("", None, True))
+            yield sse(chunk("", None, True) or {})
             async for item in engine.stream(req.model, ids, max_tokens, sampling(req), req.stops):
                 if isinstance(item, Finished):
-                    yield sse(chunk("", item.reason, False))
+                    yield sse(chunk("", item.reason, False) or {})
                     if req.include_usage:
                         yield sse(usage_chunk(rid, req.model, obj, item.prompt_tokens, item.completion_tokens))
-                else:
-                    yield sse(chunk(item, None, False))
+                elif (c := chunk(item, None, False)) is not None:
+                    yield sse(c)
             yield SSE_DONE
 
         return ClosingStreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request) -> Any:
+        tools, eng = req.offered_tools, pick(req.model)
         try:
-            ids = pick(req.model).chat_ids([{"role": m.role, "content": m.text()} for m in req.messages])
+            ids = eng.chat_ids([m.chat() for m in req.messages], tools)
         except EngineError as exc:
             raise ApiError(400, str(exc), param="messages") from None
+        start = forced_start(req.tool_choice)
+        ids += eng.text_ids(start) if start else []
         rid = new_id("chatcmpl")
+        calls = ToolCallStream(start) if tools else None
 
-        def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            return chat_chunk(rid, req.model, delta, finish)
+        def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any] | None:
+            if first:
+                return chat_chunk(rid, req.model, {"role": "assistant", "content": ""}, None)
+            delta, reason = calls.step(text, finish) if calls else ({"content": text} if text else {}, finish)
+            return chat_chunk(rid, req.model, delta, reason) if delta or reason else None
 
-        return await serve(req, request, ids, rid, "chat.completion.chunk", chunk, chat_response)
+        def whole(rid: str, model: str, text: str, finish: str, prompt: int, completion: int) -> dict[str, Any]:
+            body = chat_response(rid, model, text, finish, prompt, completion)
+            content, found = parse_tool_calls(start + text) if tools else (text, [])
+            if found:
+                body["choices"][0]["message"] = {"role": "assistant", "content": content,
+                                                 "tool_calls": [c.openai() for c in found]}  # fmt: skip
+                body["choices"][0]["finish_reason"] = "tool_calls"
+            return body
+
+        return await serve(req, request, ids, rid, "chat.completion.chunk", chunk, whole)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -257,6 +274,39 @@ def create_model_app(
         return await serve(req, request, ids, rid, "text_completion", chunk, completion_response)
 
     return app
+
+
+def forced_start(choice: Any) -> str:
+    """The start of an answer that `tool_choice` forces: a call ("required"), a call of one tool (named)."""
+    if choice == "required":
+        return CALL_START + '{"name": "'
+    if isinstance(choice, NamedToolChoice):
+        return CALL_START + f'{{"name": "{choice.function.name}", "arguments":'  # the space is the next token's
+    return ""
+
+
+class ToolCallStream:
+    """A streamed answer with tools offered: text streams as content until a `<tool_call>` tag may begin; the
+    calls leave whole in the last chunk (finish_reason "tool_calls"), or, when they do not parse, as content."""
+
+    def __init__(self, start: str) -> None:
+        self.text, self.sent = start, 0
+
+    def step(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        self.text += text
+        if finish is None:
+            upto = held_back(self.text)
+            delta = {"content": self.text[self.sent : upto]} if upto > self.sent else {}
+            self.sent = max(self.sent, upto)
+            return delta, None
+        content, calls = parse_tool_calls(self.text)
+        if not calls:
+            rest = self.text[self.sent :]
+            return ({"content": rest} if rest else {}), finish
+        delta: dict[str, Any] = {"tool_calls": [{"index": i, **c.openai()} for i, c in enumerate(calls)]}
+        if content and len(content) > self.sent:
+            delta["content"] = content[self.sent :]
+        return delta, "tool_calls"
 
 
 def registry_adapters(cfg: ServingConfig) -> dict[str, tuple[str, Weights]]:

@@ -401,3 +401,11 @@ def upstream(tiny_engine: Any, run_app: Any) -> str:
     from fibreflow.serving.model_server import create_model_app
 
     return run_app(create_model_app(tiny_engine, default_max_tokens=8))
+
+
+@pytest.fixture(scope="session")
+def tool_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama trained to answer with a tool call and then with the tool's result (tests/toolchat.py)."""
+    from toolchat import train_tool_llama
+
+    return train_tool_llama(tiny_llama, tmp_path_factory.mktemp("tool-llama"))

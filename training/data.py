@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fibreflow.core.chat import chat_ids
 from fibreflow.core.errors import DatasetBuildError
 
 IGNORE = -100
@@ -25,24 +26,22 @@ def check_examples(rows: Sequence[dict[str, Any]], split: str) -> None:
         messages = row.get("messages")
         if not messages:
             raise DatasetBuildError(f"{split} row {i}: no `messages` (expected a list of chat turns)")
-        if not any(m.get("role") == "assistant" and m.get("content") for m in messages):
+        if not any(m.get("role") == "assistant" and (m.get("content") or m.get("tool_calls")) for m in messages):
             raise DatasetBuildError(f"{split} row {i} ({row.get('id', '?')}): no assistant turn to train on")
 
 
-def _ids(tok: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
-    return list(out["input_ids"])
-
-
-def tokenize_chat(tok: Any, messages: list[dict[str, str]], max_len: int) -> dict[str, list[int]]:
-    """`input_ids` of the whole conversation and `labels` that are -100 except on assistant turns."""
-    ids = _ids(tok, messages, False)
+def tokenize_chat(
+    tok: Any, messages: list[dict[str, Any]], max_len: int, tools: Sequence[dict[str, Any]] | None = None
+) -> dict[str, list[int]]:
+    """`input_ids` of the whole conversation (with `tools` offered) and `labels` that are -100 except on assistant
+    turns (their tool calls included)."""
+    ids = chat_ids(tok, messages, tools, generation_prompt=False)
     labels = [IGNORE] * len(ids)
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_ids(tok, messages[:k], True))
-        upto = _ids(tok, messages[: k + 1], False)
+        start = len(chat_ids(tok, messages[:k], tools, generation_prompt=True))
+        upto = chat_ids(tok, messages[: k + 1], tools, generation_prompt=False)
         end = len(upto)
         if ids[:end] != upto or start > end:
             raise DatasetBuildError("the chat template does not render a conversation as a prefix of its continuation")

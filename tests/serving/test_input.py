@@ -30,6 +30,22 @@ BAD_FIELDS = [
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"stream_options": "x"}, "stream_options"),
     ({"tools": "x"}, "tools"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "a"}}],
+            "tool_choice": {"type": "function", "function": {"name": "b"}},
+        },
+        "tool_choice",
+    ),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "a", "arguments": {}}}]}]},
+        "messages.0.tool_calls.0.function.arguments",
+    ),
     ({"logit_bias": [1]}, "logit_bias"),
     ({"messages": "hi"}, "messages"),
     ({"messages": []}, "messages"),

@@ -171,9 +171,9 @@ def test_bad_requests_get_openai_errors(server: str) -> None:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "pole " * 1100}])
     with pytest.raises(openai.BadRequestError, match="n > 1"):
         client.chat.completions.create(model="tiny", messages=msgs, n=2)
-    with pytest.raises(openai.BadRequestError, match="tools"):
-        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-        client.chat.completions.create(model="tiny", messages=msgs, tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="functions is not supported"):
+        fn = {"name": "f", "parameters": {"type": "object", "properties": {}}}
+        client.chat.completions.create(model="tiny", messages=msgs, functions=[fn])
     raw = httpx.post(
         f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )

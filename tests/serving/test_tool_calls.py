@@ -1,0 +1,127 @@
+"""Tool calls through the local model server (and the router in front of it), with the openai SDK: a model that
+really generates `<tool_call>` text (tests/toolchat.py) comes back as OpenAI `tool_calls`, streamed and not."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from fibreflow.serving.model_server import ToolCallStream, create_model_app
+from toolchat import ANSWER, ARGS, PLAIN_ANSWER, PLAIN_QUESTION, answered, asked, tools
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_llama: Path) -> Iterator[str]:
+    from fibreflow.serving.engine import Engine
+    from fibreflow.training.models import load_tokenizer
+    from servers import Served
+    from transformers import AutoModelForCausalLM
+
+    engine = Engine(AutoModelForCausalLM.from_pretrained(tool_llama).eval(), load_tokenizer(str(tool_llama)),
+                    base_name="tiny", max_context=1024, batch_wait_ms=5)  # fmt: skip
+    served = Served(create_model_app(engine, default_max_tokens=64))
+    yield served.url
+    served.stop()
+    engine.close()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+
+def streamed(url: str, **kw: Any) -> tuple[str, dict[int, dict[str, str]], str | None]:
+    """(content, tool calls by index with their id/name/arguments joined, finish reason) of a streamed answer."""
+    content, calls, finish = "", {}, None
+    for chunk in client(url).chat.completions.create(**{"model": "tiny", "stream": True, "temperature": 0} | kw):
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for tc in choice.delta.tool_calls or []:
+            call = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += tc.id or ""
+            call["name"] += tc.function.name or ""
+            call["arguments"] += tc.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return content, calls, finish
+
+
+@pytest.mark.integration
+def test_a_tool_call_comes_back_as_openai_tool_calls(tool_server: str) -> None:
+    out = client(tool_server).chat.completions.create(model="tiny", messages=asked(), tools=tools(), temperature=0)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "pole_counts" and json.loads(call.function.arguments) == ARGS
+
+
+@pytest.mark.integration
+def test_a_streamed_tool_call_arrives_whole_and_no_tag_leaks_as_content(tool_server: str) -> None:
+    content, calls, finish = streamed(tool_server, messages=asked(), tools=tools())
+    assert finish == "tool_calls" and content == ""
+    assert calls[0]["name"] == "pole_counts" and json.loads(calls[0]["arguments"]) == ARGS and calls[0]["id"]
+
+
+@pytest.mark.integration
+def test_the_tools_result_turn_gets_the_answer(tool_server: str) -> None:
+    out = client(tool_server).chat.completions.create(model="tiny", messages=answered(), tools=tools(), temperature=0)
+    assert out.choices[0].message.content == ANSWER and out.choices[0].finish_reason == "stop"
+    assert not out.choices[0].message.tool_calls
+    content, calls, finish = streamed(tool_server, messages=answered(), tools=tools())
+    assert (content, calls, finish) == (ANSWER, {}, "stop")
+
+
+@pytest.mark.integration
+def test_tool_choice_none_and_named(tool_server: str) -> None:
+    none = client(tool_server).chat.completions.create(
+        model="tiny", messages=asked(), tools=tools(), tool_choice="none", temperature=0, max_tokens=16
+    )
+    assert none.choices[0].finish_reason != "tool_calls" and not none.choices[0].message.tool_calls
+    named = {"type": "function", "function": {"name": "pole_counts"}}
+    forced = client(tool_server).chat.completions.create(
+        model="tiny", messages=asked(), tools=tools(), tool_choice=named, temperature=0
+    )
+    assert forced.choices[0].message.tool_calls[0].function.name == "pole_counts"
+    assert json.loads(forced.choices[0].message.tool_calls[0].function.arguments) == ARGS
+    required = client(tool_server).chat.completions.create(
+        model="tiny", messages=asked(), tools=tools(), tool_choice="required", temperature=0
+    )
+    assert json.loads(required.choices[0].message.tool_calls[0].function.arguments) == ARGS
+
+
+@pytest.mark.integration
+def test_the_router_passes_tool_calls_through_unchanged(tool_server: str, run_app: Any, project_tmp: Path) -> None:
+    from fibreflow.serving.router import create_app
+    from serving_helpers import config
+
+    arms = [{"name": "a", "upstream": "local", "model": "tiny", "weight": 1.0}]
+    router = run_app(create_app(config(tool_server, experiments=[{"model": "assistant", "salt": "s", "arms": arms}]),
+                                redis_url="", watch=False))  # fmt: skip
+    direct = client(tool_server).chat.completions.create(model="tiny", messages=asked(), tools=tools(), temperature=0)
+    for _ in range(2):  # the second answer comes from the router's cache
+        via = client(router).chat.completions.create(model="assistant", messages=asked(), tools=tools(), temperature=0)
+        assert via.choices[0].finish_reason == "tool_calls"
+        assert via.choices[0].message.tool_calls[0].function == direct.choices[0].message.tool_calls[0].function
+    content, calls, finish = streamed(router, model="assistant", messages=asked(), tools=tools())
+    assert finish == "tool_calls" and json.loads(calls[0]["arguments"]) == ARGS and content == ""
+    answer = client(router).chat.completions.create(
+        model="assistant", messages=answered(), tools=tools(), temperature=0
+    )
+    assert answer.choices[0].message.content == ANSWER
+
+
+@pytest.mark.integration
+def test_without_tools_a_plain_question_gets_a_plain_answer(tool_server: str) -> None:
+    out = client(tool_server).chat.completions.create(model="tiny", messages=asked(PLAIN_QUESTION), temperature=0)
+    assert out.choices[0].message.content == PLAIN_ANSWER
+
+
+def test_the_stream_splitter_on_text_that_only_looks_like_a_call() -> None:
+    s = ToolCallStream("")
+    pieces = [s.step(t, None)[0].get("content", "") for t in ("a <", "tool", " b", "<tool_call>{oops")]
+    assert "".join(pieces) == "a <tool b"
+    delta, finish = s.step("", "stop")
+    assert (delta, finish) == ({"content": "<tool_call>{oops"}, "stop")  # never a call: it leaves as content

@@ -1,0 +1,68 @@
+"""Conversations with tool calls, and a tiny Llama trained to reproduce them: a model that really answers with a
+`<tool_call>` (and with the answer once the tool's result is in), so the stack's tool handling is tested on
+generated text, not on a fake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SYSTEM = "You are FibreFlow's fibre-construction assistant. Answer briefly; if you don't know, say so."
+QUESTION = "How many poles on project PRJ-0003 are still waiting for permission?"
+ARGS = {"project_id": "PRJ-0003", "status": "permission_pending"}
+RESULT = {"poles_by_status": {"permission_pending": 14}, "total": 14, "unit": "poles"}
+ANSWER = "Project PRJ-0003 has 14 poles waiting for permission [PRJ-0003]."
+PLAIN_QUESTION = "What is a BOQ?"
+PLAIN_ANSWER = "A BOQ is the bill of quantities of a project."
+
+
+def tools() -> list[dict[str, Any]]:
+    from fibreflow.datasets.tools import TOOLS
+
+    return [t.schema() for t in TOOLS.values()]
+
+
+def call_turn(call_id: str = "call_1") -> dict[str, Any]:
+    fn = {"name": "pole_counts", "arguments": json.dumps(ARGS)}
+    return {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": fn}]}
+
+
+def asked(question: str = QUESTION) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+def answered() -> list[dict[str, Any]]:
+    """The conversation up to the tool's result: the next turn is the answer."""
+    return [*asked(), call_turn(), {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(RESULT)}]
+
+
+def train_tool_llama(tiny: Path, out: Path, steps: int = 60) -> Path:
+    """The tiny Llama, all weights trained until it reproduces the three conversations greedily: question -> the
+    call (tools offered), the call's result -> the answer, a plain question (no tools) -> a plain answer."""
+    import torch
+    from fibreflow.training.data import IGNORE, tokenize_chat
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    chats = [
+        ([*asked(), call_turn()], tools()),
+        ([*answered(), {"role": "assistant", "content": ANSWER}], tools()),
+        ([*asked(PLAIN_QUESTION), {"role": "assistant", "content": PLAIN_ANSWER}], None),
+    ]
+    rows = [tokenize_chat(tok, m, 1024, t) for m, t in chats]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            labels = torch.tensor([[x if x != IGNORE else -100 for x in r["labels"]]])
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
