@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import psycopg
 from fibreflow.core.errors import FibreFlowError
+from fibreflow.datasets.retrieval import Filters, Retriever
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROW_LIMIT = 200  # rows a tool returns at most (the answer says when there were more)
@@ -23,6 +24,7 @@ TIMEOUT_MS = 2000  # per query
 PROJECT = re.compile(r"^\s*(?:prj[-\s_]?|project\s+)?0*(\d{1,4})\s*$", re.I)
 POLE_STATUS = Literal["planned", "permission_pending", "permission_granted", "planted", "dressed", "rejected"]
 TASK_STATUS = Literal["todo", "in_progress", "blocked", "done"]
+RECORD_TYPE = Literal["project", "task", "boq_item", "pole", "daily_progress", "glossary"]
 BOQ_CATEGORY = {"CIV": "civil works", "AER": "aerial", "CAB": "cabling", "SPL": "splicing", "TST": "testing",
                 "CON": "home connections", "DOC": "documentation", "PM": "project management"}  # fmt: skip
 
@@ -35,17 +37,21 @@ class Args(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def canonical_project(v: str) -> str:
+    """PRJ-0003, prj-3, 'project 3' -> PRJ-0003; anything else is refused before any SQL."""
+    m = PROJECT.match(v)
+    if m is None:
+        raise ValueError(f"{v!r} is not a project id like PRJ-0003")
+    return f"PRJ-{int(m.group(1)):04d}"
+
+
 class ProjectArgs(Args):
     project_id: str = Field(description="The project's id, e.g. PRJ-0003")
 
     @field_validator("project_id")
     @classmethod
     def _canonical(cls, v: str) -> str:
-        """PRJ-0003, prj-3, 'project 3' -> PRJ-0003; anything else is refused before any SQL."""
-        m = PROJECT.match(v)
-        if m is None:
-            raise ValueError(f"{v!r} is not a project id like PRJ-0003")
-        return f"PRJ-{int(m.group(1)):04d}"
+        return canonical_project(v)
 
 
 class PoleArgs(ProjectArgs):
@@ -74,6 +80,26 @@ class TaskArgs(ProjectArgs):
     status: TASK_STATUS | None = Field(None, description="Only tasks in this status")
 
 
+class SearchArgs(Args):
+    query: str = Field(min_length=1, max_length=300, description="What to look for, in words")
+    project_id: str | None = Field(None, description="Only this project's records, e.g. PRJ-0003")
+    record_type: RECORD_TYPE | None = Field(None, description="Only records of this type")
+    date_from: dt.date | None = Field(None, description="Only records dated on or after this day (YYYY-MM-DD)")
+    date_to: dt.date | None = Field(None, description="Only records dated on or before this day (YYYY-MM-DD)")
+    k: int = Field(5, ge=1, le=10, description="How many records")
+
+    @field_validator("project_id")
+    @classmethod
+    def _canonical(cls, v: str | None) -> str | None:
+        return None if v is None else canonical_project(v)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchArgs:
+        if self.date_from and self.date_to and self.date_to < self.date_from:
+            raise ValueError(f"date_to {self.date_to} is before date_from {self.date_from}")
+        return self
+
+
 @dataclass(frozen=True)
 class ToolResult:
     tool: str
@@ -87,7 +113,8 @@ class Tool:
     name: str
     description: str
     args: type[Args]
-    run: Callable[[psycopg.Connection, Any], tuple[dict[str, Any], list[str]]]
+    run: Callable[..., tuple[dict[str, Any], list[str]]]  # (conn, args[, retriever]) -> (data, record ids)
+    searches: bool = False  # needs the records' embeddings (a Retriever)
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI `tools` entry."""
@@ -167,6 +194,18 @@ def task_status(conn: psycopg.Connection, a: TaskArgs) -> tuple[dict[str, Any], 
     return _limited(rows) | {"count": min(len(rows), ROW_LIMIT)}, [f"task:{r['id']}" for r in rows[:ROW_LIMIT]]
 
 
+def search_records(conn: psycopg.Connection, a: SearchArgs, retriever: Retriever) -> tuple[dict[str, Any], list[str]]:
+    if a.project_id is not None:
+        _project(conn, a.project_id)
+    filters = Filters(project_id=a.project_id, record_type=a.record_type, date_from=a.date_from, date_to=a.date_to)
+    hits = retriever.search(conn, a.query, a.k, filters)
+    if not hits:
+        raise ToolError(f"search_records: no records match {a.model_dump(exclude_none=True, mode='json')}")
+    rows = [{"record_id": h.record_id, "record_type": h.record_type, "project_id": h.project_id,
+             "content": h.content, "score": round(h.score, 3)} for h in hits]  # fmt: skip
+    return {"records": rows}, [h.record_id for h in hits]
+
+
 TOOLS: dict[str, Tool] = {t.name: t for t in (
     Tool("project_status", "A project's name, status, dates, homes planned and its tasks by status.", ProjectArgs,
          project_status),
@@ -177,16 +216,26 @@ TOOLS: dict[str, Tool] = {t.name: t for t in (
     Tool("progress", "Work done on a project between two dates, by activity, with units.", ProgressArgs, progress),
     Tool("task_status", "A project's tasks (phase, title, status, assignee, due date), optionally by status.",
          TaskArgs, task_status),
+    Tool("search_records", "Records (projects, tasks, BOQ items, poles, daily reports, glossary) closest in meaning "
+         "to a query, within optional filters: for questions the other tools do not answer.", SearchArgs,
+         search_records, searches=True),
 )}  # fmt: skip
 
 
 def run_tool(
-    conn: psycopg.Connection, name: str, arguments: dict[str, Any], timeout_ms: int = TIMEOUT_MS
+    conn: psycopg.Connection,
+    name: str,
+    arguments: dict[str, Any],
+    timeout_ms: int = TIMEOUT_MS,
+    retriever: Retriever | None = None,
 ) -> ToolResult:
-    """Validate `arguments`, then run the tool's SQL read-only within `timeout_ms`."""
+    """Validate `arguments`, then run the tool's SQL read-only within `timeout_ms` (the record search with
+    `retriever`: the records' embeddings table and the model that built it)."""
     tool = TOOLS.get(name)
     if tool is None:
         raise ToolError(f"no tool {name!r}; the tools are: {', '.join(TOOLS)}")
+    if tool.searches and retriever is None:
+        raise ToolError(f"{name}: the record search is not available here (no embeddings index configured)")
     try:
         args = tool.args.model_validate(arguments)
     except ValidationError as exc:
@@ -196,7 +245,7 @@ def run_tool(
         with conn.transaction():
             conn.execute("SET TRANSACTION READ ONLY")
             conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-            data, ids = tool.run(conn, args)
+            data, ids = tool.run(conn, args, retriever) if tool.searches else tool.run(conn, args)
     except psycopg.errors.QueryCanceled:
         raise ToolError(f"{name}: the records took longer than {timeout_ms} ms to answer; ask for less") from None
     return ToolResult(name, args.model_dump(mode="json"), data, ids)

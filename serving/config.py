@@ -221,6 +221,7 @@ class Vllm(Strict):
     merged_aliases: list[str] = Field(default_factory=list)  # served merged, one vLLM each (faster than LoRA)
     merged_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     replaced_grace_s: float = Field(30.0, ge=0)  # a replaced merged vLLM finishes its requests this long
+    tool_call_parser: str | None = "hermes"  # --enable-auto-tool-choice --tool-call-parser; None: no tool calls
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     start_timeout_s: float = Field(600.0, gt=0)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fibreflow.core.chat import TOOLS_TEMPLATE, template_for
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.registry.spec import ServingSpec
@@ -82,7 +83,23 @@ def _common(cfg: ServingConfig, model: str, served: str, port: int, max_context:
         cmd.append("--enable-prefix-caching")
     if v.max_model_len or max_context:
         cmd += ["--max-model-len", str(v.max_model_len or max_context)]
+    if v.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", v.tool_call_parser]
+        if project_template(model):
+            cmd += ["--chat-template", str(TOOLS_TEMPLATE)]
     return cmd
+
+
+def project_template(model: str) -> bool:
+    """Whether `model` renders chats with the project's tool template (a ChatML one without a tool format of its
+    own), as training and the model server render them (core/chat.py)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+    except OSError:  # not a local folder nor a cached hub id: vLLM will say so; its own template otherwise
+        return False
+    return template_for(tok) is not None
 
 
 def vllm_command(cfg: ServingConfig, modules: dict[str, LoraModule], base: str, port: int) -> list[str]:

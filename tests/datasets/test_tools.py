@@ -30,7 +30,7 @@ def test_every_tool_has_an_openai_schema() -> None:
         s = tool.schema()
         assert s["type"] == "function" and s["function"]["name"] == tool.name and s["function"]["description"]
         params = s["function"]["parameters"]
-        assert params["type"] == "object" and "project_id" in params["required"]
+        assert params["type"] == "object" and ("project_id" in params["required"]) != tool.searches
     assert TOOLS["progress"].schema()["function"]["parameters"]["properties"]["start"]["format"] == "date"
 
 
@@ -103,3 +103,44 @@ def test_tools_run_read_only_and_within_the_statement_timeout(conn: Any, monkeyp
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         run_tool(conn, "writes", {"project_id": "PRJ-0001"})
     assert conn.execute("SELECT count(*) FROM projects WHERE id = 'PRJ-0001'").fetchone()[0] == 1
+
+
+@pytest.fixture
+def retriever(embedder: Any) -> Any:
+    from fibreflow.datasets.embed import load_embed_config
+    from fibreflow.datasets.retrieval import Retriever
+
+    return Retriever(embedder, load_embed_config().table)
+
+
+def test_the_record_search_finds_records_within_its_filters(embedded_url: str, retriever: Any) -> None:
+    with psycopg.connect(embedded_url, autocommit=True) as c:
+        p = first_project(c)
+        task = c.execute("SELECT id, title FROM tasks WHERE project_id = %s ORDER BY id LIMIT 1", (p,)).fetchone()
+        found = run_tool(c, "search_records", {"query": task[1], "project_id": p.lower(), "record_type": "task"},
+                         retriever=retriever)  # fmt: skip
+        assert found.arguments["project_id"] == p
+        assert f"task:{task[0]}" in found.record_ids[:3]  # its own title finds it
+        assert {r["record_type"] for r in found.data["records"]} == {"task"}
+        assert {r["project_id"] for r in found.data["records"]} == {p}
+        assert found.record_ids == [r["record_id"] for r in found.data["records"]]
+        dated = run_tool(c, "search_records", {"query": "trenching", "record_type": "daily_progress",
+                                               "date_from": "2000-01-01", "date_to": "2100-01-01"},
+                         retriever=retriever)  # fmt: skip
+        assert len(dated.record_ids) == 5 and all(i.startswith("daily_progress:") for i in dated.record_ids)
+        for arguments, message in (
+            ({"query": "poles", "date_from": "1990-01-01", "date_to": "1990-01-31"}, "no records match"),
+            ({"query": "poles", "project_id": "PRJ-0999"}, "no project PRJ-0999"),
+            ({"query": "poles", "date_from": "2026-03-10", "date_to": "2026-03-01"}, "is before date_from"),
+            ({"query": "x" * 301}, "query"),
+            ({"query": "poles", "k": 50}, "k"),
+            ({"query": "'; DROP TABLE record_embeddings; --", "record_type": "pole; DELETE"}, "record_type"),
+        ):
+            with pytest.raises(ToolError, match=message):
+                run_tool(c, "search_records", arguments, retriever=retriever)
+        injected = run_tool(c, "search_records", {"query": "'; DROP TABLE record_embeddings; --"},
+                            retriever=retriever)  # fmt: skip
+        assert injected.record_ids  # a query is only ever a bound parameter: it is searched for, nothing else
+        assert c.execute("SELECT count(*) FROM record_embeddings").fetchone()[0] > 0
+    with psycopg.connect(embedded_url, autocommit=True) as c, pytest.raises(ToolError, match="not available here"):
+        run_tool(c, "search_records", {"query": "poles"})  # no embeddings index configured

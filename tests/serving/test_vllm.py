@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fibreflow.core.chat import TOOLS_TEMPLATE
 from fibreflow.serving.config import load_serving_config
 from fibreflow.serving.vllm import LoraModule, alias_specs, vllm_command
 from fibreflow.training.config import Quantization
@@ -48,6 +49,8 @@ def test_the_command_serves_every_alias_as_a_lora_module(
         "--max-model-len 1024",
         "--enable-lora",
         "--max-lora-rank 64",
+        "--enable-auto-tool-choice --tool-call-parser hermes",
+        f"--chat-template {TOOLS_TEMPLATE}",  # the tiny Llama has SmolLM2's ChatML tokenizer: the project's template
     ):
         assert want in flags, want
     modules = cmd[cmd.index("--lora-modules") + 1 :]
