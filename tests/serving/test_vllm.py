@@ -172,6 +172,22 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         assert now.json()["choices"][0]["message"]["content"] == direct(f"fibreflow-assistant-v{v2}")
         streamed = httpx.post(f"{base}/v1/chat/completions", json=body | {"stream": True}, timeout=120)
         assert streamed.status_code == 200 and "data: [DONE]" in streamed.text
+        # tool calls: vLLM renders tools, calls and results exactly as training and the model server do (the
+        # project's template), and a call comes back through the router in OpenAI's shape
+        from fibreflow.core.chat import chat_ids
+        from toolchat import answered, asked, tools
+        from transformers import AutoTokenizer
+
+        chat = {"model": f"fibreflow-assistant-v{v2}", "messages": answered(), "tools": tools()}
+        rendered = httpx.post(url.removesuffix("/v1") + "/tokenize", json=chat, headers=token, timeout=60)
+        assert rendered.json()["tokens"] == chat_ids(AutoTokenizer.from_pretrained(bundled_base), answered(), tools())
+        named = {"type": "function", "function": {"name": "pole_counts"}}
+        ask = body | {"messages": asked(), "tools": tools(), "tool_choice": named, "max_tokens": 80}
+        called = httpx.post(f"{base}/v1/chat/completions", json=ask, timeout=120)
+        assert called.status_code == 200, called.text
+        call = called.json()["choices"][0]["message"]["tool_calls"][0]
+        assert call["type"] == "function" and call["function"]["name"] == "pole_counts"
+        assert isinstance(call["function"]["arguments"], str) and call["function"]["arguments"].startswith("{")
         # deploy/'s dashboard and alert rules read vLLM's own metrics: every vllm:* name they use is exported
         scrape = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30)  # outside /v1: no token, as scraped
         assert scrape.status_code == 200
