@@ -8,6 +8,7 @@ database error or a silent empty answer. Dates are "as of the data's date" (fibr
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class SearchArgs(Args):
     query: str = Field(min_length=1, max_length=300, description="What to look for, in words")
     project_id: str | None = Field(None, description="Only this project's records, e.g. PRJ-0003")
     record_type: RECORD_TYPE | None = Field(None, description="Only records of this type")
+    region: str | None = Field(None, max_length=100, description="Only records of projects in this region")
     date_from: dt.date | None = Field(None, description="Only records dated on or after this day (YYYY-MM-DD)")
     date_to: dt.date | None = Field(None, description="Only records dated on or before this day (YYYY-MM-DD)")
     k: int = Field(5, ge=1, le=10, description="How many records")
@@ -106,6 +108,15 @@ class ToolResult:
     arguments: dict[str, Any]
     data: dict[str, Any]
     record_ids: list[str]  # what the answer should cite
+
+    def content(self) -> str:
+        """The `tool` turn the model reads: the data as compact JSON."""
+        return json.dumps(self.data, ensure_ascii=False, separators=(",", ":"))
+
+
+def schemas() -> list[dict[str, Any]]:
+    """Every tool's OpenAI `tools` entry."""
+    return [t.schema() for t in TOOLS.values()]
 
 
 @dataclass(frozen=True)
@@ -197,7 +208,8 @@ def task_status(conn: psycopg.Connection, a: TaskArgs) -> tuple[dict[str, Any], 
 def search_records(conn: psycopg.Connection, a: SearchArgs, retriever: Retriever) -> tuple[dict[str, Any], list[str]]:
     if a.project_id is not None:
         _project(conn, a.project_id)
-    filters = Filters(project_id=a.project_id, record_type=a.record_type, date_from=a.date_from, date_to=a.date_to)
+    filters = Filters(project_id=a.project_id, region=a.region, record_type=a.record_type, date_from=a.date_from,
+                      date_to=a.date_to)  # fmt: skip
     hits = retriever.search(conn, a.query, a.k, filters)
     if not hits:
         raise ToolError(f"search_records: no records match {a.model_dump(exclude_none=True, mode='json')}")

@@ -149,7 +149,8 @@ class FibreflowApi(Strict):
     """The frontend's endpoints (/v1/fibreflow/...)."""
 
     model: str = "fibreflow-assistant"  # the experiment that answers them
-    k: PositiveInt = 4  # records retrieved for /ask
+    k: int = Field(4, ge=1, le=10)  # records a record search of /ask returns unless the model asks for a number
+    max_steps: int = Field(3, ge=1, le=8)  # rounds of tool calls in /ask before the model must answer
 
 
 class Embeddings(Strict):

@@ -1,7 +1,10 @@
 """What the frontend calls besides the OpenAI API: grounded questions and templated project tasks.
 
-- `POST /v1/fibreflow/ask`: question (+ filters) -> top-k records from pgvector -> the assistant's answer with
-  the record ids it was grounded on.
+- `POST /v1/fibreflow/ask`: question (+ filters) -> the tool loop (datasets/agent.py): the assistant calls
+  FibreFlow's tools (datasets/tools.py: SQL over the records, a pgvector record search), reads their results and
+  answers, at most `fibreflow.max_steps` rounds; the response has the answer, every tool call with its arguments,
+  its record ids or its error, and the record ids the answer rests on. The request's filters bound the tools: a
+  project filter replaces the project a tool call names, the others narrow the record search.
 - `GET /v1/fibreflow/projects/{id}/summary` and `/health`: the project's facts computed in SQL
   (`fibreflow.datasets.facts`) -> a prompt whose long instruction prefix is the same for every project (vLLM's
   prefix cache reuses it) -> the answer, next to the facts; cached with the project_status TTL.
@@ -51,8 +54,18 @@ class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1, max_length=4000)
     filters: AskFilters | None = None
-    k: int | None = Field(default=None, ge=1, le=20)
+    k: int | None = Field(default=None, ge=1, le=10)  # records per record search
     user: str | None = Field(default=None, max_length=256)
+
+    def bound(self, name: str, arguments: dict[str, Any], default_k: int) -> dict[str, Any]:
+        """A tool call's arguments within this request's filters."""
+        f = self.filters or AskFilters()
+        out = arguments | ({"project_id": f.project_id} if f.project_id else {})
+        if name == "search_records":
+            narrow = {"region": f.region, "record_type": f.record_type, "date_from": f.date_from, "date_to": f.date_to}
+            out |= {k: v.isoformat() if isinstance(v, dt.date) else v for k, v in narrow.items() if v is not None}
+            out.setdefault("k", self.k or default_k)
+        return out
 
 
 class Resources:
@@ -88,16 +101,21 @@ class Resources:
             self._pool = connection_pool(self.router.database_url or database_url(load_db_config()), max_size=4)
         return self._pool
 
-    def retrieve(self, question: str, k: int, filters: AskFilters | None) -> list[Any]:
+    def retriever(self) -> Any:
         from fibreflow.datasets.embed import load_embed_config
-        from fibreflow.datasets.retrieval import Filters, Retriever
+        from fibreflow.datasets.retrieval import Retriever
 
         if self._retriever is None:
             cfg = load_embed_config()
-            self._retriever = Retriever(self.embedder(), cfg.table, cfg.ef_search)
-        vector = self.encode([question])[0]
+            self._retriever = Retriever(Encoder(self), cfg.table, cfg.ef_search)
+        return self._retriever
+
+    def run_tool(self, name: str, arguments: dict[str, Any]) -> Any:
+        """A FibreFlow tool on a pooled connection (read-only transaction, statement timeout: datasets/tools.py)."""
+        from fibreflow.datasets.tools import run_tool
+
         with self.pool().connection(timeout=5) as conn:
-            return self._retriever.search_vector(conn, vector, k, Filters(**(filters.model_dump() if filters else {})))
+            return run_tool(conn, name, arguments, retriever=self.retriever())
 
     def facts(self, project_id: str) -> dict[str, Any] | None:
         from fibreflow.datasets.facts import project_facts
@@ -122,6 +140,23 @@ class Resources:
             self._pool.close()
 
 
+class Encoder:
+    """The shared embedder behind its lock, as a retriever's text encoder."""
+
+    def __init__(self, res: Resources) -> None:
+        self.res = res
+
+    @property
+    def spec(self) -> Any:
+        return self.res.embedder().spec
+
+    def encode(self, texts: list[str]) -> Any:
+        return self.res.encode(texts)
+
+    def embed(self, texts: list[str]) -> tuple[Any, int]:
+        return self.res.embed(texts)
+
+
 def _facts_text(facts: dict[str, Any]) -> str:
     return "Data:\n" + orjson.dumps(facts, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
 
@@ -142,8 +177,9 @@ def _ours(resp: Response) -> dict[str, str]:
 
 
 def frontend_routes(router: Router, res: Resources) -> APIRouter:
+    from fibreflow.datasets.agent import Loop
     from fibreflow.datasets.config import load_data_config
-    from fibreflow.datasets.grounded_qa import rag_messages
+    from fibreflow.datasets.tools import schemas
 
     api = APIRouter(route_class=guarded(("chat",)))
     model = router.rc.fibreflow.model
@@ -153,20 +189,29 @@ def frontend_routes(router: Router, res: Resources) -> APIRouter:
         body = {"model": model, "messages": messages, "max_tokens": router.cfg.max_new_tokens, "temperature": 0}
         return body | ({"user": user} if user else {})
 
-    @api.post("/v1/fibreflow/ask", summary="A question about FibreFlow data, answered from retrieved records")
+    tools = schemas()
+
+    @api.post("/v1/fibreflow/ask", summary="A question about FibreFlow data, answered through FibreFlow's tools")
     async def ask(req: AskRequest, request: Request, call: CurrentCall) -> Response:
-        hits = await asyncio.to_thread(res.retrieve, req.question, req.k or router.rc.fibreflow.k, req.filters)
-        messages = rag_messages(system, req.question, [h.content for h in hits], "")[:2]
-        resp = await router.dispatch(request, CHAT, chat_body(messages, req.user), call)
-        if resp.status_code != 200:
-            return resp
-        sources = [
-            {"record_id": h.record_id, "record_type": h.record_type, "project_id": h.project_id,
-             "score": round(h.score, 4)}
-            for h in hits
-        ]  # fmt: skip
-        out = _answer(resp) | {"record_ids": [h.record_id for h in hits], "sources": sources}
-        return JSONResponse(out, headers=_ours(resp))
+        fib = router.rc.fibreflow
+        loop, used = Loop.start(system, req.question, fib.max_steps), {"prompt_tokens": 0, "completion_tokens": 0}
+
+        def run(name: str, arguments: dict[str, Any]) -> Any:
+            return res.run_tool(name, req.bound(name, arguments, fib.k))
+
+        while True:
+            body = chat_body(loop.messages, req.user) | {"tools": tools, "tool_choice": loop.tool_choice}
+            call.usage = {}  # a cached turn sets none
+            resp = await router.dispatch(request, CHAT, body, call)
+            if resp.status_code != 200:
+                return resp
+            for k in used:  # the call is audited with every turn's tokens
+                used[k] += int(call.usage.get(k) or 0)
+            await asyncio.to_thread(loop.take, orjson.loads(resp.body)["choices"][0]["message"], run)
+            if loop.done:
+                break
+        call.usage = call.usage | used | {"total_tokens": sum(used.values())}
+        return JSONResponse(_answer(resp) | loop.json(), headers=_ours(resp))
 
     async def project_task(request: Request, call: Call, project_id: str, kind: str) -> Response:
         facts = await asyncio.to_thread(res.facts, project_id)

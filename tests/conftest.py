@@ -409,3 +409,24 @@ def tool_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from toolchat import train_tool_llama
 
     return train_tool_llama(tiny_llama, tmp_path_factory.mktemp("tool-llama"))
+
+
+@pytest.fixture
+def tool_engine(tool_llama: Path) -> Iterator[Any]:
+    """The engine on the tool-calling tiny Llama (served as `tiny`)."""
+    from fibreflow.serving.engine import Engine
+    from fibreflow.training.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tool_llama).eval()
+    engine = Engine(model, load_tokenizer(str(tool_llama)), base_name="tiny", max_context=1024, batch_wait_ms=5)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def tool_upstream(tool_engine: Any, run_app: Callable[[Any], str]) -> str:
+    """A model server whose model answers with tool calls (tests/toolchat.py)."""
+    from fibreflow.serving.model_server import create_model_app
+
+    return run_app(create_model_app(tool_engine, default_max_tokens=64))

@@ -15,6 +15,8 @@ RESULT = {"poles_by_status": {"permission_pending": 14}, "total": 14, "unit": "p
 ANSWER = "Project PRJ-0003 has 14 poles waiting for permission [PRJ-0003]."
 PLAIN_QUESTION = "What is a BOQ?"
 PLAIN_ANSWER = "A BOQ is the bill of quantities of a project."
+SEARCH_QUESTION = "Which tasks are blocked?"
+SEARCH_ARGS = {"query": "blocked tasks"}
 
 
 def tools() -> list[dict[str, Any]]:
@@ -23,8 +25,8 @@ def tools() -> list[dict[str, Any]]:
     return [t.schema() for t in TOOLS.values()]
 
 
-def call_turn(call_id: str = "call_1") -> dict[str, Any]:
-    fn = {"name": "pole_counts", "arguments": json.dumps(ARGS)}
+def call_turn(call_id: str = "call_1", name: str = "pole_counts", args: dict[str, Any] = ARGS) -> dict[str, Any]:
+    fn = {"name": name, "arguments": json.dumps(args)}
     return {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": fn}]}
 
 
@@ -38,8 +40,9 @@ def answered() -> list[dict[str, Any]]:
 
 
 def train_tool_llama(tiny: Path, out: Path, steps: int = 60) -> Path:
-    """The tiny Llama, all weights trained until it reproduces the three conversations greedily: question -> the
-    call (tools offered), the call's result -> the answer, a plain question (no tools) -> a plain answer."""
+    """The tiny Llama, all weights trained until it reproduces the conversations greedily: question -> the call
+    (tools offered), the call's result -> the answer, a plain question (no tools) -> a plain answer, a question for
+    the record search -> its call."""
     import torch
     from fibreflow.training.data import IGNORE, tokenize_chat
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,6 +52,7 @@ def train_tool_llama(tiny: Path, out: Path, steps: int = 60) -> Path:
         ([*asked(), call_turn()], tools()),
         ([*answered(), {"role": "assistant", "content": ANSWER}], tools()),
         ([*asked(PLAIN_QUESTION), {"role": "assistant", "content": PLAIN_ANSWER}], None),
+        ([*asked(SEARCH_QUESTION), call_turn("call_1", "search_records", SEARCH_ARGS)], tools()),
     ]
     rows = [tokenize_chat(tok, m, 1024, t) for m, t in chats]
     torch.manual_seed(0)

@@ -27,6 +27,14 @@ def config(upstream: str, **router: Any) -> ServingConfig:
     return ServingConfig.model_validate({"router": tree})
 
 
+def tool_config(upstream: str, **router: Any) -> ServingConfig:
+    """A router in front of `upstream` serving the tool-calling tiny model: experiment `assistant` = arm a (tiny);
+    the frontend's endpoints answer from it."""
+    arms = [{"name": "a", "upstream": "local", "model": "tiny", "weight": 1.0}]
+    more = {"experiments": [{"model": "assistant", "salt": "s", "arms": arms}], "fibreflow": {"model": "assistant"}}
+    return config(upstream, **(more | router))
+
+
 def metric(base: str, name: str, headers: dict[str, str] | None = None, **labels: str) -> float:
     """A sample's value from the router's /metrics (0 when absent); `headers` carry a metrics key."""
     from prometheus_client.parser import text_string_to_metric_families

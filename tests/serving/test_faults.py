@@ -109,18 +109,20 @@ def test_postgres_stopped_and_restarted(own_pg: tuple[Any, str], upstream: str, 
 
 
 def test_the_frontend_reconnects_after_its_connections_die(
-    embedded_url: str, upstream: str, run_app: Any, project_tmp: Path
+    embedded_url: str, tool_upstream: str, run_app: Any, project_tmp: Path
 ) -> None:
     """What a Postgres restart does to a running router's connections, on the shared server: every one of them
-    is terminated; the next /ask and summary must work without a router restart."""
-    from serving_helpers import config
+    is terminated; the next /ask (whose model searches the records) and summary must work without a router
+    restart."""
+    from serving_helpers import tool_config
 
-    cfg = config(upstream, fibreflow={"model": "assistant", "k": 3}).model_copy(update={"max_new_tokens": 8})
+    cfg = tool_config(tool_upstream)
     base = run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
     with psycopg.connect(embedded_url, autocommit=True) as conn:
         project = conn.execute("SELECT id FROM projects LIMIT 1").fetchone()[0]
     ask_body = {"question": "Which tasks are blocked?", "filters": {"project_id": project}}
-    assert httpx.post(f"{base}/v1/fibreflow/ask", json=ask_body, timeout=60).status_code == 200
+    first = httpx.post(f"{base}/v1/fibreflow/ask", json=ask_body, timeout=60)
+    assert first.status_code == 200 and first.json()["tool_calls"][0]["record_ids"], first.text
     for _ in range(2):
         with psycopg.connect(embedded_url, autocommit=True) as conn:
             killed = conn.execute(
@@ -129,7 +131,7 @@ def test_the_frontend_reconnects_after_its_connections_die(
             ).fetchone()[0]
         assert killed >= 1
         again = httpx.post(f"{base}/v1/fibreflow/ask", json=ask_body, timeout=60)
-        assert again.status_code == 200, again.text
+        assert again.status_code == 200 and again.json()["record_ids"] == first.json()["record_ids"], again.text
         facts = httpx.get(f"{base}/v1/fibreflow/projects/{project}/health", timeout=60)
         assert facts.status_code == 200, facts.text
 

@@ -22,22 +22,49 @@ def api(embedded_url: str, tiny_engine: Any, run_app: Any, project_tmp: Path) ->
     return run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
 
 
+@pytest.fixture
+def tool_api(embedded_url: str, tool_upstream: str, run_app: Any, project_tmp: Path) -> str:
+    from serving_helpers import tool_config
+
+    cfg = tool_config(tool_upstream, fibreflow={"model": "assistant", "k": 3, "max_steps": 2},
+                      audit={"enabled": True, "flush_s": 0.1})  # fmt: skip
+    return run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
+
+
 @pytest.mark.integration
-def test_ask_retrieves_within_filters_and_cites_the_records(api: str, embedded_url: str, embedder: Any) -> None:
+def test_ask_runs_the_tool_loop_on_the_records(tool_api: str, embedded_url: str, embedder: Any) -> None:
+    """The model (tests/toolchat.py) calls a tool, the records answer in SQL, the model answers: the response has
+    every call with its arguments and record ids (or its error), bounded by the request's filters."""
     from fibreflow.datasets.retrieval import Filters, Retriever
+    from serving_helpers import audit_rows
+    from toolchat import ARGS, QUESTION, SEARCH_ARGS, SEARCH_QUESTION
 
     with psycopg.connect(embedded_url, autocommit=True) as conn:
-        project = conn.execute("SELECT id FROM projects ORDER BY id LIMIT 1").fetchone()[0]
-        want = Retriever(embedder, "record_embeddings").search(conn, "Which tasks are blocked?", 3,
+        projects = [r[0] for r in conn.execute("SELECT id FROM projects ORDER BY id")]
+        project = projects[0]
+        want = Retriever(embedder, "record_embeddings").search(conn, SEARCH_ARGS["query"], 3,
                                                                Filters(project_id=project))  # fmt: skip
-    r = httpx.post(f"{api}/v1/fibreflow/ask", json={"question": "Which tasks are blocked?",
-                                                   "filters": {"project_id": project}}, timeout=60)  # fmt: skip
+    r = httpx.post(f"{tool_api}/v1/fibreflow/ask", json={"question": QUESTION}, timeout=60)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["record_ids"] == [h.record_id for h in want] and len(out["record_ids"]) == 3
-    assert {s["project_id"] for s in out["sources"]} == {project}
-    assert isinstance(out["answer"], str) and out["arm"] in ("a", "b") and out["response_id"]
-    bad = httpx.post(f"{api}/v1/fibreflow/ask", json={"question": ""})
+    first = out["tool_calls"][0]
+    assert first["name"] == "pole_counts" and 1 <= out["steps"] <= 2 and isinstance(out["answer"], str)
+    if "PRJ-0003" in projects:
+        assert first["arguments"] == ARGS and first["record_ids"] == ["PRJ-0003"] and first["error"] is None
+    else:  # the tool's error went back to the model, which still answered
+        assert first["record_ids"] == [] and first["error"].startswith("no project PRJ-0003; known projects:")
+    in_project = {"question": QUESTION, "filters": {"project_id": project}}
+    scoped = httpx.post(f"{tool_api}/v1/fibreflow/ask", json=in_project, timeout=60).json()
+    assert scoped["tool_calls"][0]["arguments"] == ARGS | {"project_id": project}  # the filter bounds the call
+    assert scoped["tool_calls"][0]["record_ids"] == [project] and scoped["record_ids"][0] == project
+    assert out["arm"] == "a" and out["response_id"]
+    search = httpx.post(f"{tool_api}/v1/fibreflow/ask", json={"question": SEARCH_QUESTION, "filters":
+                                                             {"project_id": project}}, timeout=60).json()  # fmt: skip
+    assert search["tool_calls"][0]["name"] == "search_records"
+    assert search["tool_calls"][0]["record_ids"] == [h.record_id for h in want]  # k from the config, the filter
+    rows = audit_rows(embedded_url, 3)
+    assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in rows)  # every turn's tokens
+    bad = httpx.post(f"{tool_api}/v1/fibreflow/ask", json={"question": ""})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "question"
 
 

@@ -19,6 +19,7 @@ import pytest
 from fibreflow.datasets.retrieval import Retriever
 from fibreflow.serving.model_server import create_model_app
 from servers import free_port, until
+from toolchat import SEARCH_ARGS, SEARCH_QUESTION
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,11 +50,11 @@ def test_the_serve_extra_has_no_training_or_evaluation_stack(serve_venv: Path) -
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_router_without_torch_serves_chat_embeddings_and_ask(
-    serve_venv: Path, tiny_engine: Any, embedder: Any, embedded_url: str, run_app: Any, project_tmp: Path
+    serve_venv: Path, tool_engine: Any, embedder: Any, embedded_url: str, run_app: Any, project_tmp: Path
 ) -> None:
-    model_server = run_app(create_model_app(tiny_engine, default_max_tokens=4, embedder=embedder))
+    model_server = run_app(create_model_app(tool_engine, default_max_tokens=64, embedder=embedder))
     port = free_port()
-    arms = [{"name": "a", "upstream": "primary", "model": "alpha", "weight": 1.0}]
+    arms = [{"name": "a", "upstream": "primary", "model": "tiny", "weight": 1.0}]
     sets = {
         "router.port": port,
         "router.upstreams": {"primary": {"url": f"{model_server}/v1"}},
@@ -94,12 +95,13 @@ def test_a_router_without_torch_serves_chat_embeddings_and_ask(
         vectors = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
         assert np.allclose(vectors, embedder.encode(texts), atol=1e-5)
         assert body["usage"]["prompt_tokens"] == embedder.count_tokens(texts)
-        question = "Which tasks are blocked?"
-        ask = httpx.post(f"{base}/v1/fibreflow/ask", json={"question": question, "k": 3}, timeout=60)
+        ask = httpx.post(f"{base}/v1/fibreflow/ask", json={"question": SEARCH_QUESTION, "k": 3}, timeout=60)
         assert ask.status_code == 200, ask.text
+        search = ask.json()["tool_calls"][0]  # the model searched the records: embedded by the upstream
+        assert search["name"] == "search_records" and search["arguments"]["query"] == SEARCH_ARGS["query"]
         with psycopg.connect(embedded_url) as conn:  # the same records as the in-process model finds
-            want = Retriever(embedder, "record_embeddings").search(conn, question, 3)
-        assert ask.json()["record_ids"] == [h.record_id for h in want]
+            want = Retriever(embedder, "record_embeddings").search(conn, SEARCH_ARGS["query"], 3)
+        assert search["record_ids"] == [h.record_id for h in want]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -107,13 +109,13 @@ def test_a_router_without_torch_serves_chat_embeddings_and_ask(
 
 @pytest.mark.integration
 def test_an_embeddings_upstream_of_another_space_is_refused(
-    embedded_url: str, tiny_engine: Any, run_app: Any, project_tmp: Path
+    embedded_url: str, tool_engine: Any, run_app: Any, project_tmp: Path
 ) -> None:
     """An upstream that serves 8-d vectors (another model) under the records' model name: /ask says the table holds
     384-d vectors and how to fix it, never a search in the wrong space; an upstream that is down: a 503 naming it."""
     from fastapi import FastAPI
     from fibreflow.serving.router import create_app
-    from serving_helpers import config
+    from serving_helpers import tool_config
 
     other = FastAPI()
 
@@ -122,13 +124,13 @@ def test_an_embeddings_upstream_of_another_space_is_refused(
         data = [{"object": "embedding", "index": i, "embedding": [1.0] * 8} for i, _ in enumerate(body["input"])]
         return {"object": "list", "data": data, "model": body["model"], "revision": "other", "usage": {}}
 
-    model_server = run_app(create_model_app(tiny_engine, default_max_tokens=4))
+    model_server = run_app(create_model_app(tool_engine, default_max_tokens=64))
     wrong = run_app(other)
     for url, status, message in ((f"{wrong}/v1", 503, "holds 384-d vectors"),
                                  (f"http://127.0.0.1:{free_port()}/v1", 503, "unreachable")):  # fmt: skip
-        cfg = config(model_server, fibreflow={"model": "assistant", "k": 3},
-                     upstreams={"local": {"url": f"{model_server}/v1"}, "emb": {"url": url, "connect_timeout_s": 1}},
-                     embeddings={"model": "bundled", "upstream": "emb"})  # fmt: skip
+        cfg = tool_config(model_server, upstreams={"local": {"url": f"{model_server}/v1"},
+                                                   "emb": {"url": url, "connect_timeout_s": 1}},
+                          embeddings={"model": "bundled", "upstream": "emb"})  # fmt: skip
         api = run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
-        r = httpx.post(f"{api}/v1/fibreflow/ask", json={"question": "Which tasks are blocked?"}, timeout=60)
+        r = httpx.post(f"{api}/v1/fibreflow/ask", json={"question": SEARCH_QUESTION}, timeout=60)  # it searches
         assert r.status_code == status and message in r.json()["error"]["message"], r.text

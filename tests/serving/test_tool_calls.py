@@ -4,29 +4,18 @@ really generates `<tool_call>` text (tests/toolchat.py) comes back as OpenAI `to
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from fibreflow.serving.model_server import ToolCallStream, create_model_app
+from fibreflow.serving.model_server import ToolCallStream
 from toolchat import ANSWER, ARGS, PLAIN_ANSWER, PLAIN_QUESTION, answered, asked, tools
 
 
-@pytest.fixture(scope="module")
-def tool_server(tool_llama: Path) -> Iterator[str]:
-    from fibreflow.serving.engine import Engine
-    from fibreflow.training.models import load_tokenizer
-    from servers import Served
-    from transformers import AutoModelForCausalLM
-
-    engine = Engine(AutoModelForCausalLM.from_pretrained(tool_llama).eval(), load_tokenizer(str(tool_llama)),
-                    base_name="tiny", max_context=1024, batch_wait_ms=5)  # fmt: skip
-    served = Served(create_model_app(engine, default_max_tokens=64))
-    yield served.url
-    served.stop()
-    engine.close()
+@pytest.fixture
+def tool_server(tool_upstream: str) -> str:
+    return tool_upstream
 
 
 def client(url: str) -> openai.OpenAI:
@@ -95,11 +84,9 @@ def test_tool_choice_none_and_named(tool_server: str) -> None:
 @pytest.mark.integration
 def test_the_router_passes_tool_calls_through_unchanged(tool_server: str, run_app: Any, project_tmp: Path) -> None:
     from fibreflow.serving.router import create_app
-    from serving_helpers import config
+    from serving_helpers import tool_config
 
-    arms = [{"name": "a", "upstream": "local", "model": "tiny", "weight": 1.0}]
-    router = run_app(create_app(config(tool_server, experiments=[{"model": "assistant", "salt": "s", "arms": arms}]),
-                                redis_url="", watch=False))  # fmt: skip
+    router = run_app(create_app(tool_config(tool_server), redis_url="", watch=False))
     direct = client(tool_server).chat.completions.create(model="tiny", messages=asked(), tools=tools(), temperature=0)
     for _ in range(2):  # the second answer comes from the router's cache
         via = client(router).chat.completions.create(model="assistant", messages=asked(), tools=tools(), temperature=0)
