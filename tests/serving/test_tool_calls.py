@@ -112,3 +112,26 @@ def test_the_stream_splitter_on_text_that_only_looks_like_a_call() -> None:
     assert "".join(pieces) == "a <tool b"
     delta, finish = s.step("", "stop")
     assert (delta, finish) == ({"content": "<tool_call>{oops"}, "stop")  # never a call: it leaves as content
+
+
+@pytest.mark.integration
+def test_langchain_binds_the_tools_and_calls_them_through_the_router(
+    tool_upstream: str, run_app: Any, project_tmp: Path
+) -> None:
+    from fibreflow.datasets.tools import schemas
+    from fibreflow.serving.router import create_app
+    from langchain_core.messages import HumanMessage, SystemMessage
+    from langchain_openai import ChatOpenAI
+    from serving_helpers import tool_config
+    from toolchat import QUESTION, SYSTEM
+
+    router = run_app(create_app(tool_config(tool_upstream), redis_url="", watch=False))
+    llm = ChatOpenAI(base_url=f"{router}/v1", api_key="none", model="assistant", temperature=0, max_retries=0)
+    agent = llm.bind_tools(schemas())
+    reply = agent.invoke([SystemMessage(SYSTEM), HumanMessage(QUESTION)])
+    assert reply.tool_calls and reply.tool_calls[0]["name"] == "pole_counts"
+    assert reply.tool_calls[0]["args"] == ARGS and reply.tool_calls[0]["id"].startswith("call_")
+    streamed = None
+    for chunk in agent.stream([SystemMessage(SYSTEM), HumanMessage(QUESTION)]):
+        streamed = chunk if streamed is None else streamed + chunk
+    assert streamed is not None and streamed.tool_calls[0]["args"] == ARGS

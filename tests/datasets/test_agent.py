@@ -1,0 +1,63 @@
+"""The tool loop (datasets/agent.py) as a Python function: the tiny model trained to call tools (tests/toolchat.py)
+behind the model server, FibreFlow's tools on the seeded records; the bound on rounds."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import psycopg
+import pytest
+from fibreflow.datasets.agent import Loop, ask, openai_complete
+from fibreflow.datasets.tools import run_tool, schemas
+from toolchat import ARGS, QUESTION, SYSTEM
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_python_function_runs_the_loop_against_a_model_server(tool_upstream: str, seeded_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{tool_upstream}/v1", api_key="none", max_retries=0)
+    with psycopg.connect(seeded_url, autocommit=True) as conn:
+        projects = [r[0] for r in conn.execute("SELECT id FROM projects")]
+        loop = ask(QUESTION, openai_complete(client, "tiny", max_tokens=64), lambda n, a: run_tool(conn, n, a),
+                   system=SYSTEM, max_steps=2)  # fmt: skip
+    assert loop.done and isinstance(loop.answer, str) and 1 <= loop.rounds <= 2
+    first = loop.calls[0]
+    assert first.name == "pole_counts" and (first.arguments == ARGS or first.error)
+    assert (first.record_ids == ["PRJ-0003"]) == ("PRJ-0003" in projects)
+    assert loop.messages[2]["tool_calls"][0]["function"]["name"] == "pole_counts"  # the conversation it ran
+    assert loop.messages[3]["role"] == "tool"
+
+
+def test_every_loop_ends_with_an_answer_within_max_steps(seeded_url: str) -> None:
+    """A model that would call tools forever: after max_steps rounds the turn is asked with tool_choice "none" and
+    whatever it says is the answer. Malformed arguments and unknown tools come back to it as errors."""
+    choices: list[str] = []
+
+    def call(i: int, name: str, arguments: str) -> dict[str, Any]:
+        return {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+    script = [
+        {"tool_calls": [call(1, "pole_counts", "{oops")]},
+        {"tool_calls": [call(2, "drop_table", "{}")]},
+        {"tool_calls": [call(3, "project_status", json.dumps({"project_id": "prj-1"}))]},
+        {"content": "PRJ-0001 is in progress.", "tool_calls": [call(4, "project_status", "{}")]},
+    ]
+
+    def complete(messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: str) -> dict[str, Any]:
+        choices.append(tool_choice)
+        assert tools == schemas()
+        return script[len(choices) - 1]
+
+    with psycopg.connect(seeded_url, autocommit=True) as conn:
+        loop = ask("status?", complete, lambda n, a: run_tool(conn, n, a), system=SYSTEM, max_steps=3)
+    assert choices == ["auto", "auto", "auto", "none"] and loop.rounds == 3
+    assert loop.answer == "PRJ-0001 is in progress."  # the last turn's text, its calls not run
+    errors = [c.error for c in loop.calls]
+    assert errors[0] == "pole_counts: the arguments are not a JSON object"
+    assert errors[1].startswith("no tool 'drop_table'") and errors[2] is None
+    assert loop.calls[2].arguments == {"project_id": "PRJ-0001"} and loop.record_ids == ["PRJ-0001"]
+    tool_turns = [m["content"] for m in loop.messages if m["role"] == "tool"]
+    assert tool_turns[0].startswith("error: ") and json.loads(tool_turns[2])["project"]["id"] == "PRJ-0001"
+    assert Loop.start(SYSTEM, "q").tool_choice == "auto"
