@@ -34,6 +34,10 @@ class ToolCall:
     arguments: str  # a JSON object, as OpenAI sends it
     id: str = ""
 
+    def text(self) -> str:
+        """The call as the model writes it (parse_tool_calls' inverse)."""
+        return f'{CALL_START}{{"name": {json.dumps(self.name)}, "arguments": {self.arguments}}}{CALL_END}'
+
     def openai(self) -> dict[str, Any]:
         return {"id": self.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": self.name, "arguments": self.arguments}}  # fmt: skip

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from fibreflow.core.config import atomic_write, resolve_path
 from fibreflow.core.db import check_schema, open_db, redact, schema_version, table_counts
 from fibreflow.core.errors import DatasetBuildError, first_line
+from fibreflow.datasets import assistant as asst
 from fibreflow.datasets import grounded_qa as qa
 from fibreflow.datasets import terminology as term
 from fibreflow.datasets.config import DataConfig, load_data_config
@@ -35,12 +36,19 @@ from fibreflow.datasets.manifest import (
     read_manifest,
     write_manifest,
 )
+from fibreflow.datasets.tools import schemas
 from psycopg.rows import dict_row
 from tqdm import tqdm
 
 TERM_SPLITS = ("train", "validation", "test")
 QA_SPLITS = ("train", "test")
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+CALL = pa.struct([("id", pa.string()), ("type", pa.string()),
+                  ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])  # fmt: skip
+TOOL_MESSAGES = pa.list_(
+    pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(CALL)),
+               ("tool_call_id", pa.string())])
+)  # fmt: skip
 SCHEMAS = {
     "terminology": pa.schema(
         [
@@ -66,6 +74,17 @@ SCHEMAS = {
             ("unit", pa.string()),
             ("tolerance", pa.struct([("abs", pa.float64()), ("rel", pa.float64())])),
             ("messages", MESSAGES),
+        ]
+    ),
+    "assistant": pa.schema(
+        [
+            ("id", pa.string()),
+            ("family", pa.string()),
+            ("project_id", pa.string()),
+            ("question", pa.string()),
+            ("answer", pa.string()),
+            ("tools", pa.bool_()),  # offered FibreFlow's tool schemas (datasets/tools.py)
+            ("messages", TOOL_MESSAGES),
         ]
     ),
 }
@@ -203,6 +222,39 @@ def _build_grounded_qa(
     return {s: w.close() for s, w in writers.items()}, sorted(held_out)
 
 
+def _build_assistant(
+    conn: psycopg.Connection, cfg: DataConfig, out: Path, test_jsonl: Any, progress: bool, held_out: set[str]
+) -> dict[str, SplitFile]:
+    writers = {
+        s: SplitWriter(out / "assistant" / f"{s}.parquet", SCHEMAS["assistant"], cfg.cursor_rows) for s in QA_SPLITS
+    }
+    a, t = cfg.assistant, cfg.terminology
+    projects = list(stream(conn, "SELECT id, name FROM projects ORDER BY id", None, cfg.cursor_rows))
+    for p in tqdm(projects, desc="assistant", unit="project", disable=not progress, leave=False):
+        split = "test" if p["id"] in held_out else "train"
+        for row, tests in asst.grounded(conn, a, cfg.system_prompt, p, split, typos=split == "train"):
+            writers[split].write(row)
+            for test in tests if split == "test" else []:
+                _write_test_row(test_jsonl, test)
+    glossary = list(stream(conn, GLOSSARY_SQL, None, cfg.cursor_rows))
+    u = t.unknown_terms
+    known = {g["term"].lower() for g in glossary} | {x.lower() for x in (*u.train, *u.validation, *u.test)}
+    templates = {"train": t.train_templates, "test": t.test_templates}
+    for split, row, test in asst.refusals(a, t.refusal_answer, cfg.system_prompt, known, templates):
+        writers[split].write(row)
+        if split == "test":
+            _write_test_row(test_jsonl, test)
+    for i, g in enumerate(sorted(glossary, key=lambda g: asst.salted("glossary", g["term"]))[: a.glossary_with_tools]):
+        question = t.train_templates[i % len(t.train_templates)].format(term=g["term"])
+        answer = term.answer_for(t, g)
+        messages = [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": question},
+                    {"role": "assistant", "content": answer}]  # fmt: skip
+        row = {"id": f"glossary-tools-{i:03d}", "family": "glossary", "project_id": None, "question": question,
+               "answer": answer, "tools": True, "messages": messages}  # fmt: skip
+        writers["train"].write(row)
+    return {s: w.close() for s, w in writers.items()}
+
+
 def _write_test_row(fh: Any, row: dict[str, Any]) -> None:
     fh.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
 
@@ -220,11 +272,13 @@ def build(conn: psycopg.Connection, cfg: DataConfig, *, progress: bool = True) -
             db_info = _snapshot_info(conn)
             terminology = _build_terminology(conn, cfg, staging, test_jsonl, progress)
             grounded, test_projects = _build_grounded_qa(conn, cfg, staging, test_jsonl, progress)
-        splits = {"terminology": terminology, "grounded_qa": grounded}
+            assistant = _build_assistant(conn, cfg, staging, test_jsonl, progress, set(test_projects))
+        splits = {"terminology": terminology, "grounded_qa": grounded, "assistant": assistant}
         version = sha256(
             canonical(
                 {
                     "config": cfg.content_config(),
+                    "tools": schemas(),  # how tool conversations are rendered
                     "splits": {name: {s: v.sha256 for s, v in parts.items()} for name, parts in splits.items()},
                 }
             )

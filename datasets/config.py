@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fibreflow.core.config import Strict, load_config
+from fibreflow.datasets import assistant as asst
 from fibreflow.datasets import grounded_qa as qa
 from fibreflow.datasets import terminology as term
 
@@ -16,6 +17,7 @@ class DataConfig(Strict):
     system_prompt: str
     terminology: term.TerminologyConfig
     grounded_qa: qa.GroundedQAConfig
+    assistant: asst.AssistantConfig
 
     def content_config(self) -> dict[str, Any]:
         """What decides the content (and so the version): everything but where and how fast."""

@@ -182,10 +182,13 @@ def boq_totals(conn: psycopg.Connection, a: BoqArgs) -> tuple[dict[str, Any], li
                        " round(sum(quantity * rate_zar), 2) AS amount_zar, count(*) AS items FROM boq_items"
                        " WHERE project_id = %(p)s AND (%(c)s::text IS NULL OR split_part(item_code, '-', 1) = %(c)s)"
                        " GROUP BY 1, 2 ORDER BY 1, 2", {"p": a.project_id, "c": a.category})  # fmt: skip
-    for r in rows:
-        r["category_name"] = BOQ_CATEGORY.get(r["category"], r["category"])
-    total = round(sum(r["amount_zar"] for r in rows), 2)
-    return {"by_category_and_unit": rows, "total_zar": total, "currency": "ZAR"}, [a.project_id]
+    by: dict[str, dict[str, Any]] = {}
+    for r in rows:  # compact: one entry per category, its quantities by unit (the model reads all of it)
+        c = by.setdefault(r["category"], {"amount_zar": 0.0, "quantities": {}})
+        c["amount_zar"] = round(c["amount_zar"] + r["amount_zar"], 2)
+        c["quantities"][r["unit"]] = r["quantity"]
+    total = round(sum(c["amount_zar"] for c in by.values()), 2)
+    return {"total_zar": total, "by_category": by}, [a.project_id]
 
 
 def progress(conn: psycopg.Connection, a: ProgressArgs) -> tuple[dict[str, Any], list[str]]:
@@ -223,7 +226,8 @@ TOOLS: dict[str, Tool] = {t.name: t for t in (
          project_status),
     Tool("pole_counts", "How many poles a project has in each status (planned, permission_pending, ...).", PoleArgs,
          pole_counts),
-    Tool("boq_totals", "A project's bill of quantities: quantities with units and amounts in ZAR by category.",
+    Tool("boq_totals", "A project's bill of quantities: amounts in ZAR and quantities by unit, per category "
+         "(" + ", ".join(f"{k} {v}" for k, v in BOQ_CATEGORY.items()) + ").",
          BoqArgs, boq_totals),
     Tool("progress", "Work done on a project between two dates, by activity, with units.", ProgressArgs, progress),
     Tool("task_status", "A project's tasks (phase, title, status, assignee, due date), optionally by status.",

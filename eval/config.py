@@ -26,6 +26,11 @@ class Rag(Strict):
     k: PositiveInt = 4
 
 
+class ToolLoop(Strict):
+    max_steps: int = Field(3, ge=1, le=8)  # rounds of tool calls before the answer is asked for
+    max_new_tokens: PositiveInt = 96  # per turn of the loop (a call with dates is ~60 tokens)
+
+
 class Endpoint(Strict):
     base_url: str
     model: str
@@ -66,6 +71,7 @@ class EvalConfig(Strict):
     sample: Sampling = Sampling()
     generation: Generation = Generation()
     rag: Rag = Rag()
+    tools: ToolLoop = ToolLoop()
     endpoints: dict[str, Endpoint] = Field(default_factory=dict)
     endpoint_concurrency: PositiveInt = 8
     semantic_similarity: bool = True

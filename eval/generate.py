@@ -13,9 +13,11 @@ from fibreflow.core.chat import chat_ids
 from tqdm.auto import tqdm
 
 
-def chat_prompts(tok: Any, conversations: Sequence[list[dict[str, str]]]) -> list[list[int]]:
-    """Token ids of each conversation followed by the assistant generation prompt."""
-    return [chat_ids(tok, c) for c in conversations]
+def chat_prompts(
+    tok: Any, conversations: Sequence[list[dict[str, Any]]], tools: list[dict[str, Any]] | None = None
+) -> list[list[int]]:
+    """Token ids of each conversation (with `tools` offered) followed by the assistant generation prompt."""
+    return [chat_ids(tok, c, tools) for c in conversations]
 
 
 def generate_local(
@@ -26,11 +28,12 @@ def generate_local(
     batch_size: int = 16,
     max_new_tokens: int = 96,
     progress: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Greedy answers, in the order of `conversations`."""
     import torch
 
-    prompts = chat_prompts(tok, conversations)
+    prompts = chat_prompts(tok, conversations, tools)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     was_training = model.training

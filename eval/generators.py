@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from fibreflow.core.chat import ToolCall
 from fibreflow.core.errors import FibreFlowError
 
-Conversation = list[dict[str, str]]
+Conversation = list[dict[str, Any]]
 T = TypeVar("T")
 
 
@@ -39,7 +40,10 @@ class Generator(Protocol):
     @property
     def settings(self) -> dict[str, Any]: ...
 
-    def generate(self, conversations: Sequence[Conversation]) -> list[str]: ...
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
+        """Each conversation's answer; with `tools` offered, a call comes back in the project's tool format
+        (`<tool_call>{"name", "arguments"}</tool_call>`, core/chat.py), whatever the backend."""
+        ...
 
 
 @dataclass
@@ -64,11 +68,11 @@ class LocalGenerator:
             "greedy": True,
         }
 
-    def generate(self, conversations: Sequence[Conversation]) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
         from fibreflow.eval.generate import generate_local
 
         kw = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "progress": self.progress}
-        return generate_local(self.model, self.tok, conversations, **kw)
+        return generate_local(self.model, self.tok, conversations, tools=tools, **kw)
 
 
 @dataclass
@@ -97,7 +101,8 @@ class VllmGenerator:
             **{f"engine.{k}": v for k, v in self.engine_args.items()},
         }
 
-    def generate(self, conversations: Sequence[Conversation]) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
+        from fibreflow.core.chat import template_for
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 
@@ -106,7 +111,9 @@ class VllmGenerator:
             self._llm = LLM(model=self.model_path, seed=0, **lora, **self.engine_args)
         request = LoRARequest(self.name, 1, self.adapter) if self.adapter else None
         params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
-        outs = self._llm.chat(list(conversations), params, lora_request=request, use_tqdm=False)
+        template = template_for(self._llm.get_tokenizer())  # as training rendered the chats
+        outs = self._llm.chat(list(conversations), params, lora_request=request, use_tqdm=False, tools=tools,
+                              chat_template=template)  # fmt: skip
         return [o.outputs[0].text.strip() for o in outs]
 
 
@@ -140,10 +147,10 @@ class EndpointGenerator:
             "temperature": 0.0,
         }
 
-    def generate(self, conversations: Sequence[Conversation]) -> list[str]:
-        return run_sync(self._all(conversations))
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
+        return run_sync(self._all(conversations, tools))
 
-    async def _all(self, conversations: Sequence[Conversation]) -> list[str]:
+    async def _all(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None) -> list[str]:
         import openai
 
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
@@ -159,8 +166,9 @@ class EndpointGenerator:
                 self.peak_in_flight = max(self.peak_in_flight, in_flight)
                 try:
                     raw = await client.chat.completions.with_raw_response.create(
-                        model=self.model, messages=conv, max_tokens=self.max_new_tokens, temperature=0.0
-                    )
+                        model=self.model, messages=conv, max_tokens=self.max_new_tokens, temperature=0.0,
+                        **({"tools": tools} if tools else {})
+                    )  # fmt: skip
                     out = raw.parse()
                     if self.tally_header:
                         self.tally[raw.headers.get(self.tally_header, "")] += 1
@@ -168,7 +176,9 @@ class EndpointGenerator:
                     raise GenerationError(f"{self.name} ({self.base_url}): {type(exc).__name__}: {exc}") from None
                 finally:
                     in_flight -= 1
-            return (out.choices[0].message.content or "").strip()
+            msg = out.choices[0].message
+            calls = [ToolCall(c.function.name, c.function.arguments).text() for c in msg.tool_calls or []]
+            return ((msg.content or "") + "".join(calls)).strip()
 
         try:
             return list(await asyncio.gather(*(one(c) for c in conversations)))

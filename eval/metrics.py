@@ -31,6 +31,10 @@ GROUPS: dict[str, Callable[[Sample], bool]] = {
     "terminology_accuracy": lambda s: "terminology" in s.tags and "unknown_term" not in s.tags,
     "unknown_term_refusal": lambda s: "unknown_term" in s.tags,
     "grounded_accuracy": lambda s: "grounded_qa" in s.tags,
+    # through the tool loop: the first call, the answer to a data question, "I don't know" where it should be
+    "tool_call_accuracy": lambda s: s.kind == "tool_call",
+    "tool_grounded_accuracy": lambda s: s.tools and "grounded" in s.tags,
+    "refusal_accuracy": lambda s: s.tools and s.refusal,
 }
 
 

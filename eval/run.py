@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fibreflow.datasets.agent import Loop
 from fibreflow.eval import metrics as m
 from fibreflow.eval.config import EvalConfig, load_eval_config
 from fibreflow.eval.gates import Decision, decide, load_gates
+from fibreflow.eval.loop import numbers_grounded
 from fibreflow.eval.rag import Prompt, build_prompts, grounded
 from fibreflow.eval.stats import PairedDiff, paired_bootstrap
 from fibreflow.eval.summary import Diff, EvalSummary, Gate, JudgeStats, label, load_summary, log_summary
@@ -54,15 +56,34 @@ def test_set_path(cfg: EvalConfig) -> Path:
 
 
 def answers_of(
-    spec: str, cfg: EvalConfig, prompts: list[Prompt], progress: bool = False
-) -> tuple[list[str], dict[str, Any]]:
-    """(answers, generation settings + throughput) for one model; its weights are freed afterwards."""
+    spec: str,
+    cfg: EvalConfig,
+    prompts: list[Prompt],
+    progress: bool = False,
+    samples: list[Sample] | None = None,
+    system: str = "",
+    database_url: str | None = None,
+) -> tuple[list[str], dict[str, Any], dict[int, Loop]]:
+    """(answers, generation settings + throughput, the tool loop of each `tools` sample by index) for one model;
+    its weights are freed afterwards. `samples` with `tools: true` go through the tool loop instead of `prompts`."""
+    from fibreflow.eval.loop import answer_of, ask_all
     from fibreflow.eval.models import generator
 
+    looped = [i for i, s in enumerate(samples or []) if s.tools]
+    plain = [i for i in range(len(prompts)) if i not in set(looped)]
     gen = generator(spec, cfg, progress)
     try:
         start = time.perf_counter()
-        answers = gen.generate([p.conversation for p in prompts])
+        answers = [""] * len(prompts)
+        for i, text in zip(plain, gen.generate([prompts[i].conversation for i in plain]), strict=True):
+            answers[i] = text
+        loops: dict[int, Loop] = {}
+        if looped:
+            assert samples is not None
+            by_question = ask_all(gen, [samples[i].question for i in looped], system, cfg.tools, database_url)
+            for i in looped:
+                loops[i] = by_question[samples[i].question]
+                answers[i] = answer_of(samples[i], loops[i])
         elapsed = time.perf_counter() - start
         settings = dict(gen.settings) | {"seconds": round(elapsed, 2), "samples_per_s": len(prompts) / elapsed}
         if hasattr(gen, "peak_in_flight"):
@@ -70,7 +91,7 @@ def answers_of(
     finally:
         del gen
         gc.collect()
-    return answers, settings
+    return answers, settings, loops
 
 
 def compare(
@@ -119,13 +140,16 @@ def main(
     key = eval_key(cfg, path, list(identity.values()))
     if reuse and (earlier := _earlier(key)) is not None:
         return earlier
-    prompts = build_prompts(samples, load_data_config().system_prompt, cfg.rag, database_url)
+    system = load_data_config().system_prompt
+    prompts = build_prompts(samples, system, cfg.rag, database_url)
     shown = [p.contexts for p in prompts]
 
     answers: dict[str, list[str]] = {}
     settings: dict[str, dict[str, Any]] = {}
+    loops: dict[str, dict[int, Loop]] = {}
     for role, spec in zip(ROLES, cfg.models, strict=False):
-        answers[role], settings[role] = answers_of(spec, cfg, prompts, progress)
+        answers[role], settings[role], loops[role] = answers_of(spec, cfg, prompts, progress, samples, system,
+                                                                database_url)  # fmt: skip
 
     embedder = m.embeddings(load_embed_config().model) if cfg.semantic_similarity or cfg.judge.enabled else None
     scores: dict[str, m.Scores] = {}
@@ -134,6 +158,11 @@ def main(
         scores[role] = m.accuracy(samples, said) | m.answer_metrics(
             samples, said, embedder if cfg.semantic_similarity else None, progress
         )
+        if loops[role]:
+            scores[role]["numbers_grounded"] = [
+                numbers_grounded(loops[role][i]) if s.tools and "grounded" in s.tags else None
+                for i, s in enumerate(samples)
+            ]
         wanted = [x for x in cfg.judge.metrics if x in ANSWER_JUDGED]
         if cfg.judge.enabled and wanted:
             judged[role] = m.judge(cfg.judge, samples, said, shown, embedder, wanted, progress)
@@ -152,6 +181,10 @@ def main(
     run_id = os.environ.get("MLFLOW_RUN_ID") if not parent else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "eval-" + "-vs-".join(cfg.models), nested=parent):
         _log(cfg, samples, prompts, answers, scores, retrieval, judged, diffs, summary)
+        if any(loops.values()):
+            traces = {role: {samples[i].id: loop.json() | {"messages": loop.messages} for i, loop in found.items()}
+                      for role, found in loops.items()}  # fmt: skip
+            mlflow.log_dict(traces, "eval/tool_loops.json")
         mlflow.set_tag("eval_key", key)
         return summary.model_copy(update={"run_id": mlflow.active_run().info.run_id})
 

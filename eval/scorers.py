@@ -6,13 +6,17 @@ numeric  some number in the answer equals the reference within tolerance, after 
          ("R 1 200", "1,200", "1.2 km" for 1200 m); project ids and dates are not numbers
 choice   the answer names the reference and no other choice
 open     every keyword appears (when the sample has keywords), else like contains
-A sample tagged `unknown_term` (a made-up term) is right when the answer admits not knowing, whatever its kind.
+tool_call the model's first tool call (the answer: {"name", "arguments"} as JSON) names the reference's tool with
+         the same arguments once both are normalised by the tool ("prj-3" = "PRJ-0003", dates as dates; a record
+         search's free-text query is not compared, its filters are)
+A sample tagged `unknown_term`, `made_up_term` or `unanswerable` is right when the answer admits not knowing.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from fibreflow.eval.testset import Sample
@@ -96,10 +100,49 @@ def admits_not_knowing(answer: str) -> bool:
     return bool(REFUSAL.search(answer))
 
 
+def expected_call(reference: str) -> tuple[str, dict[str, Any]]:
+    """(tool, normalised arguments) of a tool_call reference; a ValueError saying what is wrong otherwise."""
+    try:
+        obj = json.loads(reference)
+    except ValueError:
+        raise ValueError(f"reference {reference!r} is not JSON (kind tool_call)") from None
+    if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(obj.get("arguments"), dict)):
+        raise ValueError('a tool_call reference is {"name": <tool>, "arguments": {...}}')
+    normal = normal_arguments(obj["name"], obj["arguments"])
+    if normal is None:
+        raise ValueError(f"reference {reference!r}: not a valid call of a FibreFlow tool")
+    return obj["name"], normal
+
+
+def normal_arguments(name: str, arguments: Any) -> dict[str, Any] | None:
+    """A call's arguments as the tool validates them (None: not a valid call), without what is not compared."""
+    from fibreflow.datasets.tools import TOOLS
+
+    tool = TOOLS.get(name)
+    if tool is None or not isinstance(arguments, dict):
+        return None
+    try:
+        args = tool.args.model_validate(arguments).model_dump(mode="json", exclude_none=True)
+    except ValueError:
+        return None
+    return {k: v for k, v in args.items() if not (tool.searches and k in ("query", "k"))}
+
+
+def call_matches(reference: str, answer: str) -> bool:
+    name, want = expected_call(reference)
+    try:
+        got = json.loads(answer)
+    except ValueError:
+        return False
+    return isinstance(got, dict) and got.get("name") == name and normal_arguments(name, got.get("arguments")) == want
+
+
 def score(sample: Sample, answer: str) -> float:
     """1.0 if the answer is right for this sample's kind, else 0.0."""
-    if "unknown_term" in sample.tags:
+    if sample.refusal:
         ok = admits_not_knowing(answer)
+    elif sample.kind == "tool_call":
+        ok = call_matches(sample.reference, answer)
     elif sample.kind == "exact":
         ok = normalise(answer) == normalise(sample.reference)
     elif sample.kind == "contains":

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 if TYPE_CHECKING:
     from fibreflow.datasets.retrieval import Filters
 
-Kind = Literal["exact", "contains", "numeric", "choice", "open"]
+Kind = Literal["exact", "contains", "numeric", "choice", "open", "tool_call"]
 
 
 class TestSetError(FibreFlowError):
@@ -64,6 +64,12 @@ class Sample(BaseModel):
     tolerance: Tolerance = Tolerance()
     choices: list[str] | None = None
     keywords: list[str] | None = None
+    tools: bool = False  # asked through the tool loop (datasets/agent.py) with FibreFlow's tools offered
+
+    @property
+    def refusal(self) -> bool:
+        """Right when the answer admits not knowing: a made-up term, a question the records cannot answer."""
+        return bool({"unknown_term", "made_up_term", "unanswerable"} & set(self.tags))
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Sample:
@@ -74,6 +80,12 @@ class Sample(BaseModel):
                 raise ValueError(f"reference {self.reference!r} is not a number (kind numeric)")
         if self.kind == "choice" and not self.choices:
             raise ValueError("kind choice needs `choices`")
+        if self.kind == "tool_call":
+            from fibreflow.eval.scorers import expected_call
+
+            expected_call(self.reference)
+            if not self.tools:
+                raise ValueError("kind tool_call needs `tools: true` (the question is asked with the tools offered)")
         return self
 
 

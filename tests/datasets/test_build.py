@@ -1,6 +1,7 @@
 """Dataset builds against a real database: leakage, hash stability, bad input, lost connection, MLflow."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -72,7 +73,10 @@ def test_accuracy_test_set_format(seeded_url: str, tmp_path: Path) -> None:
         kinds.add(row["kind"])
         if row["kind"] == "numeric":
             assert "unit" in row and "tolerance" in row
-    assert kinds == {"open", "contains", "numeric"}
+    assert kinds == {"open", "contains", "numeric", "tool_call"}
+    from fibreflow.eval.testset import load_test_set
+
+    assert len(load_test_set(m / "accuracy_test.jsonl")) == len(lines)  # what `fibreflow eval` reads
     assert any("unknown_term" in json.loads(x)["tags"] for x in lines)
 
 
@@ -180,10 +184,61 @@ def test_logged_as_mlflow_inputs_under_an_active_run(seeded_url: str, tmp_path: 
         "fibreflow-terminology-test",
         "fibreflow-grounded_qa-train",
         "fibreflow-grounded_qa-test",
+        "fibreflow-assistant-train",
+        "fibreflow-assistant-test",
     }
     assert got.data.tags["dataset_version"] == m.version
     digests = {d.dataset.name: d.dataset.digest for d in got.inputs.dataset_inputs}
     assert digests["fibreflow-terminology-train"] == m.split("terminology", "train").sha256[:16]
+
+
+def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url: str, tmp_path: Path) -> None:
+    """No test project, test phrasing or test made-up term in training; every conversation's tool result is what
+    the tool returns on the records; every test question has its expected call and its answer."""
+    from fibreflow.datasets.tools import run_tool
+
+    m = _build(seeded_url, tmp_path, **{"grounded_qa.test_fraction": 0.5})
+    cfg = load_data_config().assistant
+    train, test = _rows(m, "assistant", "train"), _rows(m, "assistant", "test")
+    test_projects = set(read_manifest(m).grounded_qa_test_projects)
+    assert test_projects and {r["project_id"] for r in test if r["project_id"]} == test_projects
+    train_text = json.dumps(train)
+    assert not any(pid in train_text for pid in test_projects)
+    for family, phrasings in cfg.questions.items():
+        train_q = [r["question"] for r in train if r["family"] == family]
+        test_q = [r["question"] for r in test if r["family"] == family]
+        assert train_q and test_q, family
+        shapes = [re.compile(re.sub(r"\\\{\w+\\\}", ".+", re.escape(p)) + "$") for p in phrasings.test]
+        assert not [q for q in train_q if any(s.match(q) for s in shapes)], family
+        assert all(any(s.match(q) for s in shapes) for q in test_q), family
+    made_up = {r["question"] for r in train if r["family"] == "made_up_term"}
+    assert made_up and not made_up & {r["question"] for r in test if r["family"] == "made_up_term"}
+    train_terms = {r["answer"] for r in train if r["family"] == "made_up_term"}
+    assert not train_terms & {r["answer"] for r in test if r["family"] == "made_up_term"}
+    with db.connect(seeded_url) as conn:
+        for r in train + test:
+            msgs = r["messages"]
+            if r["family"] in ("made_up_term", "unanswerable", "glossary"):
+                assert [x["role"] for x in msgs] == ["system", "user", "assistant"] and r["tools"]
+                continue
+            call = msgs[2]["tool_calls"][0]["function"]
+            result = json.loads(msgs[3]["content"])
+            if call["name"] != "search_records":
+                assert result == run_tool(conn, call["name"], json.loads(call["arguments"])).data
+            else:  # RAFT: the asked pole's record among distractors of the same project
+                records = result["records"]
+                assert len(records) == 3 and len({x["record_id"] for x in records}) == 3
+                pole = json.loads(call["arguments"])["query"].removeprefix("pole ")
+                right = [x for x in records if x["content"].startswith(f"Pole {pole} ")]
+                assert len(right) == 1 and msgs[4]["content"].endswith(f"[{right[0]['record_id']}].")
+            assert msgs[4]["content"] == r["answer"] and r["project_id"] in r["answer"]
+    rows = [json.loads(x) for x in (m / "accuracy_test.jsonl").read_text().splitlines()]
+    calls = [x for x in rows if x["kind"] == "tool_call"]
+    assert len(calls) == len([r for r in test if r["project_id"]])
+    assert all(x["tools"] for x in rows if "assistant" in x["tags"])
+    assert {x["id"].removesuffix("-call") for x in calls} == {
+        x["id"].removesuffix("-answer") for x in rows if "grounded" in x["tags"]
+    }
 
 
 def test_loads_back_as_hf_datasets(seeded_url: str, tmp_path: Path) -> None:

@@ -1,0 +1,279 @@
+"""Tool-calling conversations built from the records: what the assistant is fine-tuned on to answer data
+questions (datasets/agent.py's loop), and its held-out test questions.
+
+One conversation per question: the question -> the right tool call -> the tool's real result (run on the build's
+snapshot, exactly as serving runs it) -> a short answer that states the number with its unit and cites the
+records. Record questions get RAFT-style results: the right record among distractors of the same project and type,
+as the record search returns them. Also: glossary questions asked with the tools offered (answered directly, no
+call), made-up terms and questions the records cannot answer (the refusal, with the tools offered).
+
+Held out twice: test projects (grounded_qa's split) are never in training, and test questions use phrasings
+training never uses. Made-up terms are generated deterministically, none in both splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from fibreflow.core.config import Strict
+from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, money, number, words
+from fibreflow.datasets.tools import BOQ_CATEGORY, ToolResult, run_tool
+from pydantic import Field, model_validator
+
+FAMILIES = ("project_status", "pole_counts", "boq_total", "boq_category", "progress", "task_status", "pole_record")
+
+
+class Phrasings(Strict):
+    train: list[str] = Field(min_length=1)
+    test: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Phrasings:
+        if {t.lower() for t in self.train} & {t.lower() for t in self.test}:
+            raise ValueError("train and test phrasings must be disjoint")
+        return self
+
+
+class MadeUp(Strict):
+    train: int = Field(ge=0)
+    test: int = Field(ge=0)
+    prefixes: list[str]
+    suffixes: list[str]
+    nouns: list[str]
+
+
+class Unanswerable(Strict):
+    train: list[str]
+    test: list[str]
+    answer: str
+
+
+class AssistantConfig(Strict):
+    questions: dict[str, Phrasings]  # per family
+    per_project: dict[str, int]  # the mixture: conversations per project and family (train and test alike)
+    typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
+    glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
+    made_up: MadeUp
+    unanswerable: Unanswerable
+
+    @model_validator(mode="after")
+    def _families(self) -> AssistantConfig:
+        for key in (*self.questions, *self.per_project):
+            if key not in FAMILIES:
+                raise ValueError(f"unknown family {key!r}; the families are {', '.join(FAMILIES)}")
+        if set(self.unanswerable.train) & set(self.unanswerable.test):
+            raise ValueError("unanswerable: train and test questions must be disjoint")
+        return self
+
+
+def salted(*parts: Any) -> str:
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
+
+
+def typo(question: str, key: str) -> str:
+    """The question with two neighbouring letters of one longer word swapped (ids and dates left alone)."""
+    candidates = [m for m in re.finditer(r"\b[a-z]{5,}\b", question)]
+    if not candidates:
+        return question
+    m = candidates[int(key[:8], 16) % len(candidates)]
+    i = m.start() + 1 + int(key[8:12], 16) % (len(m.group()) - 2)
+    return question[:i] + question[i + 1] + question[i] + question[i + 2 :]
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One grounded question: the call that answers it, and how its answer is scored."""
+
+    family: str
+    project_id: str
+    slots: dict[str, str]
+    tool: str
+    arguments: dict[str, Any]
+    kind: str  # numeric | contains
+    answer: Callable[[ToolResult], tuple[str, str]]  # result -> (answer text, reference)
+    unit: str | None = None
+    tolerance: dict[str, float] | None = None
+    result: dict[str, Any] | None = None  # a prepared result (record questions): not run through a tool
+
+
+def _cite(ids: list[str], most: int = 3) -> str:
+    return "[" + ", ".join(ids[:most]) + (", ..." if len(ids) > most else "") + "]"
+
+
+def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConfig) -> Iterator[Ask]:
+    """Every question of the mixture about project `p` (id, name), picked deterministically."""
+    pid, n = p["id"], cfg.per_project
+
+    def pick(family: str, options: list[Any]) -> list[Any]:
+        ranked = sorted(options, key=lambda o: salted(family, pid, o))
+        return ranked[: n.get(family, 0)]
+
+    def status_answer(r: ToolResult) -> tuple[str, str]:
+        d = r.data
+        tasks = ", ".join(f"{k} {words(s)}" for s, k in d["tasks_by_status"].items()) or "none"
+        text = (f"Project {pid} ({d['project']['name']}) is {words(d['project']['status'])}, target end "
+                f"{d['project']['target_end_date']}; tasks: {tasks} (as of {d['as_of']}) {_cite([pid])}.")  # fmt: skip
+        return text, words(d["project"]["status"])
+
+    for _ in pick("project_status", ["status"]):
+        yield Ask("project_status", pid, {"name": p["name"]}, "project_status", {"project_id": pid}, "contains",
+                  status_answer)  # fmt: skip
+    statuses = ["permission_pending", "planted", "dressed", "planned", "rejected", "permission_granted"]
+    for status in pick("pole_counts", statuses):
+
+        def poles(r: ToolResult, s: str = status) -> tuple[str, str]:
+            k = r.data["poles_by_status"].get(s, 0)
+            return f"Project {pid} has {k} poles with status {words(s)} {_cite([pid])}.", str(k)
+
+        yield Ask("pole_counts", pid, {"status": words(status)}, "pole_counts", {"project_id": pid, "status": status},
+                  "numeric", poles, "poles", {"abs": 0.0, "rel": 0.0})  # fmt: skip
+    for _ in pick("boq_total", ["total"]):
+
+        def total(r: ToolResult) -> tuple[str, str]:
+            t = r.data["total_zar"]
+            return f"The BOQ of project {pid} totals {money(t)} {_cite([pid])}.", number(round(t, 2))
+
+        yield Ask("boq_total", pid, {}, "boq_totals", {"project_id": pid}, "numeric", total, "ZAR",
+                  {"abs": 0.01, "rel": 0.001})  # fmt: skip
+    for cat in pick("boq_category", sorted(BOQ_CATEGORY)):
+
+        def category(r: ToolResult, c: str = cat) -> tuple[str, str]:
+            entry = r.data["by_category"].get(c, {"amount_zar": 0.0, "quantities": {}})
+            amount = entry["amount_zar"]
+            parts = ", ".join(f"{number(q)} {u}" for u, q in entry["quantities"].items()) or "nothing"
+            text = f"{BOQ_CATEGORY[c].capitalize()} ({c}) on project {pid}: {money(amount)} for {parts} {_cite([pid])}."
+            return text, number(amount)
+
+        yield Ask("boq_category", pid, {"category": BOQ_CATEGORY[cat]}, "boq_totals",
+                  {"project_id": pid, "category": cat}, "numeric", category, "ZAR",
+                  {"abs": 0.01, "rel": 0.001})  # fmt: skip
+    weeks = conn.execute("SELECT DISTINCT activity, date_trunc('week', report_date)::date, unit FROM daily_progress"
+                         " WHERE project_id = %s", (pid,)).fetchall()  # fmt: skip
+    for activity, start, unit in pick("progress", sorted(weeks)):
+        end = start.fromordinal(start.toordinal() + 6)
+
+        def done(r: ToolResult, a: str = activity, s: Any = start, e: Any = end) -> tuple[str, str]:
+            rows = [x for x in r.data["by_activity"] if x["activity"] == a]
+            q, unit = (rows[0]["quantity"], rows[0]["unit"]) if rows else (0, "")
+            return (f"Between {s} and {e} project {pid} reported {number(q)} {unit} of {words(a)} {_cite([pid])}.",
+                    number(q))  # fmt: skip
+
+        yield Ask("progress", pid, {"activity": ACTIVITY_PHRASES.get(activity, words(activity)), "start": str(start),
+                                    "end": str(end)}, "progress",
+                  {"project_id": pid, "start": str(start), "end": str(end), "activity": activity}, "numeric", done,
+                  unit, {"abs": 0.05, "rel": 0.0})  # fmt: skip
+    for status in pick("task_status", ["blocked", "in_progress", "todo", "done"]):
+
+        def tasks(r: ToolResult, s: str = status) -> tuple[str, str]:
+            rows, k = r.data["rows"], r.data["count"]
+            named = "; ".join(f"{x['title']} (task {x['id']})" for x in rows[:3]) + ("; ..." if k > 3 else "")
+            head = f"Project {pid} has {k} {words(s)} tasks"
+            return (f"{head}: {named} {_cite(r.record_ids)}." if k else f"{head} {_cite([pid])}."), str(k)
+
+        yield Ask("task_status", pid, {"status": words(status)}, "task_status", {"project_id": pid, "status": status},
+                  "numeric", tasks, "tasks", {"abs": 0.0, "rel": 0.0})  # fmt: skip
+    yield from _pole_records(conn, pid, pick)
+
+
+def _pole_records(conn: psycopg.Connection, pid: str, pick: Callable[[str, list[Any]], list[Any]]) -> Iterator[Ask]:
+    """Record questions (RAFT): the pole's record among two distractors of the same project, in the search's
+    output shape, in an order that does not give the answer away."""
+    poles = conn.execute("SELECT o.pole_number, c.record_id, c.content, o.status FROM poles o JOIN fibreflow_corpus c"
+                         " ON c.record_id = 'pole:' || o.id WHERE o.project_id = %s", (pid,)).fetchall()  # fmt: skip
+    by_number = {row[0]: row for row in poles}
+    for number_ in pick("pole_record", sorted(by_number)):
+        right = by_number[number_]
+        others = sorted((r for r in poles if r[0] != number_), key=lambda r: salted("distractor", number_, r[0]))[:2]
+        shown = sorted([right, *others], key=lambda r: salted("order", number_, r[0]))
+        records = [{"record_id": r[1], "record_type": "pole", "project_id": pid, "content": r[2]} for r in shown]
+        args = {"query": f"pole {number_}", "project_id": pid, "record_type": "pole"}
+
+        def answer(r: ToolResult, row: Any = right) -> tuple[str, str]:
+            return f"Pole {row[0]} on project {pid} is {words(row[3])} [{row[1]}].", words(row[3])
+
+        yield Ask("pole_record", pid, {"pole": number_}, "search_records", args, "contains", answer,
+                  result={"records": records})  # fmt: skip
+
+
+def conversation(system: str, question: str, ask: Ask, result: ToolResult, answer: str) -> list[dict[str, Any]]:
+    call = {"id": "call_0", "type": "function", "function": {"name": ask.tool, "arguments": json.dumps(ask.arguments)}}
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_0", "content": result.content()},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, project: dict[str, Any], split: str,
+             typos: bool) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:  # fmt: skip
+    """(training row, test rows) of every grounded question about `project` in `split`."""
+    for i, ask in enumerate(project_asks(conn, project, cfg)):
+        templates = getattr(cfg.questions[ask.family], split)
+        key = salted(ask.family, ask.project_id, i, split)
+        question = templates[int(key[:8], 16) % len(templates)].format(pid=ask.project_id, **ask.slots)
+        if typos and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:
+            question = typo(question, key[16:])
+        if ask.result is not None:
+            ids = [r["record_id"] for r in ask.result["records"]]
+            result = ToolResult(ask.tool, ask.arguments, ask.result, ids)
+        else:
+            result = run_tool(conn, ask.tool, ask.arguments)
+        answer, reference = ask.answer(result)
+        rid = f"asst-{ask.family}-{ask.project_id}-{i}"
+        messages = conversation(system, question, ask, result, answer)
+        row = {"id": rid, "family": ask.family, "project_id": ask.project_id, "question": question,
+               "answer": answer, "tools": True, "messages": messages}  # fmt: skip
+        tags = ["assistant", ask.family, ask.project_id]
+        call = json.dumps({"name": ask.tool, "arguments": ask.arguments})
+        tests = [
+            {"id": f"{rid}-call", "question": question, "reference": call, "kind": "tool_call", "tools": True,
+             "contexts": [], "tags": [*tags, "tool_call"]},
+            {"id": f"{rid}-answer", "question": question, "reference": reference, "kind": ask.kind, "tools": True,
+             "contexts": [], "unit": ask.unit, "tolerance": ask.tolerance, "tags": [*tags, "grounded"]},
+        ]  # fmt: skip
+        yield row, tests
+
+
+def made_up_terms(cfg: MadeUp, known: set[str]) -> dict[str, list[str]]:
+    """Deterministic made-up terms, none a glossary term, split train/test without overlap."""
+    combos = [f"{a}{b} {n}" for a, b, n in itertools.product(cfg.prefixes, cfg.suffixes, cfg.nouns)]
+    terms = [t for t in sorted(combos, key=lambda t: salted("made-up", t)) if t.lower() not in known]
+    if len(terms) < cfg.train + cfg.test:
+        raise ValueError(f"made_up: only {len(terms)} terms can be made, {cfg.train + cfg.test} asked for")
+    return {"train": terms[: cfg.train], "test": terms[cfg.train : cfg.train + cfg.test]}
+
+
+def refusals(cfg: AssistantConfig, refusal_answer: str, system: str, known: set[str],
+             templates: dict[str, list[str]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:  # fmt: skip
+    """(split, training row, test row) of made-up terms and unanswerable questions, asked with the tools offered:
+    the answer is the refusal, no call."""
+    terms = made_up_terms(cfg.made_up, known)
+    for split in ("train", "test"):
+        asked = [
+            (
+                f"made-up-{split}-{i:03d}",
+                templates[split][i % len(templates[split])].format(term=t),
+                refusal_answer.format(term=t),
+                "made_up_term",
+            )
+            for i, t in enumerate(terms[split])
+        ]
+        asked += [(f"unanswerable-{split}-{i:03d}", q, cfg.unanswerable.answer, "unanswerable")
+                  for i, q in enumerate(getattr(cfg.unanswerable, split))]  # fmt: skip
+        for rid, question, answer, tag in asked:
+            messages = [{"role": "system", "content": system}, {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer}]  # fmt: skip
+            row = {"id": rid, "family": tag, "project_id": None, "question": question, "answer": answer,
+                   "tools": True, "messages": messages}  # fmt: skip
+            test = {"id": rid, "question": question, "reference": answer, "kind": "open", "tools": True,
+                    "contexts": [], "tags": ["assistant", tag]}  # fmt: skip
+            yield split, row, test

@@ -1,0 +1,86 @@
+"""Test questions asked through the tool loop (datasets/agent.py), as `/v1/fibreflow/ask` asks them: every loop
+advanced a round at a time, each round one batched generation; FibreFlow's tools run on the evaluation's database.
+
+Each sample's answer: for a `tool_call` sample the model's first call (`{"name", "arguments"}` as JSON), else the
+loop's final answer. `numbers_grounded` checks that every number in an answer to a data question is in what the
+tools returned (or in the question): a number from nowhere is an invented one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fibreflow.core.chat import parse_tool_calls
+from fibreflow.datasets.agent import Loop
+from fibreflow.eval.config import ToolLoop
+from fibreflow.eval.generators import Generator
+from fibreflow.eval.scorers import numbers
+from fibreflow.eval.testset import Sample
+
+
+def ask_all(
+    gen: Generator, questions: list[str], system: str, cfg: ToolLoop, database_url: str | None
+) -> dict[str, Loop]:
+    """question -> its finished loop."""
+    from fibreflow.core.db import connect, load_db_config
+    from fibreflow.core.db import database_url as configured_url
+    from fibreflow.datasets.tools import run_tool, schemas
+
+    loops = {q: Loop.start(system, q, cfg.max_steps) for q in dict.fromkeys(questions)}
+    db = load_db_config()
+    budget, gen.max_new_tokens = gen.max_new_tokens, cfg.max_new_tokens  # type: ignore[attr-defined]
+    try:
+        with connect(database_url or configured_url(db), timeout_s=db.connect_timeout_s) as conn:
+            search = _Search()
+
+            def run(name: str, arguments: dict[str, Any]) -> Any:
+                return run_tool(
+                    conn, name, arguments, retriever=search.retriever() if name == "search_records" else None
+                )
+
+            while pending := [loop for loop in loops.values() if not loop.done]:
+                for choice in ("auto", "none"):
+                    group = [loop for loop in pending if loop.tool_choice == choice]
+                    if not group:
+                        continue
+                    texts = gen.generate([loop.messages for loop in group], schemas() if choice == "auto" else None)
+                    for loop, text in zip(group, texts, strict=True):
+                        content, calls = parse_tool_calls(text)
+                        loop.take({"content": content, "tool_calls": [c.openai() for c in calls]}, run)
+    finally:
+        gen.max_new_tokens = budget  # type: ignore[attr-defined]
+    return loops
+
+
+class _Search:
+    """The record search's retriever, made on first use (the embedding model loads only if a search happens)."""
+
+    def __init__(self) -> None:
+        self._retriever: Any = None
+
+    def retriever(self) -> Any:
+        if self._retriever is None:
+            from fibreflow.datasets.embed import load_embed_config
+            from fibreflow.datasets.embedding import Embedder
+            from fibreflow.datasets.retrieval import Retriever
+
+            cfg = load_embed_config()
+            self._retriever = Retriever(Embedder(cfg.model, cfg.batch_size), cfg.table, cfg.ef_search)
+        return self._retriever
+
+
+def answer_of(sample: Sample, loop: Loop) -> str:
+    if sample.kind == "tool_call":
+        if not loop.calls:
+            return loop.answer or ""
+        first = loop.calls[0]
+        return json.dumps({"name": first.name, "arguments": first.arguments})
+    return loop.answer or ""
+
+
+def numbers_grounded(loop: Loop) -> float:
+    """1.0 when every number in the answer is in a tool's result or the question (within a cent), else 0.0."""
+    seen = [q.value for m in loop.messages if m["role"] in ("tool", "user") for q in numbers(m["content"] or "")]
+    said = [q.value for q in numbers(loop.answer or "")]
+    return float(all(any(abs(v - s) <= 0.005 for s in seen) for v in said))
