@@ -70,6 +70,30 @@ class _Search:
         return self._retriever
 
 
+def answer_all(
+    gen: Generator,
+    conversations: list[list[dict[str, Any]]],
+    samples: list[Sample],
+    system: str,
+    cfg: ToolLoop,
+    database_url: str | None = None,
+) -> tuple[list[str], dict[int, Loop]]:
+    """Every sample's answer: asked plainly (its conversation), or through the tool loop (`tools: true`); and the
+    loop of each of those, by index. One way for the offline evaluation and the live regression runs."""
+    looped = [i for i, s in enumerate(samples) if s.tools]
+    plain = [i for i in range(len(samples)) if not samples[i].tools]
+    answers = [""] * len(samples)
+    for i, text in zip(plain, gen.generate([conversations[i] for i in plain]) if plain else [], strict=True):
+        answers[i] = text
+    loops: dict[int, Loop] = {}
+    if looped:
+        by_question = ask_all(gen, [samples[i].question for i in looped], system, cfg, database_url)
+        for i in looped:
+            loops[i] = by_question[samples[i].question]
+            answers[i] = answer_of(samples[i], loops[i])
+    return answers, loops
+
+
 def answer_of(sample: Sample, loop: Loop) -> str:
     if sample.kind == "tool_call":
         if not loop.calls:

@@ -59,31 +59,21 @@ def answers_of(
     spec: str,
     cfg: EvalConfig,
     prompts: list[Prompt],
+    samples: list[Sample],
     progress: bool = False,
-    samples: list[Sample] | None = None,
     system: str = "",
     database_url: str | None = None,
 ) -> tuple[list[str], dict[str, Any], dict[int, Loop]]:
     """(answers, generation settings + throughput, the tool loop of each `tools` sample by index) for one model;
     its weights are freed afterwards. `samples` with `tools: true` go through the tool loop instead of `prompts`."""
-    from fibreflow.eval.loop import answer_of, ask_all
+    from fibreflow.eval.loop import answer_all
     from fibreflow.eval.models import generator
 
-    looped = [i for i, s in enumerate(samples or []) if s.tools]
-    plain = [i for i in range(len(prompts)) if i not in set(looped)]
     gen = generator(spec, cfg, progress)
     try:
         start = time.perf_counter()
-        answers = [""] * len(prompts)
-        for i, text in zip(plain, gen.generate([prompts[i].conversation for i in plain]), strict=True):
-            answers[i] = text
-        loops: dict[int, Loop] = {}
-        if looped:
-            assert samples is not None
-            by_question = ask_all(gen, [samples[i].question for i in looped], system, cfg.tools, database_url)
-            for i in looped:
-                loops[i] = by_question[samples[i].question]
-                answers[i] = answer_of(samples[i], loops[i])
+        conversations = [p.conversation for p in prompts]
+        answers, loops = answer_all(gen, conversations, samples, system, cfg.tools, database_url)
         elapsed = time.perf_counter() - start
         settings = dict(gen.settings) | {"seconds": round(elapsed, 2), "samples_per_s": len(prompts) / elapsed}
         if hasattr(gen, "peak_in_flight"):
@@ -148,7 +138,7 @@ def main(
     settings: dict[str, dict[str, Any]] = {}
     loops: dict[str, dict[int, Loop]] = {}
     for role, spec in zip(ROLES, cfg.models, strict=False):
-        answers[role], settings[role], loops[role] = answers_of(spec, cfg, prompts, progress, samples, system,
+        answers[role], settings[role], loops[role] = answers_of(spec, cfg, prompts, samples, progress, system,
                                                                 database_url)  # fmt: skip
 
     embedder = m.embeddings(load_embed_config().model) if cfg.semantic_similarity or cfg.judge.enabled else None

@@ -178,19 +178,22 @@ def measure(cfg: MonitoringConfig, arm: str, suite: list[Sample], base: Baseline
     import os
 
     from fibreflow.datasets.build import load_data_config
-    from fibreflow.eval.config import Rag
+    from fibreflow.eval.config import Rag, load_eval_config
     from fibreflow.eval.generators import EndpointGenerator, GenerationError
+    from fibreflow.eval.loop import answer_all
     from fibreflow.eval.rag import build_prompts
 
     r = cfg.router
     key = os.environ.get(r.api_key_env, "") if r.api_key_env else ""
     rag = Rag(mode=base.rag["mode"], k=int(base.rag["k"]))  # type: ignore[arg-type]
-    prompts = build_prompts(suite, load_data_config().system_prompt, rag)
+    system = load_data_config().system_prompt
+    prompts = build_prompts(suite, system, rag)
     gen = EndpointGenerator(f"router:{arm}", r.base_url, r.model, key or "none", concurrency=r.concurrency,
                             timeout_s=r.timeout_s, retries=r.retries, max_new_tokens=base.max_new_tokens,
                             headers={ARM_HEADER: arm}, tally_header=VERSION_HEADER)  # fmt: skip
-    try:
-        return gen.generate([p.conversation for p in prompts]), gen, ""
+    try:  # rows with `tools: true` through the tool loop, the router answering each turn, the tools on the records
+        answers, _ = answer_all(gen, [p.conversation for p in prompts], suite, system, load_eval_config().tools)
+        return answers, gen, ""
     except GenerationError as exc:
         return None, gen, f"the router did not answer every question: {exc}"
 

@@ -24,7 +24,7 @@ def write_reference_test_set(home: Path, adapter: Path) -> None:
     cfg = load_eval_config()
     samples = [Sample(id=str(i), question=q, reference="", kind="exact") for i, q in enumerate(QUESTIONS)]
     prompts = build_prompts(samples, load_data_config().system_prompt, cfg.rag)
-    answers, _, _ = answers_of(str(adapter), cfg, prompts)
+    answers, _, _ = answers_of(str(adapter), cfg, prompts, samples)
     assert all(a.strip() for a in answers)
     rows = [
         {"id": str(i), "question": q, "reference": a, "kind": "exact"}

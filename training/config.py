@@ -71,7 +71,8 @@ class Lora(Strict):
 
 
 class DataSection(Strict):
-    dataset: Literal["terminology", "grounded_qa"] = "terminology"
+    dataset: Literal["terminology", "grounded_qa", "assistant"] = "terminology"
+    mix: list[Literal["terminology", "grounded_qa", "assistant"]] = Field(default_factory=list)  # + their train rows
     version: str | None = None  # a built dataset version; None = the latest build (configs/data.yaml)
     max_train_rows: PositiveInt | None = None
     max_eval_rows: PositiveInt | None = None

@@ -112,8 +112,12 @@ class Collator:
 def prepare(
     rows: Sequence[dict[str, Any]], tok: Any, seq_len: int, packing: bool, seed: int
 ) -> list[dict[str, list[int]]]:
-    """Chat rows -> training rows (packed or one example per row)."""
-    examples = [tokenize_chat(tok, r["messages"], seq_len) for r in rows]
+    """Chat rows -> training rows (packed or one example per row); a row with `tools` true is rendered with
+    FibreFlow's tool schemas offered, as the assistant's tool loop asks."""
+    from fibreflow.datasets.tools import schemas
+
+    tools = schemas()
+    examples = [tokenize_chat(tok, r["messages"], seq_len, tools if r.get("tools") else None) for r in rows]
     return pack(examples, seq_len, seed) if packing else unpacked(examples)
 
 

@@ -48,6 +48,9 @@ def load_rows(cfg: TrainConfig) -> tuple[Path, list[dict[str, Any]], list[dict[s
     parts = manifest.datasets[cfg.data.dataset]
     splits = {s: pq.read_table(path / cfg.data.dataset / v.file).to_pylist() for s, v in parts.items()}
     train = splits["train"]
+    for name in cfg.data.mix:  # the mixture: other datasets' training rows (the same version)
+        manifest.split(name, "train")
+        train += pq.read_table(path / name / manifest.datasets[name]["train"].file).to_pylist()
     rng = random.Random(cfg.optim.seed)
     if "validation" in splits:
         evaluation = splits["validation"]

@@ -77,7 +77,7 @@ def test_a_model_is_asked_through_the_loop_on_the_records(tool_llama: Path, seed
         Sample(id="plain", question=PLAIN_QUESTION, reference=PLAIN_ANSWER, kind="exact"),
     ]
     prompts = build_prompts(samples, SYSTEM, cfg.rag.model_copy(update={"mode": "off"}))
-    answers, settings, loops = answers_of(str(tool_llama), cfg, prompts, False, samples, SYSTEM, seeded_url)
+    answers, settings, loops = answers_of(str(tool_llama), cfg, prompts, samples, False, SYSTEM, seeded_url)
     assert score(samples[0], answers[0]) == 1.0  # its first call, normalised
     assert loops[0] is loops[1] and set(loops) == {0, 1}  # one loop per question, shared by its samples
     loop = loops[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,24 @@ def test_padded_batches_mask_padding(tok) -> None:
 def test_unusable_examples_are_refused(rows: list, message: str) -> None:
     with pytest.raises(DatasetBuildError, match=message):
         check_examples(rows, "train")
+
+
+def test_tool_conversations_learn_the_call_and_the_answer_not_the_result(tok) -> None:
+    """A row with `tools` is rendered with FibreFlow's tools offered; the loss is on the assistant's call and its
+    answer, never on the system turn, the question or the tool's result (the records', not the model's)."""
+    from fibreflow.core.chat import chat_ids
+    from fibreflow.datasets.tools import schemas
+    from toolchat import ANSWER, RESULT, answered
+
+    messages = [*answered(), {"role": "assistant", "content": ANSWER}]
+    (row,) = prepare([{"messages": messages, "tools": True}], tok, 1024, packing=False, seed=0)
+    assert row["input_ids"] == chat_ids(tok, messages, schemas(), generation_prompt=False)
+    learned = tok.decode([t for t, lab in zip(row["input_ids"], shifted_back(row["shift_labels"]), strict=True)
+                          if lab != IGNORE])  # fmt: skip
+    assert '<tool_call>{"name": "pole_counts"' in learned and ANSWER in learned
+    assert json.dumps(RESULT) not in learned and "Tools" not in learned and "How many poles" not in learned
+    check_examples([{"messages": messages[:3]}], "train")  # a call alone is something to learn
+
+
+def shifted_back(shift_labels: list[int]) -> list[int]:
+    return [IGNORE, *shift_labels[:-1]]
