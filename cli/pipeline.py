@@ -114,7 +114,16 @@ def report(steps: dict[str, Any]) -> str:
     how = "reused" if e.reused else f"run {e.run_id}"
     lines.append(f"- evaluate: base vs fine-tuned on {e.samples} questions ({how})")
     for k, d in e.diff.items():
-        if k in ("accuracy", "terminology_accuracy", "unknown_term_refusal", "semantic_similarity"):
+        if k in (
+            "accuracy",
+            "terminology_accuracy",
+            "unknown_term_refusal",
+            "semantic_similarity",
+            "tool_call_accuracy",
+            "tool_grounded_accuracy",
+            "refusal_accuracy",
+            "numbers_grounded",
+        ):
             a, b = e.scores["champion"][k], e.scores["challenger"][k]
             lines.append(f"    {k}: {a:.3f} -> {b:.3f} ({d.diff:+.3f}, 95% CI {d.ci_low:+.3f} .. {d.ci_high:+.3f})")
     lines.append(f"- register: {r['name']} v{r['version']}{' (already registered)' if r['reused'] else ''}")

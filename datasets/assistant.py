@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 from fibreflow.core.config import Strict
-from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, money, number, words
+from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, number, words
 from fibreflow.datasets.tools import BOQ_CATEGORY, ToolResult, run_tool
 from pydantic import Field, model_validator
 
@@ -57,7 +57,8 @@ class Unanswerable(Strict):
 
 class AssistantConfig(Strict):
     questions: dict[str, Phrasings]  # per family
-    per_project: dict[str, int]  # the mixture: conversations per project and family (train and test alike)
+    per_project: dict[str, int]  # the mixture: conversations per project and family (train and test alike); the
+    # families with one question per project (project_status, boq_total) give at most one
     typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
     glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
     made_up: MadeUp
@@ -68,6 +69,9 @@ class AssistantConfig(Strict):
         for key in (*self.questions, *self.per_project):
             if key not in FAMILIES:
                 raise ValueError(f"unknown family {key!r}; the families are {', '.join(FAMILIES)}")
+        for key in ("project_status", "boq_total"):
+            if self.per_project.get(key, 0) > 1:
+                raise ValueError(f"per_project.{key}: a project has one {key.replace('_', ' ')}, so at most 1")
         if set(self.unanswerable.train) & set(self.unanswerable.test):
             raise ValueError("unanswerable: train and test questions must be disjoint")
         return self
@@ -101,6 +105,11 @@ class Ask:
     unit: str | None = None
     tolerance: dict[str, float] | None = None
     result: dict[str, Any] | None = None  # a prepared result (record questions): not run through a tool
+
+
+def rand(x: float) -> str:
+    """An amount as the tool gave it ("R 2834037.29"): a number a small model copies, not one it re-formats."""
+    return f"R {number(round(x, 2))}"
 
 
 def _cite(ids: list[str], most: int = 3) -> str:
@@ -138,7 +147,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
 
         def total(r: ToolResult) -> tuple[str, str]:
             t = r.data["total_zar"]
-            return f"The BOQ of project {pid} totals {money(t)} {_cite([pid])}.", number(round(t, 2))
+            return f"The BOQ of project {pid} totals {rand(t)} {_cite([pid])}.", number(round(t, 2))
 
         yield Ask("boq_total", pid, {}, "boq_totals", {"project_id": pid}, "numeric", total, "ZAR",
                   {"abs": 0.01, "rel": 0.001})  # fmt: skip
@@ -148,7 +157,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
             entry = r.data["by_category"].get(c, {"amount_zar": 0.0, "quantities": {}})
             amount = entry["amount_zar"]
             parts = ", ".join(f"{number(q)} {u}" for u, q in entry["quantities"].items()) or "nothing"
-            text = f"{BOQ_CATEGORY[c].capitalize()} ({c}) on project {pid}: {money(amount)} for {parts} {_cite([pid])}."
+            text = f"{BOQ_CATEGORY[c].capitalize()} ({c}) on project {pid}: {rand(amount)} for {parts} {_cite([pid])}."
             return text, number(amount)
 
         yield Ask("boq_category", pid, {"category": BOQ_CATEGORY[cat]}, "boq_totals",
@@ -172,7 +181,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
     for status in pick("task_status", ["blocked", "in_progress", "todo", "done"]):
 
         def tasks(r: ToolResult, s: str = status) -> tuple[str, str]:
-            rows, k = r.data["rows"], r.data["count"]
+            rows, k = r.data["tasks"], r.data["count"]
             named = "; ".join(f"{x['title']} (task {x['id']})" for x in rows[:3]) + ("; ..." if k > 3 else "")
             head = f"Project {pid} has {k} {words(s)} tasks"
             return (f"{head}: {named} {_cite(r.record_ids)}." if k else f"{head} {_cite([pid])}."), str(k)
@@ -183,14 +192,15 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
 
 
 def _pole_records(conn: psycopg.Connection, pid: str, pick: Callable[[str, list[Any]], list[Any]]) -> Iterator[Ask]:
-    """Record questions (RAFT): the pole's record among two distractors of the same project, in the search's
+    """Record questions (RAFT): the pole's record among three distractors of the same project (the search's default
+    k is 4), in the search's
     output shape, in an order that does not give the answer away."""
     poles = conn.execute("SELECT o.pole_number, c.record_id, c.content, o.status FROM poles o JOIN fibreflow_corpus c"
                          " ON c.record_id = 'pole:' || o.id WHERE o.project_id = %s", (pid,)).fetchall()  # fmt: skip
     by_number = {row[0]: row for row in poles}
     for number_ in pick("pole_record", sorted(by_number)):
         right = by_number[number_]
-        others = sorted((r for r in poles if r[0] != number_), key=lambda r: salted("distractor", number_, r[0]))[:2]
+        others = sorted((r for r in poles if r[0] != number_), key=lambda r: salted("distractor", number_, r[0]))[:3]
         shown = sorted([right, *others], key=lambda r: salted("order", number_, r[0]))
         records = [{"record_id": r[1], "record_type": "pole", "project_id": pid, "content": r[2]} for r in shown]
         args = {"query": f"pole {number_}", "project_id": pid, "record_type": "pole"}

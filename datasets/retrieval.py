@@ -65,6 +65,19 @@ class Retriever:
     def search(self, conn: psycopg.Connection, query: str, k: int = 5, filters: Filters | None = None) -> list[Hit]:
         return self.search_vector(conn, self.embedder.encode([query])[0], k, filters)
 
+    def containing(
+        self, conn: psycopg.Connection, needle: str, k: int = 5, filters: Filters | None = None
+    ) -> list[Hit]:
+        """Records whose text contains `needle` (an identifier: a pole number, a BOQ code), within the filters:
+        what embeddings of near-identical names cannot tell apart. Score 1.0."""
+        where, params = (filters or Filters()).where()
+        like = "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        clause = sql.SQL("AND") if params else sql.SQL("WHERE")
+        query = sql.SQL("SELECT record_id, record_type, project_id, content FROM {} {} {} content ILIKE %s"
+                        " ORDER BY record_id LIMIT %s").format(sql.Identifier(self.table), where, clause)  # fmt: skip
+        rows = conn.execute(query, [*params, like, k]).fetchall()
+        return [Hit(r[0], r[1], r[2], r[3], 1.0) for r in rows]
+
     def search_vector(
         self, conn: psycopg.Connection, vector: Any, k: int = 5, filters: Filters | None = None
     ) -> list[Hit]:

@@ -17,11 +17,14 @@ from typing import Any, Literal
 
 import psycopg
 from fibreflow.core.errors import FibreFlowError
+from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES
 from fibreflow.datasets.retrieval import Filters, Retriever
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ROW_LIMIT = 200  # rows a tool returns at most (the answer says when there were more)
+ROW_LIMIT = 200  # rows a query returns at most
+LIST_LIMIT = 10  # records a listing shows (its count is of all): what a small model can read and cite
 TIMEOUT_MS = 2000  # per query
+IDENTIFIER = re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z-])[A-Za-z0-9][\w-]{4,}\b")  # 0003-P0075, CIV-001
 PROJECT = re.compile(r"^\s*(?:prj[-\s_]?|project\s+)?0*(\d{1,4})\s*$", re.I)
 POLE_STATUS = Literal["planned", "permission_pending", "permission_granted", "planted", "dressed", "rejected"]
 TASK_STATUS = Literal["todo", "in_progress", "blocked", "done"]
@@ -59,16 +62,51 @@ class PoleArgs(ProjectArgs):
     status: POLE_STATUS | None = Field(None, description="Only poles in this status")
 
 
+def resolve(value: str, options: dict[str, list[str]], what: str) -> str:
+    """`value` as one of `options`' keys: the key or one of its names in any case and spacing, else the one option
+    with a word starting like one of the value's words ("splicing" -> SPL, "cable" -> CAB, "planting" ->
+    pole_planting). A model names things loosely; the tool should not fail it for that."""
+
+    def norm(s: str) -> str:
+        return " ".join(re.sub(r"[^a-z0-9]+", " ", s.lower()).split())
+
+    v = norm(value)
+    for key, names in options.items():
+        if v in {norm(key), *map(norm, names)}:
+            return key
+    stems = {w[:4] for w in v.split() if len(w) >= 4}
+    hits = [key for key, names in options.items() if stems & {w[:4] for n in (key, *names) for w in norm(n).split()}]
+    if len(hits) == 1:
+        return hits[0]
+    raise ValueError(f"{value!r} is not a {what}; the {what}s are: {', '.join(options)}")
+
+
 class BoqArgs(ProjectArgs):
     category: Literal["CIV", "AER", "CAB", "SPL", "TST", "CON", "DOC", "PM"] | None = Field(
         None, description="Only this BOQ category: " + ", ".join(f"{k} {v}" for k, v in BOQ_CATEGORY.items())
     )
 
+    @field_validator("category", mode="before")
+    @classmethod
+    def _category(cls, v: Any) -> Any:
+        return resolve(v, {k: [n] for k, n in BOQ_CATEGORY.items()}, "BOQ category") if isinstance(v, str) else v
+
 
 class ProgressArgs(ProjectArgs):
     start: dt.date = Field(description="First day, inclusive (YYYY-MM-DD)")
     end: dt.date = Field(description="Last day, inclusive (YYYY-MM-DD)")
-    activity: str | None = Field(None, description="Only this activity, e.g. trenching, pole_planting")
+    activity: str | None = Field(None, max_length=100, description="Only this activity, e.g. trenching, pole_planting")
+
+    @field_validator("activity")
+    @classmethod
+    def _activity(cls, v: str | None) -> str | None:
+        """A known activity by any of its names; another one is looked up as given (the tool says if it is none)."""
+        if v is None:
+            return None
+        try:
+            return resolve(v, {k: [p] for k, p in ACTIVITY_PHRASES.items()}, "activity")
+        except ValueError:
+            return v
 
     @model_validator(mode="after")
     def _ordered(self) -> ProgressArgs:
@@ -88,7 +126,7 @@ class SearchArgs(Args):
     region: str | None = Field(None, max_length=100, description="Only records of projects in this region")
     date_from: dt.date | None = Field(None, description="Only records dated on or after this day (YYYY-MM-DD)")
     date_to: dt.date | None = Field(None, description="Only records dated on or before this day (YYYY-MM-DD)")
-    k: int = Field(5, ge=1, le=10, description="How many records")
+    k: int = Field(4, ge=1, le=10, description="How many records")
 
     @field_validator("project_id")
     @classmethod
@@ -153,10 +191,6 @@ def _project(conn: psycopg.Connection, project_id: str) -> dict[str, Any]:
     return rows[0]
 
 
-def _limited(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"rows": rows[:ROW_LIMIT], "truncated": len(rows) > ROW_LIMIT}
-
-
 def project_status(conn: psycopg.Connection, a: ProjectArgs) -> tuple[dict[str, Any], list[str]]:
     p = _project(conn, a.project_id)
     tasks = _rows(conn, "SELECT status, count(*) AS tasks FROM tasks WHERE project_id = %(p)s GROUP BY status"
@@ -197,15 +231,25 @@ def progress(conn: psycopg.Connection, a: ProgressArgs) -> tuple[dict[str, Any],
                        " FROM daily_progress WHERE project_id = %(p)s AND report_date BETWEEN %(a)s AND %(b)s"
                        " AND (%(act)s::text IS NULL OR activity = %(act)s) GROUP BY activity, unit ORDER BY activity",
                  {"p": a.project_id, "a": a.start, "b": a.end, "act": a.activity})  # fmt: skip
+    if a.activity is not None and not rows:
+        known = [r["activity"] for r in _rows(conn, "SELECT DISTINCT activity FROM daily_progress WHERE project_id ="
+                                                    " %(p)s ORDER BY 1", {"p": a.project_id})]  # fmt: skip
+        if a.activity not in known:
+            raise ToolError(
+                f"progress: no activity {a.activity!r} on {a.project_id}; its activities: {', '.join(known)}"
+            )
     return {"start": a.start.isoformat(), "end": a.end.isoformat(), "by_activity": rows}, [a.project_id]
 
 
 def task_status(conn: psycopg.Connection, a: TaskArgs) -> tuple[dict[str, Any], list[str]]:
     _project(conn, a.project_id)
-    rows = _rows(conn, "SELECT id, phase, title, status, assignee, due_date FROM tasks WHERE project_id = %(p)s"
-                       " AND (%(s)s::text IS NULL OR status = %(s)s) ORDER BY due_date, id",
-                 {"p": a.project_id, "s": a.status})  # fmt: skip
-    return _limited(rows) | {"count": min(len(rows), ROW_LIMIT)}, [f"task:{r['id']}" for r in rows[:ROW_LIMIT]]
+    rows = _rows(conn, "SELECT count(*) OVER () AS total, id, phase, title, status, assignee, due_date FROM tasks"
+                       " WHERE project_id = %(p)s AND (%(s)s::text IS NULL OR status = %(s)s) ORDER BY due_date, id"
+                       " LIMIT %(n)s", {"p": a.project_id, "s": a.status, "n": LIST_LIMIT})  # fmt: skip
+    count = rows[0]["total"] if rows else 0
+    for r in rows:
+        del r["total"]
+    return {"count": count, "tasks": rows}, [f"task:{r['id']}" for r in rows]
 
 
 def search_records(conn: psycopg.Connection, a: SearchArgs, retriever: Retriever) -> tuple[dict[str, Any], list[str]]:
@@ -213,7 +257,11 @@ def search_records(conn: psycopg.Connection, a: SearchArgs, retriever: Retriever
         _project(conn, a.project_id)
     filters = Filters(project_id=a.project_id, region=a.region, record_type=a.record_type, date_from=a.date_from,
                       date_to=a.date_to)  # fmt: skip
-    hits = retriever.search(conn, a.query, a.k, filters)
+    found = {}  # a query naming identifiers (a pole number, a BOQ code) gets their records, found by text: near-
+    for needle in IDENTIFIER.findall(a.query):  # identical names are what embeddings cannot tell apart
+        if PROJECT.match(needle) is None:
+            found |= {h.record_id: h for h in retriever.containing(conn, needle, a.k, filters)}
+    hits = list(found.values())[: a.k] or retriever.search(conn, a.query, a.k, filters)  # else: by meaning
     if not hits:
         raise ToolError(f"search_records: no records match {a.model_dump(exclude_none=True, mode='json')}")
     rows = [{"record_id": h.record_id, "record_type": h.record_type, "project_id": h.project_id,
@@ -230,7 +278,7 @@ TOOLS: dict[str, Tool] = {t.name: t for t in (
          "(" + ", ".join(f"{k} {v}" for k, v in BOQ_CATEGORY.items()) + ").",
          BoqArgs, boq_totals),
     Tool("progress", "Work done on a project between two dates, by activity, with units.", ProgressArgs, progress),
-    Tool("task_status", "A project's tasks (phase, title, status, assignee, due date), optionally by status.",
+    Tool("task_status", "How many tasks a project has (optionally in one status) and the first ten by due date.",
          TaskArgs, task_status),
     Tool("search_records", "Records (projects, tasks, BOQ items, poles, daily reports, glossary) closest in meaning "
          "to a query, within optional filters: for questions the other tools do not answer.", SearchArgs,

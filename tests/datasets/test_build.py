@@ -227,7 +227,7 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
                 assert result == run_tool(conn, call["name"], json.loads(call["arguments"])).data
             else:  # RAFT: the asked pole's record among distractors of the same project
                 records = result["records"]
-                assert len(records) == 3 and len({x["record_id"] for x in records}) == 3
+                assert len(records) == 4 and len({x["record_id"] for x in records}) == 4
                 pole = json.loads(call["arguments"])["query"].removeprefix("pole ")
                 right = [x for x in records if x["content"].startswith(f"Pole {pole} ")]
                 assert len(right) == 1 and msgs[4]["content"].endswith(f"[{right[0]['record_id']}].")

@@ -66,8 +66,11 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
     assert {r["activity"]: r["quantity"] for r in week.data["by_activity"]} == {k: float(v) for k, v in want.items()}
     blocked = run_tool(conn, "task_status", {"project_id": p, "status": "blocked"})
     assert blocked.data["count"] == want_tasks.get("blocked", 0)
-    assert all(r["status"] == "blocked" for r in blocked.data["rows"])
-    assert len(blocked.record_ids) == blocked.data["count"]
+    assert all(r["status"] == "blocked" for r in blocked.data["tasks"])
+    everything = run_tool(conn, "task_status", {"project_id": p})
+    assert everything.data["count"] == sum(want_tasks.values()) > tools.LIST_LIMIT  # counted in SQL, all of them
+    assert len(everything.data["tasks"]) == len(everything.record_ids) == tools.LIST_LIMIT  # shown: the first ten
+    assert [f"task:{r['id']}" for r in everything.data["tasks"]] == everything.record_ids
 
 
 @pytest.mark.parametrize(
