@@ -78,7 +78,7 @@ def resolve(value: str, options: dict[str, list[str]], what: str) -> str:
     hits = [key for key, names in options.items() if stems & {w[:4] for n in (key, *names) for w in norm(n).split()}]
     if len(hits) == 1:
         return hits[0]
-    raise ValueError(f"{value!r} is not a {what}; the {what}s are: {', '.join(options)}")
+    raise ValueError(f"{value!r} is not a {what}; one of: {', '.join(options)}")
 
 
 class BoqArgs(ProjectArgs):

@@ -58,12 +58,18 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
         "m²",
     }
     assert civil.data["total_zar"] == boq.data["by_category"]["CIV"]["amount_zar"]
+    for loose, code in (("civil works", "CIV"), ("Splicing", "SPL"), ("cable", "CAB"), ("home connections", "CON")):
+        assert run_tool(conn, "boq_totals", {"project_id": p, "category": loose}).arguments["category"] == code
     end = conn.execute("SELECT max(report_date) FROM daily_progress WHERE project_id = %s", (p,)).fetchone()[0]
     start = end - dt.timedelta(days=6)
     week = run_tool(conn, "progress", {"project_id": p, "start": str(start), "end": str(end)})
     want = dict(conn.execute("SELECT activity, sum(quantity) FROM daily_progress WHERE project_id = %s AND"
                              " report_date BETWEEN %s AND %s GROUP BY 1", (p, start, end)))  # fmt: skip
     assert {r["activity"]: r["quantity"] for r in week.data["by_activity"]} == {k: float(v) for k, v in want.items()}
+    planted = run_tool(conn, "progress", {"project_id": p, "start": str(start), "end": str(end),
+                                          "activity": "poles planted"})  # fmt: skip
+    assert planted.arguments["activity"] == "pole_planting"
+    assert [r["activity"] for r in planted.data["by_activity"]] in ([], ["pole_planting"])
     blocked = run_tool(conn, "task_status", {"project_id": p, "status": "blocked"})
     assert blocked.data["count"] == want_tasks.get("blocked", 0)
     assert all(r["status"] == "blocked" for r in blocked.data["tasks"])
@@ -82,6 +88,12 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
         ("progress", {"project_id": "PRJ-0001", "start": "2026-03-10", "end": "2026-03-01"}, "is before start"),
         ("progress", {"project_id": "PRJ-0001", "start": "last week", "end": "2026-03-01"}, "start"),
         ("boq_totals", {"project_id": "PRJ-0001", "category": "X' OR 1=1 --"}, "category"),
+        ("boq_totals", {"project_id": "PRJ-0001", "category": "catering"}, "not a BOQ category; one of: CIV, AER"),
+        (
+            "progress",
+            {"project_id": "PRJ-0001", "start": "2026-03-01", "end": "2026-03-10", "activity": "painting"},
+            "no activity 'painting' on PRJ-0001; its activities: ",
+        ),
         ("task_status", {"project_id": "PRJ-0001", "limit": 5}, "limit: Extra inputs are not permitted"),
         ("pole_count", {"project_id": "PRJ-0001"}, "no tool 'pole_count'; the tools are: project_status"),
     ],
@@ -134,7 +146,7 @@ def test_the_record_search_finds_records_within_its_filters(embedded_url: str, r
         dated = run_tool(c, "search_records", {"query": "trenching", "record_type": "daily_progress",
                                                "date_from": "2000-01-01", "date_to": "2100-01-01"},
                          retriever=retriever)  # fmt: skip
-        assert len(dated.record_ids) == 5 and all(i.startswith("daily_progress:") for i in dated.record_ids)
+        assert len(dated.record_ids) == 4 and all(i.startswith("daily_progress:") for i in dated.record_ids)  # k 4
         for arguments, message in (
             ({"query": "poles", "date_from": "1990-01-01", "date_to": "1990-01-31"}, "no records match"),
             ({"query": "poles", "project_id": "PRJ-0999"}, "no project PRJ-0999"),
@@ -145,6 +157,10 @@ def test_the_record_search_finds_records_within_its_filters(embedded_url: str, r
         ):
             with pytest.raises(ToolError, match=message):
                 run_tool(c, "search_records", arguments, retriever=retriever)
+        pole, pole_id = c.execute("SELECT pole_number, 'pole:' || id FROM poles WHERE project_id = %s ORDER BY id"
+                                  " OFFSET 7 LIMIT 1", (p,)).fetchone()  # fmt: skip
+        named = run_tool(c, "search_records", {"query": f"status of pole {pole}", "project_id": p}, retriever=retriever)
+        assert named.record_ids == [pole_id]  # an identifier is found by its text: just its record
         injected = run_tool(c, "search_records", {"query": "'; DROP TABLE record_embeddings; --"},
                             retriever=retriever)  # fmt: skip
         assert injected.record_ids  # a query is only ever a bound parameter: it is searched for, nothing else

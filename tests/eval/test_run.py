@@ -9,7 +9,7 @@ import pytest
 from fibreflow.core import db
 
 SMALL = {
-    "sample.per_tag": {"unknown_term": 2, "terminology": 6, "grounded_qa": 4},
+    "sample.per_tag": {"unknown_term": 2, "terminology": 6, "grounded_qa": 4, "assistant": 4},
     "generation.max_new_tokens": 12,
     "bootstrap.resamples": 2000,
 }
@@ -29,7 +29,7 @@ def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Pa
 
     out = main(SMALL, models=[str(tiny_llama), str(random_adapter)], progress=False)
 
-    assert out.samples == 12 and out.grounded_samples == 4
+    assert out.samples == 16 and out.grounded_samples == 4
     assert set(out.scores) == {"champion", "challenger"}
     for name in (
         "accuracy",
@@ -60,7 +60,10 @@ def test_champion_vs_challenger_is_tracked_whole(eval_home: Path, tiny_llama: Pa
     table = json.loads(_artifact(out.run_id, "eval/samples.json").read_text())
     columns = table["columns"]
     rows = [dict(zip(columns, r, strict=True)) for r in table["data"]]
-    assert len(rows) == 12
+    assert len(rows) == 16
+    looped = json.loads(_artifact(out.run_id, "eval/tool_loops.json").read_text())  # the assistant's rows
+    assert set(looped) == {"champion", "challenger"} and len(looped["champion"]) == 4
+    assert all(loop["steps"] <= 3 and loop["messages"][0]["role"] == "system" for loop in looped["champion"].values())
     assert {"question", "champion_answer", "challenger_answer", "champion_accuracy", "challenger_rouge_l"} <= set(
         columns
     )
