@@ -3,6 +3,7 @@ as CI does) a real vLLM server behind the router, following an alias move."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,7 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         assert called.status_code == 200, called.text
         call = called.json()["choices"][0]["message"]["tool_calls"][0]
         assert call["type"] == "function" and call["function"]["name"] == "pole_counts"
-        assert isinstance(call["function"]["arguments"], str) and call["function"]["arguments"].startswith("{")
+        json.loads(call["function"]["arguments"])  # JSON text, as OpenAI sends it (what this model fills in varies)
         # deploy/'s dashboard and alert rules read vLLM's own metrics: every vllm:* name they use is exported
         scrape = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30)  # outside /v1: no token, as scraped
         assert scrape.status_code == 200
