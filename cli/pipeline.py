@@ -34,7 +34,8 @@ def seed_step(scale: int | None, progress: bool, replace_data: bool = False) -> 
 
 
 def train_step(config: str | None, overrides: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
-    """The finished training run of this config hash on this dataset version, or a new one."""
+    """The finished training run of this config hash on this dataset version, or a new one. Without the training's
+    held-out check (unless `overrides` ask for it): the evaluation next asks the same held-out phrasings."""
     from fibreflow.core.tracking import newest_finished_run
     from fibreflow.datasets.build import version_dir
     from fibreflow.datasets.config import load_data_config
@@ -43,6 +44,7 @@ def train_step(config: str | None, overrides: dict[str, Any] | None, progress: b
     from fibreflow.training.train import main as train
 
     path = config or str(default_train_config())
+    overrides = {"heldout.enabled": False} | (overrides or {})
     cfg = load_train_config(path, overrides)
     version = version_dir(load_data_config(), cfg.data.version).name
     found = newest_finished_run(f"tags.config_hash = '{cfg.config_hash()}' and tags.dataset_version = '{version}'")

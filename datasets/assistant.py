@@ -3,9 +3,12 @@ questions (datasets/agent.py's loop), and its held-out test questions.
 
 One conversation per question: the question -> the right tool call -> the tool's real result (run on the build's
 snapshot, exactly as serving runs it) -> a short answer that states the number with its unit and cites the
-records. Record questions get RAFT-style results: the right record among distractors of the same project and type,
-as the record search returns them. Also: glossary questions asked with the tools offered (answered directly, no
-call), made-up terms and questions the records cannot answer (the refusal, with the tools offered).
+records. A question may name the project by its name instead of its id (the call then passes the name, the
+tool looks it up), or a period relative to the data's date ("last week": the call passes the period, the tool
+computes the dates). Record questions get RAFT-style results: the right record among distractors of the same
+project and type, as the record search returns them. Also: glossary questions asked with the tools offered
+(answered directly, no call), made-up terms and questions the records cannot answer (the refusal, with the tools
+offered).
 
 Held out twice: test projects (grounded_qa's split) are never in training, and test questions use phrasings
 training never uses. Made-up terms are generated deterministically, none in both splits.
@@ -24,10 +27,15 @@ from typing import Any
 import psycopg
 from fibreflow.core.config import Strict
 from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, number, words
-from fibreflow.datasets.tools import BOQ_CATEGORY, ToolResult, run_tool
+from fibreflow.datasets.tools import BOQ_CATEGORY, ToolResult, as_of_date, period_dates, run_tool
 from pydantic import Field, model_validator
 
-FAMILIES = ("project_status", "pole_counts", "boq_total", "boq_category", "progress", "task_status", "pole_record")
+FAMILIES = ("project_status", "pole_counts", "boq_total", "boq_category", "progress", "progress_recent", "task_status",
+            "pole_record")  # fmt: skip
+PERIODS = {"last_week": "last week", "this_week": "this week", "last_month": "last month", "this_month": "this month",
+           "last_7_days": "in the last 7 days", "last_30_days": "in the last 30 days",
+           "yesterday": "yesterday"}  # fmt: skip
+# the progress tool's relative periods as a question says them ("as of the data's date": the tool resolves them)
 
 
 class Phrasings(Strict):
@@ -81,9 +89,10 @@ def salted(*parts: Any) -> str:
     return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
 
 
-def typo(question: str, key: str) -> str:
-    """The question with two neighbouring letters of one longer word swapped (ids and dates left alone)."""
-    candidates = [m for m in re.finditer(r"\b[a-z]{5,}\b", question)]
+def typo(question: str, key: str, keep: str = "") -> str:
+    """The question with two neighbouring letters of one longer word swapped (ids, dates and the words of `keep`:
+    what the call repeats, a name, a period, left alone)."""
+    candidates = [m for m in re.finditer(r"\b[a-z]{5,}\b", question) if m.group() not in keep.split()]
     if not candidates:
         return question
     m = candidates[int(key[:8], 16) % len(candidates)]
@@ -132,7 +141,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
         return text, words(d["project"]["status"])
 
     for _ in pick("project_status", ["status"]):
-        yield Ask("project_status", pid, {"name": p["name"]}, "project_status", {"project_id": pid}, "contains",
+        yield Ask("project_status", pid, {}, "project_status", {"project_id": pid}, "contains",
                   status_answer)  # fmt: skip
     statuses = ["permission_pending", "planted", "dressed", "planned", "rejected", "permission_granted"]
     for status in pick("pole_counts", statuses):
@@ -188,6 +197,24 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
 
         yield Ask("task_status", pid, {"status": words(status)}, "task_status", {"project_id": pid, "status": status},
                   "numeric", tasks, "tasks", {"abs": 0.0, "rel": 0.0})  # fmt: skip
+    as_of = as_of_date(conn)
+    spans = {q: period_dates(q, as_of) for q in PERIODS}
+    days = conn.execute("SELECT activity, unit, array_agg(report_date) FROM daily_progress WHERE project_id = %s"
+                        " GROUP BY 1, 2", (pid,)).fetchall()  # fmt: skip
+    recent = sorted((a, u, q) for a, u, ds in days for q in PERIODS)
+    worked = [(a, u, q) for a, u, ds in days for q in PERIODS if any(spans[q][0] <= d <= spans[q][1] for d in ds)]
+    for activity, unit, period in pick("progress_recent", sorted(worked) or recent):  # a period with work, if any
+
+        def lately(r: ToolResult, a: str = activity, u: str = unit, q: str = period) -> tuple[str, str]:
+            rows = [x["quantity"] for x in r.data["by_activity"] if x["activity"] == a]
+            k = rows[0] if rows else 0
+            return (f"From {r.data['start']} to {r.data['end']} ({PERIODS[q]}) project {pid} reported {number(k)} {u} "
+                    f"of {words(a)} {_cite([pid])}.", number(k))  # fmt: skip
+
+        yield Ask("progress_recent", pid, {"activity": ACTIVITY_PHRASES.get(activity, words(activity)),
+                                           "period": PERIODS[period]}, "progress",
+                  {"project_id": pid, "period": period, "activity": activity}, "numeric", lately, unit,
+                  {"abs": 0.05, "rel": 0.0})  # fmt: skip
     yield from _pole_records(conn, pid, pick)
 
 
@@ -212,8 +239,9 @@ def _pole_records(conn: psycopg.Connection, pid: str, pick: Callable[[str, list[
                   result={"records": records})  # fmt: skip
 
 
-def conversation(system: str, question: str, ask: Ask, result: ToolResult, answer: str) -> list[dict[str, Any]]:
-    call = {"id": "call_0", "type": "function", "function": {"name": ask.tool, "arguments": json.dumps(ask.arguments)}}
+def conversation(system: str, question: str, tool: str, arguments: dict[str, Any], result: ToolResult,
+                 answer: str) -> list[dict[str, Any]]:  # fmt: skip
+    call = {"id": "call_0", "type": "function", "function": {"name": tool, "arguments": json.dumps(arguments)}}
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": question},
@@ -225,25 +253,28 @@ def conversation(system: str, question: str, ask: Ask, result: ToolResult, answe
 
 def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, project: dict[str, Any], split: str,
              typos: bool) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:  # fmt: skip
-    """(training row, test rows) of every grounded question about `project` in `split`."""
+    """(training row, test rows) of every grounded question about `project` in `split`. A phrasing that names
+    the project only by its name gets a call with the name."""
     for i, ask in enumerate(project_asks(conn, project, cfg)):
         templates = getattr(cfg.questions[ask.family], split)
         key = salted(ask.family, ask.project_id, i, split)
-        question = templates[int(key[:8], 16) % len(templates)].format(pid=ask.project_id, **ask.slots)
+        template = templates[int(key[:8], 16) % len(templates)]
+        question = template.format(pid=ask.project_id, name=project["name"], **ask.slots)
+        arguments = ask.arguments | ({} if "{pid}" in template else {"project_id": project["name"]})
         if typos and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:
-            question = typo(question, key[16:])
+            question = typo(question, key[16:], " ".join([project["name"], *ask.slots.values()]))
         if ask.result is not None:
             ids = [r["record_id"] for r in ask.result["records"]]
-            result = ToolResult(ask.tool, ask.arguments, ask.result, ids)
+            result = ToolResult(ask.tool, arguments, ask.result, ids)
         else:
-            result = run_tool(conn, ask.tool, ask.arguments)
+            result = run_tool(conn, ask.tool, arguments)
         answer, reference = ask.answer(result)
         rid = f"asst-{ask.family}-{ask.project_id}-{i}"
-        messages = conversation(system, question, ask, result, answer)
+        messages = conversation(system, question, ask.tool, arguments, result, answer)
         row = {"id": rid, "family": ask.family, "project_id": ask.project_id, "question": question,
                "answer": answer, "tools": True, "messages": messages}  # fmt: skip
         tags = ["assistant", ask.family, ask.project_id]
-        call = json.dumps({"name": ask.tool, "arguments": ask.arguments})
+        call = json.dumps({"name": ask.tool, "arguments": arguments})
         tests = [
             {"id": f"{rid}-call", "question": question, "reference": call, "kind": "tool_call", "tools": True,
              "contexts": [], "tags": [*tags, "tool_call"]},

@@ -3,7 +3,8 @@ is asked and with what arguments; the database computes the answer (sums, counts
 small model's). Each tool has an OpenAI tool schema (from its arguments model), one parameterised SQL query (bound
 parameters only), and runs in a read-only transaction with a statement timeout and a row limit. Bad arguments (an
 unknown project, reversed dates, an injection attempt) give a `ToolError` the model can read and act on, never a
-database error or a silent empty answer. Dates are "as of the data's date" (fibreflow_meta), never today."""
+database error or a silent empty answer. A project is named by its id or its name; relative periods ("last week")
+are "as of the data's date" (fibreflow_meta's `as_of`: a snapshot's date; live data has none, so today)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ from fibreflow.datasets.retrieval import Filters, Retriever
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROW_LIMIT = 200  # rows a query returns at most
-LIST_LIMIT = 10  # records a listing shows (its count is of all): what a small model can read and cite
+LIST_LIMIT = 5  # records a listing shows (its count is of all): what a small model can read and cite
 TIMEOUT_MS = 2000  # per query
 IDENTIFIER = re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z-])[A-Za-z0-9][\w-]{4,}\b")  # 0003-P0075, CIV-001
 PROJECT = re.compile(r"^\s*(?:prj[-\s_]?|project\s+)?0*(\d{1,4})\s*$", re.I)
+NAME = re.compile(r"^[^\W\d_][^;\x00-\x1f]{2,99}$")  # a project's name: starts with a letter, no ; or control
+PERIOD = Literal["today", "yesterday", "this_week", "last_week", "this_month", "last_month", "last_7_days",
+                 "last_30_days"]  # fmt: skip
 POLE_STATUS = Literal["planned", "permission_pending", "permission_granted", "planted", "dressed", "rejected"]
 TASK_STATUS = Literal["todo", "in_progress", "blocked", "done"]
 RECORD_TYPE = Literal["project", "task", "boq_item", "pole", "daily_progress", "glossary"]
@@ -42,15 +46,35 @@ class Args(BaseModel):
 
 
 def canonical_project(v: str) -> str:
-    """PRJ-0003, prj-3, 'project 3' -> PRJ-0003; anything else is refused before any SQL."""
+    """PRJ-0003, prj-3, 'project 3' -> PRJ-0003; a project's name -> the name in lower case with single spaces (the
+    tool looks it up); anything else is refused before any SQL."""
     m = PROJECT.match(v)
-    if m is None:
-        raise ValueError(f"{v!r} is not a project id like PRJ-0003")
-    return f"PRJ-{int(m.group(1)):04d}"
+    if m is not None:
+        return f"PRJ-{int(m.group(1)):04d}"
+    name = " ".join(v.split())
+    if NAME.match(name) is None:
+        raise ValueError(f"{v!r} is not a project id like PRJ-0003 or a project's name")
+    return name.casefold()
+
+
+def period_dates(period: str, as_of: dt.date) -> tuple[dt.date, dt.date]:
+    """(first, last day) of a period up to `as_of`; weeks start on Monday."""
+    day = dt.timedelta(days=1)
+    monday, first = as_of - as_of.weekday() * day, as_of.replace(day=1)
+    return {
+        "today": (as_of, as_of),
+        "yesterday": (as_of - day, as_of - day),
+        "this_week": (monday, as_of),
+        "last_week": (monday - 7 * day, monday - day),
+        "this_month": (first, as_of),
+        "last_month": ((first - day).replace(day=1), first - day),
+        "last_7_days": (as_of - 6 * day, as_of),
+        "last_30_days": (as_of - 29 * day, as_of),
+    }[period]
 
 
 class ProjectArgs(Args):
-    project_id: str = Field(description="The project's id, e.g. PRJ-0003")
+    project_id: str = Field(description="The project's id (PRJ-0003) or its name")
 
     @field_validator("project_id")
     @classmethod
@@ -93,9 +117,15 @@ class BoqArgs(ProjectArgs):
 
 
 class ProgressArgs(ProjectArgs):
-    start: dt.date = Field(description="First day, inclusive (YYYY-MM-DD)")
-    end: dt.date = Field(description="Last day, inclusive (YYYY-MM-DD)")
+    start: dt.date | None = Field(None, description="First day, inclusive (YYYY-MM-DD)")
+    end: dt.date | None = Field(None, description="Last day, inclusive (YYYY-MM-DD)")
+    period: PERIOD | None = Field(None, description="Instead of start and end: a period up to the data's date")
     activity: str | None = Field(None, max_length=100, description="Only this activity, e.g. trenching, pole_planting")
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _period(cls, v: Any) -> Any:
+        return re.sub(r"[\s-]+", "_", v.strip().lower()) if isinstance(v, str) else v  # "last week" -> last_week
 
     @field_validator("activity")
     @classmethod
@@ -110,7 +140,11 @@ class ProgressArgs(ProjectArgs):
 
     @model_validator(mode="after")
     def _ordered(self) -> ProgressArgs:
-        if self.end < self.start:
+        if self.period is not None and (self.start or self.end):
+            raise ValueError("give either a period or start and end, not both")
+        if self.period is None and (self.start is None or self.end is None):
+            raise ValueError("give start and end (YYYY-MM-DD), or a period such as last_week")
+        if self.start and self.end and self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}")
         return self
 
@@ -121,7 +155,7 @@ class TaskArgs(ProjectArgs):
 
 class SearchArgs(Args):
     query: str = Field(min_length=1, max_length=300, description="What to look for, in words")
-    project_id: str | None = Field(None, description="Only this project's records, e.g. PRJ-0003")
+    project_id: str | None = Field(None, description="Only this project's records: its id (PRJ-0003) or name")
     record_type: RECORD_TYPE | None = Field(None, description="Only records of this type")
     region: str | None = Field(None, max_length=100, description="Only records of projects in this region")
     date_from: dt.date | None = Field(None, description="Only records dated on or after this day (YYYY-MM-DD)")
@@ -182,80 +216,97 @@ def _rows(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[di
              for k, v in r.items()} for r in rows]  # fmt: skip
 
 
-def _project(conn: psycopg.Connection, project_id: str) -> dict[str, Any]:
-    rows = _rows(conn, "SELECT id, name, status, start_date, target_end_date, homes_planned FROM projects"
-                       " WHERE id = %(p)s", {"p": project_id})  # fmt: skip
+def _project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
+    """The project `ref` names: its id, its whole name (any case), or the one project whose name contains it."""
+    columns = "SELECT id, name, status, start_date, target_end_date, homes_planned FROM projects"
+    rows = _rows(conn, f"{columns} WHERE id = %(p)s OR lower(name) = %(p)s", {"p": ref})
+    if not rows and PROJECT.match(ref) is None:
+        like = "%" + ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = _rows(conn, f"{columns} WHERE lower(name) LIKE %(like)s ORDER BY id LIMIT 6", {"like": like})
+        if len(rows) > 1:
+            named = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
+            raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
     if not rows:
-        known = [r["id"] for r in _rows(conn, "SELECT id FROM projects ORDER BY id LIMIT 20", {})]
-        raise ToolError(f"no project {project_id}; known projects: {', '.join(known)}")
+        known = ", ".join(f"{r['id']} ({r['name']})" for r in _rows(conn, "SELECT id, name FROM projects ORDER BY id"
+                                                                          " LIMIT 20", {}))  # fmt: skip
+        raise ToolError(f"no project {ref}; known projects: {known}")
     return rows[0]
+
+
+def as_of_date(conn: psycopg.Connection) -> dt.date:
+    """The data's date: a snapshot's `as_of` (the demo seed's), else today."""
+    row = _rows(conn, "SELECT coalesce((SELECT (value->>'as_of')::date FROM fibreflow_meta"
+                      " WHERE key = 'data_source'), current_date) AS as_of", {})  # fmt: skip
+    return dt.date.fromisoformat(row[0]["as_of"])
 
 
 def project_status(conn: psycopg.Connection, a: ProjectArgs) -> tuple[dict[str, Any], list[str]]:
     p = _project(conn, a.project_id)
     tasks = _rows(conn, "SELECT status, count(*) AS tasks FROM tasks WHERE project_id = %(p)s GROUP BY status"
-                        " ORDER BY status", {"p": a.project_id})  # fmt: skip
-    as_of = _rows(conn, "SELECT coalesce((SELECT (value->>'as_of')::date FROM fibreflow_meta"
-                        " WHERE key = 'data_source'), current_date) AS as_of", {})[0]["as_of"]  # fmt: skip
-    data = {"project": p, "tasks_by_status": {r["status"]: r["tasks"] for r in tasks}, "as_of": as_of}
-    return data, [a.project_id]
+                        " ORDER BY status", {"p": p["id"]})  # fmt: skip
+    data = {"project": p, "tasks_by_status": {r["status"]: r["tasks"] for r in tasks}, "as_of": str(as_of_date(conn))}
+    return data, [p["id"]]
 
 
 def pole_counts(conn: psycopg.Connection, a: PoleArgs) -> tuple[dict[str, Any], list[str]]:
-    _project(conn, a.project_id)
+    pid = _project(conn, a.project_id)["id"]
     rows = _rows(conn, "SELECT status, count(*) AS poles FROM poles WHERE project_id = %(p)s"
                        " AND (%(s)s::text IS NULL OR status = %(s)s) GROUP BY status ORDER BY status",
-                 {"p": a.project_id, "s": a.status})  # fmt: skip
+                 {"p": pid, "s": a.status})  # fmt: skip
     counts = {r["status"]: r["poles"] for r in rows}
-    return {"poles_by_status": counts, "total": sum(counts.values()), "unit": "poles"}, [a.project_id]
+    return {"project_id": pid, "poles_by_status": counts, "total": sum(counts.values()), "unit": "poles"}, [pid]
 
 
 def boq_totals(conn: psycopg.Connection, a: BoqArgs) -> tuple[dict[str, Any], list[str]]:
-    _project(conn, a.project_id)
+    pid = _project(conn, a.project_id)["id"]
     rows = _rows(conn, "SELECT split_part(item_code, '-', 1) AS category, unit, sum(quantity) AS quantity,"
                        " round(sum(quantity * rate_zar), 2) AS amount_zar, count(*) AS items FROM boq_items"
                        " WHERE project_id = %(p)s AND (%(c)s::text IS NULL OR split_part(item_code, '-', 1) = %(c)s)"
-                       " GROUP BY 1, 2 ORDER BY 1, 2", {"p": a.project_id, "c": a.category})  # fmt: skip
+                       " GROUP BY 1, 2 ORDER BY 1, 2", {"p": pid, "c": a.category})  # fmt: skip
     by: dict[str, dict[str, Any]] = {}
     for r in rows:  # compact: one entry per category, its quantities by unit (the model reads all of it)
         c = by.setdefault(r["category"], {"amount_zar": 0.0, "quantities": {}})
         c["amount_zar"] = round(c["amount_zar"] + r["amount_zar"], 2)
         c["quantities"][r["unit"]] = r["quantity"]
     total = round(sum(c["amount_zar"] for c in by.values()), 2)
-    return {"total_zar": total, "by_category": by}, [a.project_id]
+    return {"project_id": pid, "total_zar": total, "by_category": by}, [pid]
 
 
 def progress(conn: psycopg.Connection, a: ProgressArgs) -> tuple[dict[str, Any], list[str]]:
-    _project(conn, a.project_id)
+    pid = _project(conn, a.project_id)["id"]
+    if a.period is None:
+        as_of, start, end = None, a.start, a.end
+    else:
+        as_of = as_of_date(conn)
+        start, end = period_dates(a.period, as_of)
     rows = _rows(conn, "SELECT activity, unit, sum(quantity) AS quantity, count(DISTINCT report_date) AS days"
                        " FROM daily_progress WHERE project_id = %(p)s AND report_date BETWEEN %(a)s AND %(b)s"
                        " AND (%(act)s::text IS NULL OR activity = %(act)s) GROUP BY activity, unit ORDER BY activity",
-                 {"p": a.project_id, "a": a.start, "b": a.end, "act": a.activity})  # fmt: skip
+                 {"p": pid, "a": start, "b": end, "act": a.activity})  # fmt: skip
     if a.activity is not None and not rows:
         known = [r["activity"] for r in _rows(conn, "SELECT DISTINCT activity FROM daily_progress WHERE project_id ="
-                                                    " %(p)s ORDER BY 1", {"p": a.project_id})]  # fmt: skip
+                                                    " %(p)s ORDER BY 1", {"p": pid})]  # fmt: skip
         if a.activity not in known:
-            raise ToolError(
-                f"progress: no activity {a.activity!r} on {a.project_id}; its activities: {', '.join(known)}"
-            )
-    return {"start": a.start.isoformat(), "end": a.end.isoformat(), "by_activity": rows}, [a.project_id]
+            raise ToolError(f"progress: no activity {a.activity!r} on {pid}; its activities: {', '.join(known)}")
+    assert start is not None and end is not None  # the arguments' validator: dates or a period
+    span = {"period": a.period, "as_of": str(as_of)} if a.period else {}
+    return {"project_id": pid, **span, "start": start.isoformat(), "end": end.isoformat(), "by_activity": rows}, [pid]
 
 
 def task_status(conn: psycopg.Connection, a: TaskArgs) -> tuple[dict[str, Any], list[str]]:
-    _project(conn, a.project_id)
+    pid = _project(conn, a.project_id)["id"]
     rows = _rows(conn, "SELECT count(*) OVER () AS total, id, phase, title, status, assignee, due_date FROM tasks"
                        " WHERE project_id = %(p)s AND (%(s)s::text IS NULL OR status = %(s)s) ORDER BY due_date, id"
-                       " LIMIT %(n)s", {"p": a.project_id, "s": a.status, "n": LIST_LIMIT})  # fmt: skip
+                       " LIMIT %(n)s", {"p": pid, "s": a.status, "n": LIST_LIMIT})  # fmt: skip
     count = rows[0]["total"] if rows else 0
     for r in rows:
         del r["total"]
-    return {"count": count, "tasks": rows}, [f"task:{r['id']}" for r in rows]
+    return {"project_id": pid, "count": count, "tasks": rows}, [f"task:{r['id']}" for r in rows]
 
 
 def search_records(conn: psycopg.Connection, a: SearchArgs, retriever: Retriever) -> tuple[dict[str, Any], list[str]]:
-    if a.project_id is not None:
-        _project(conn, a.project_id)
-    filters = Filters(project_id=a.project_id, region=a.region, record_type=a.record_type, date_from=a.date_from,
+    pid = None if a.project_id is None else _project(conn, a.project_id)["id"]
+    filters = Filters(project_id=pid, region=a.region, record_type=a.record_type, date_from=a.date_from,
                       date_to=a.date_to)  # fmt: skip
     found = {}  # a query naming identifiers (a pole number, a BOQ code) gets their records, found by text: near-
     for needle in IDENTIFIER.findall(a.query):  # identical names are what embeddings cannot tell apart
@@ -277,8 +328,9 @@ TOOLS: dict[str, Tool] = {t.name: t for t in (
     Tool("boq_totals", "A project's bill of quantities: amounts in ZAR and quantities by unit, per category "
          "(" + ", ".join(f"{k} {v}" for k, v in BOQ_CATEGORY.items()) + ").",
          BoqArgs, boq_totals),
-    Tool("progress", "Work done on a project between two dates, by activity, with units.", ProgressArgs, progress),
-    Tool("task_status", "How many tasks a project has (optionally in one status) and the first ten by due date.",
+    Tool("progress", "Work done on a project between two dates or in a period (last_week, this_month, last_7_days, "
+         "...), by activity, with units.", ProgressArgs, progress),
+    Tool("task_status", "How many tasks a project has (optionally in one status) and the first five by due date.",
          TaskArgs, task_status),
     Tool("search_records", "Records (projects, tasks, BOQ items, poles, daily reports, glossary) closest in meaning "
          "to a query, within optional filters: for questions the other tools do not answer.", SearchArgs,

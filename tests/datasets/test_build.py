@@ -204,6 +204,12 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     assert test_projects and {r["project_id"] for r in test if r["project_id"]} == test_projects
     train_text = json.dumps(train)
     assert not any(pid in train_text for pid in test_projects)
+    with db.connect(seeded_url) as conn:
+        names = dict(conn.execute("SELECT id, name FROM projects").fetchall())
+    assert not any(names[pid] in train_text for pid in test_projects)
+    by_name = [r for r in train + test if r["project_id"] and names[r["project_id"]] in r["question"]
+               and r["project_id"] not in r["question"]]  # fmt: skip
+    assert {r["family"] for r in by_name} >= {"project_status", "boq_total"} and any(r in test for r in by_name)
     for family, phrasings in cfg.questions.items():
         train_q = [r["question"] for r in train if r["family"] == family]
         test_q = [r["question"] for r in test if r["family"] == family]
@@ -216,6 +222,7 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     train_terms = {r["answer"] for r in train if r["family"] == "made_up_term"}
     assert not train_terms & {r["answer"] for r in test if r["family"] == "made_up_term"}
     with db.connect(seeded_url) as conn:
+        as_of = conn.execute("SELECT value->>'as_of' FROM fibreflow_meta WHERE key = 'data_source'").fetchone()[0]
         for r in train + test:
             msgs = r["messages"]
             if r["family"] in ("made_up_term", "unanswerable", "glossary"):
@@ -223,6 +230,12 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
                 continue
             call = msgs[2]["tool_calls"][0]["function"]
             result = json.loads(msgs[3]["content"])
+            args = json.loads(call["arguments"])
+            if r in by_name:  # asked by its name: the call passes the name, the answer cites the id
+                assert args["project_id"] == names[r["project_id"]] and r["project_id"] in msgs[3]["content"]
+            if r["family"] == "progress_recent":  # a period as of the data's date, not dates the model works out
+                assert args["period"] in r["question"].replace(" ", "_") and "start" not in args
+                assert result["as_of"] == as_of and result["period"] == args["period"]
             if call["name"] != "search_records":
                 assert result == run_tool(conn, call["name"], json.loads(call["arguments"])).data
             else:  # RAFT: the asked pole's record among distractors of the same project

@@ -31,7 +31,9 @@ def test_every_tool_has_an_openai_schema() -> None:
         assert s["type"] == "function" and s["function"]["name"] == tool.name and s["function"]["description"]
         params = s["function"]["parameters"]
         assert params["type"] == "object" and ("project_id" in params["required"]) != tool.searches
-    assert TOOLS["progress"].schema()["function"]["parameters"]["properties"]["start"]["format"] == "date"
+    progress = TOOLS["progress"].schema()["function"]["parameters"]
+    assert {"format": "date", "type": "string"} in progress["properties"]["start"]["anyOf"]
+    assert "last_week" in progress["properties"]["period"]["anyOf"][0]["enum"]
 
 
 def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
@@ -75,8 +77,41 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
     assert all(r["status"] == "blocked" for r in blocked.data["tasks"])
     everything = run_tool(conn, "task_status", {"project_id": p})
     assert everything.data["count"] == sum(want_tasks.values()) > tools.LIST_LIMIT  # counted in SQL, all of them
-    assert len(everything.data["tasks"]) == len(everything.record_ids) == tools.LIST_LIMIT  # shown: the first ten
+    assert len(everything.data["tasks"]) == len(everything.record_ids) == tools.LIST_LIMIT  # shown: the first five
     assert [f"task:{r['id']}" for r in everything.data["tasks"]] == everything.record_ids
+
+
+def test_a_project_is_named_by_its_id_or_its_name(conn: Any) -> None:
+    pid, name = conn.execute("SELECT id, name FROM projects ORDER BY id LIMIT 1").fetchone()
+    by_id = run_tool(conn, "boq_totals", {"project_id": pid})
+    for ref in (name, name.upper(), f"  {name.lower()} "):
+        by_name = run_tool(conn, "boq_totals", {"project_id": ref})
+        assert by_name.data == by_id.data and by_name.data["project_id"] == pid and by_name.record_ids == [pid]
+    assert run_tool(conn, "project_status", {"project_id": name}).data["project"]["id"] == pid
+    others = conn.execute("SELECT count(*) FROM projects WHERE name ILIKE %s", (f"%{name.split()[0]}%",)).fetchone()
+    if others[0] == 1:  # a unique part of the name is enough
+        assert run_tool(conn, "pole_counts", {"project_id": name.split()[0]}).data["project_id"] == pid
+    with pytest.raises(ToolError, match=r"'ftth' names more than one project: PRJ-\d{4} \(.+\), PRJ-"):
+        run_tool(conn, "project_status", {"project_id": "FTTH"})
+    with pytest.raises(ToolError, match=rf"no project nowhere park; known projects: {pid} \({name}\)"):
+        run_tool(conn, "project_status", {"project_id": "Nowhere Park"})
+
+
+def test_relative_periods_are_dates_as_of_the_datas_date(conn: Any) -> None:
+    """Periods end on the data's date (fibreflow_meta's as_of), never today; weeks start on Monday."""
+    saturday = dt.date(2026, 10, 31)
+    want = {"today": ("2026-10-31", "2026-10-31"), "yesterday": ("2026-10-30", "2026-10-30"),
+            "this_week": ("2026-10-26", "2026-10-31"), "last_week": ("2026-10-19", "2026-10-25"),
+            "this_month": ("2026-10-01", "2026-10-31"), "last_month": ("2026-09-01", "2026-09-30"),
+            "last_7_days": ("2026-10-25", "2026-10-31"), "last_30_days": ("2026-10-02", "2026-10-31")}  # fmt: skip
+    assert {k: tuple(map(str, tools.period_dates(k, saturday))) for k in want} == want
+    assert tools.period_dates("last_month", dt.date(2026, 1, 15)) == (dt.date(2025, 12, 1), dt.date(2025, 12, 31))
+    p = conn.execute("SELECT project_id FROM daily_progress ORDER BY report_date DESC LIMIT 1").fetchone()[0]
+    as_of = conn.execute("SELECT value->>'as_of' FROM fibreflow_meta WHERE key = 'data_source'").fetchone()[0]
+    recent = run_tool(conn, "progress", {"project_id": p, "period": "last 30 days"})  # as a model may write it
+    assert recent.arguments["period"] == "last_30_days" and recent.data["as_of"] == recent.data["end"] == as_of
+    explicit = run_tool(conn, "progress", {"project_id": p, "start": recent.data["start"], "end": as_of})
+    assert recent.data["by_activity"] == explicit.data["by_activity"] != []
 
 
 @pytest.mark.parametrize(
@@ -84,6 +119,12 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
     [
         ("project_status", {"project_id": "PRJ-9999"}, "no project PRJ-9999; known projects: PRJ-0001"),
         ("project_status", {"project_id": "PRJ-0001'; DROP TABLE projects; --"}, "is not a project id"),
+        ("project_status", {"project_id": "x%' OR '1'='1"}, "no project x%' or '1'='1; known projects: PRJ-0001"),
+        ("project_status", {"project_id": "1; SELECT 1"}, "is not a project id like PRJ-0003 or a project's name"),
+        ("pole_counts", {"project_id": "Park_FTTH"}, "no project park_ftth;"),  # _ is no LIKE wildcard
+        ("progress", {"project_id": "PRJ-0001", "period": "last_week", "start": "2026-03-01"}, "either a period or"),
+        ("progress", {"project_id": "PRJ-0001"}, "give start and end"),
+        ("progress", {"project_id": "PRJ-0001", "period": "last_decade"}, "period"),
         ("pole_counts", {"project_id": "PRJ-0001", "status": "lost"}, "status"),
         ("progress", {"project_id": "PRJ-0001", "start": "2026-03-10", "end": "2026-03-01"}, "is before start"),
         ("progress", {"project_id": "PRJ-0001", "start": "last week", "end": "2026-03-01"}, "start"),
