@@ -3,7 +3,8 @@ advanced a round at a time, each round one batched generation; FibreFlow's tools
 
 Each sample's answer: for a `tool_call` sample the model's first call (`{"name", "arguments"}` as JSON), else the
 loop's final answer. `numbers_grounded` checks that every number in an answer to a data question is in what the
-tools returned (or in the question): a number from nowhere is an invented one.
+tools returned (or in the question): a number from nowhere is an invented one. `contexts_of` is what a judge
+(RAGAS faithfulness) holds the answer to: the tool results the model read.
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ def answer_of(sample: Sample, loop: Loop) -> str:
         first = loop.calls[0]
         return json.dumps({"name": first.name, "arguments": first.arguments})
     return loop.answer or ""
+
+
+def contexts_of(loop: Loop) -> list[str]:
+    """The tool results the model read before answering (its retrieved contexts), in order."""
+    return [m["content"] for m in loop.messages if m["role"] == "tool" and m["content"]]
 
 
 def numbers_grounded(loop: Loop) -> float:

@@ -238,7 +238,8 @@ async def _judge(
             needs_contexts, make, call = table[name]
             m = make(llm, embedder)
             out.failures[name] = Counter()
-            todo = [i for i in range(len(samples)) if contexts[i] or not needs_contexts]
+            todo = [i for i, s in enumerate(samples)  # a tool call is no answer to judge
+                    if s.kind != "tool_call" and (contexts[i] or not needs_contexts)]  # fmt: skip
             bar.total += len(todo) * cfg.repeats
             found = await asyncio.gather(*(sample_score(name, m, call, i) for i in todo))
             out.scores[name] = [None] * len(samples)

@@ -21,7 +21,7 @@ from fibreflow.datasets.agent import Loop
 from fibreflow.eval import metrics as m
 from fibreflow.eval.config import EvalConfig, load_eval_config
 from fibreflow.eval.gates import Decision, decide, load_gates
-from fibreflow.eval.loop import numbers_grounded
+from fibreflow.eval.loop import contexts_of, numbers_grounded
 from fibreflow.eval.rag import Prompt, build_prompts, grounded
 from fibreflow.eval.stats import PairedDiff, paired_bootstrap
 from fibreflow.eval.summary import Diff, EvalSummary, Gate, JudgeStats, label, load_summary, log_summary
@@ -154,8 +154,9 @@ def main(
                 for i, s in enumerate(samples)
             ]
         wanted = [x for x in cfg.judge.metrics if x in ANSWER_JUDGED]
-        if cfg.judge.enabled and wanted:
-            judged[role] = m.judge(cfg.judge, samples, said, shown, embedder, wanted, progress)
+        if cfg.judge.enabled and wanted:  # an answer through the tool loop is held to the tool results it read
+            seen = [contexts_of(loops[role][i]) if i in loops[role] else shown[i] for i in range(len(samples))]
+            judged[role] = m.judge(cfg.judge, samples, said, seen, embedder, wanted, progress)
             scores[role] |= judged[role].scores
     retrieval = m.retrieval_metrics(samples, shown) if any(shown) else {}
     wanted = [x for x in cfg.judge.metrics if x in RETRIEVAL_JUDGED]

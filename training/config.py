@@ -88,8 +88,10 @@ class Optim(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     batch_size: PositiveInt = 8  # padded: examples per micro-batch; packed: rows of up to seq_len tokens
     grad_accum: PositiveInt = 1
-    seq_len: PositiveInt = 512
+    seq_len: PositiveInt = 512  # an example's tokens at most (the rest is cut)
     packing: bool = True  # padding-free: examples concatenated, attention kept inside each example
+    pack_len: PositiveInt | None = None  # packed rows' tokens at most (None: seq_len); a longer example is a row of
+    # its own. A packed row's attention costs per token in proportion to its length: short rows train faster
     gradient_checkpointing: bool = False
     seed: int = 42
 
@@ -140,6 +142,8 @@ class TrainConfig(Strict):
     def _steps(self) -> TrainConfig:
         if self.checkpoint.every_steps % self.eval.every_steps:
             raise ValueError("checkpoint.every_steps must be a multiple of eval.every_steps")
+        if self.optim.pack_len is not None and self.optim.pack_len > self.optim.seq_len:
+            raise ValueError("optim.pack_len must be at most optim.seq_len")
         return self
 
     def config_hash(self) -> str:

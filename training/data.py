@@ -54,9 +54,10 @@ def shifted(labels: list[int]) -> list[int]:
     return [*labels[1:], IGNORE]
 
 
-def pack(examples: Sequence[dict[str, list[int]]], seq_len: int, seed: int) -> list[dict[str, list[int]]]:
-    """Concatenate shuffled examples into rows of at most `seq_len` tokens; `position_ids` restart per example,
-    which is how the model keeps attention inside each example (no cross-contamination, no padding)."""
+def pack(examples: Sequence[dict[str, list[int]]], row_len: int, seed: int) -> list[dict[str, list[int]]]:
+    """Concatenate shuffled examples into rows of at most `row_len` tokens (a longer example is a row of its own);
+    `position_ids` restart per example, which is how the model keeps attention inside each example (no
+    cross-contamination, no padding)."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     rows: list[dict[str, list[int]]] = []
@@ -64,7 +65,7 @@ def pack(examples: Sequence[dict[str, list[int]]], seq_len: int, seed: int) -> l
     for i in order:
         ex = examples[i]
         n = len(ex["input_ids"])
-        if row["input_ids"] and len(row["input_ids"]) + n > seq_len:
+        if row["input_ids"] and len(row["input_ids"]) + n > row_len:
             rows.append(row)
             row = {"input_ids": [], "shift_labels": [], "position_ids": []}
         row["input_ids"] += ex["input_ids"]
@@ -110,15 +111,16 @@ class Collator:
 
 
 def prepare(
-    rows: Sequence[dict[str, Any]], tok: Any, seq_len: int, packing: bool, seed: int
+    rows: Sequence[dict[str, Any]], tok: Any, seq_len: int, packing: bool, seed: int, pack_len: int | None = None
 ) -> list[dict[str, list[int]]]:
-    """Chat rows -> training rows (packed or one example per row); a row with `tools` true is rendered with
-    FibreFlow's tool schemas offered, as the assistant's tool loop asks."""
+    """Chat rows -> training rows (each example cut at `seq_len`; packed into rows of `pack_len`, default
+    `seq_len`, or one example per row); a row with `tools` true is rendered with FibreFlow's tool schemas offered,
+    as the assistant's tool loop asks."""
     from fibreflow.datasets.tools import schemas
 
     tools = schemas()
     examples = [tokenize_chat(tok, r["messages"], seq_len, tools if r.get("tools") else None) for r in rows]
-    return pack(examples, seq_len, seed) if packing else unpacked(examples)
+    return pack(examples, pack_len or seq_len, seed) if packing else unpacked(examples)
 
 
 def count_tokens(rows: Sequence[dict[str, list[int]]]) -> tuple[int, int]:

@@ -36,6 +36,17 @@ def test_tool_calls_match_after_the_tools_own_normalisation() -> None:
                                                            "record_type": "pole"}}  # fmt: skip
     assert call_matches(search, json.dumps(other_words))  # the free-text query is not compared, the filters are
     assert not call_matches(search, json.dumps(other_words | {"arguments": {"query": "x", "record_type": "task"}}))
+    by_name = json.dumps({"name": "boq_totals", "arguments": {"project_id": "Umhlanga Central FTTH Phase 3"}})
+    assert call_matches(
+        by_name, json.dumps({"name": "boq_totals", "arguments": {"project_id": "umhlanga central FTTH  phase 3"}})
+    )
+    assert not call_matches(by_name, json.dumps({"name": "boq_totals", "arguments": {"project_id": "Umhlanga"}}))
+    period = json.dumps({"name": "progress", "arguments": {"project_id": "PRJ-0007", "period": "last_week"}})
+    assert call_matches(period, json.dumps({"name": "progress", "arguments": {"project_id": "prj-7",
+                                                                              "period": "Last week"}}))  # fmt: skip
+    assert not call_matches(
+        period, json.dumps({"name": "progress", "arguments": {"project_id": "PRJ-0007", "period": "this_week"}})
+    )
 
 
 def test_a_tool_call_sample_needs_a_valid_call_and_the_tools() -> None:
@@ -64,10 +75,14 @@ def test_numbers_not_in_the_tools_results_are_invented() -> None:
 
 
 @pytest.mark.integration
-def test_a_model_is_asked_through_the_loop_on_the_records(tool_llama: Path, seeded_url: str) -> None:
-    from fibreflow.eval.config import load_eval_config
+def test_a_model_is_asked_through_the_loop_on_the_records(tool_llama: Path, seeded_url: str, serve) -> None:
+    """...and a judge holds the loop's answer to the tool results the model read (not to RAG contexts)."""
+    from fibreflow.eval.config import Judge, load_eval_config
+    from fibreflow.eval.loop import contexts_of
+    from fibreflow.eval.metrics import judge
     from fibreflow.eval.rag import build_prompts
     from fibreflow.eval.run import answers_of
+    from test_judge import Judge_, handler
     from toolchat import PLAIN_ANSWER, PLAIN_QUESTION, SYSTEM
 
     cfg = load_eval_config({"generation.dtype": "float32", "tools.max_steps": 2})
@@ -85,3 +100,11 @@ def test_a_model_is_asked_through_the_loop_on_the_records(tool_llama: Path, seed
     assert loop.messages[3]["role"] == "tool" and answers[1] == loop.answer
     assert answers[2] == PLAIN_ANSWER  # asked plainly, without tools
     assert settings["max_new_tokens"] == cfg.generation.max_new_tokens  # the loop's budget was put back
+
+    state = Judge_()
+    judge_cfg = Judge(base_url=serve(handler(state, slow_s=0)), model="judge", repeats=1, metrics=["faithfulness"])
+    contexts = [contexts_of(loops[i]) if i in loops else [] for i in range(len(samples))]
+    assert contexts[1] == [m["content"] for m in loop.messages if m["role"] == "tool"] and '"total"' in contexts[1][0]
+    faithful = judge(judge_cfg, samples, answers, contexts, None).scores["faithfulness"]
+    assert faithful[0] is None and faithful[1] is not None and faithful[2] is None  # a call is not an answer
+    assert any(contexts[1][0] in text for text in state.seen)  # the judge read the tool's result

@@ -44,12 +44,25 @@ def test_truncation_keeps_ids_and_labels_aligned(tok) -> None:
 def test_packing_restarts_positions_and_never_predicts_across_examples(tok) -> None:
     examples = [tokenize_chat(tok, CHAT[:3], 512) for _ in range(5)]
     n = len(examples[0]["input_ids"])
-    rows = pack(examples, seq_len=2 * n + 1, seed=0)
+    rows = pack(examples, row_len=2 * n + 1, seed=0)
     assert [len(r["input_ids"]) for r in rows] == [2 * n, 2 * n, n]
     row = rows[0]
     assert row["position_ids"] == list(range(n)) * 2
     assert row["shift_labels"][n - 1] == IGNORE  # the last token of example 1 predicts nothing of example 2
     assert sum(t != IGNORE for t in row["shift_labels"]) == 2 * sum(t != IGNORE for t in examples[0]["labels"][1:])
+
+
+def test_short_packed_rows_keep_a_longer_example_whole_in_its_own_row(tok) -> None:
+    short, long = CHAT[:3], CHAT  # rows of `pack_len` tokens; an example longer than that is not cut, it is alone
+    rows = prepare([{"messages": m} for m in (short, short, long, short)], tok, seq_len=512, packing=True, seed=0,
+                   pack_len=len(tokenize_chat(tok, short, 512)["input_ids"]) * 2)  # fmt: skip
+    n_short, n_long = (len(tokenize_chat(tok, m, 512)["input_ids"]) for m in (short, long))
+    assert sorted(len(r["input_ids"]) for r in rows) == sorted([n_short, 2 * n_short, n_long])
+    assert n_long > 2 * n_short  # the long example was kept whole, in a row of its own
+    with pytest.raises(ValueError, match=r"pack_len must be at most optim\.seq_len"):
+        from fibreflow.training.config import default_train_config, load_train_config
+
+        load_train_config(str(default_train_config()), {"optim.pack_len": 4096})
 
 
 def test_packed_batch_computes_what_separate_examples_compute(tok, tiny_llama: Path) -> None:
