@@ -79,6 +79,7 @@ def test_main_job_runs_whole_then_reuses_everything(small_home: Path, tiny_llama
         search_all_experiments=True, filter_string="tags.config_hash != ''", output_format="list"
     )
     assert len(trained) == 1
+    assert not any(k.startswith("heldout_") for k in trained[0].data.metrics)  # the evaluation asks those phrasings
     evaluated = mlflow.search_runs(
         search_all_experiments=True, filter_string="tags.eval_key != ''", output_format="list"
     )
