@@ -35,7 +35,10 @@ def test_plain_chats_render_exactly_as_the_models_own_template(tok: Any, message
 def test_tools_calls_and_results_render_in_the_hermes_format(tok: Any) -> None:
     text = tok.decode(chat_ids(tok, answered(), tools()))
     system = text.split("<|im_end|>")[0]
-    assert "- pole_counts(project_id, status?)" in system and "- progress(project_id, start, end, activity?)" in system
+    assert (
+        "- pole_counts(project_id, status?)" in system
+        and "- progress(project_id, start?, end?, period?, activity?)" in system
+    )
     call = (
         '<|im_start|>assistant\n<tool_call>{"name": "pole_counts", "arguments": ' + json.dumps(ARGS) + "}</tool_call>"
     )

@@ -104,7 +104,7 @@ def test_a_model_is_asked_through_the_loop_on_the_records(tool_llama: Path, seed
     state = Judge_()
     judge_cfg = Judge(base_url=serve(handler(state, slow_s=0)), model="judge", repeats=1, metrics=["faithfulness"])
     contexts = [contexts_of(loops[i]) if i in loops else [] for i in range(len(samples))]
-    assert contexts[1] == [m["content"] for m in loop.messages if m["role"] == "tool"] and '"total"' in contexts[1][0]
+    assert contexts[1] == [m["content"] for m in loop.messages if m["role"] == "tool"] != []
     faithful = judge(judge_cfg, samples, answers, contexts, None).scores["faithfulness"]
     assert faithful[0] is None and faithful[1] is not None and faithful[2] is None  # a call is not an answer
     assert any(contexts[1][0] in text for text in state.seen)  # the judge read the tool's result

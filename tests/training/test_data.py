@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fibreflow.core.errors import DatasetBuildError
+from fibreflow.core.errors import ConfigError, DatasetBuildError
 from fibreflow.training.data import IGNORE, Collator, check_examples, pack, prepare, tokenize_chat
 
 CHAT = [
@@ -53,13 +53,13 @@ def test_packing_restarts_positions_and_never_predicts_across_examples(tok) -> N
 
 
 def test_short_packed_rows_keep_a_longer_example_whole_in_its_own_row(tok) -> None:
-    short, long = CHAT[:3], CHAT  # rows of `pack_len` tokens; an example longer than that is not cut, it is alone
+    short, long = CHAT[:3], CHAT + CHAT[1:]  # rows of `pack_len` tokens; a longer example is not cut, it is alone
     rows = prepare([{"messages": m} for m in (short, short, long, short)], tok, seq_len=512, packing=True, seed=0,
                    pack_len=len(tokenize_chat(tok, short, 512)["input_ids"]) * 2)  # fmt: skip
     n_short, n_long = (len(tokenize_chat(tok, m, 512)["input_ids"]) for m in (short, long))
     assert sorted(len(r["input_ids"]) for r in rows) == sorted([n_short, 2 * n_short, n_long])
     assert n_long > 2 * n_short  # the long example was kept whole, in a row of its own
-    with pytest.raises(ValueError, match=r"pack_len must be at most optim\.seq_len"):
+    with pytest.raises(ConfigError, match=r"pack_len must be at most optim\.seq_len"):
         from fibreflow.training.config import default_train_config, load_train_config
 
         load_train_config(str(default_train_config()), {"optim.pack_len": 4096})
@@ -71,7 +71,7 @@ def test_packed_batch_computes_what_separate_examples_compute(tok, tiny_llama: P
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     a, b = tokenize_chat(tok, CHAT[:3], 512), tokenize_chat(tok, CHAT, 512)
-    packed = Collator(tok.pad_token_id, packed=True)(pack([a, b], seq_len=4096, seed=1))
+    packed = Collator(tok.pad_token_id, packed=True)(pack([a, b], row_len=4096, seed=1))
     first_len = packed["position_ids"][0].tolist()[1:].index(0) + 1
     ids = packed["input_ids"]
     with torch.no_grad():  # use_cache=False as in training: with a cache the model ignores the packing
