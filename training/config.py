@@ -92,7 +92,6 @@ class Optim(Strict):
     packing: bool = True  # padding-free: examples concatenated, attention kept inside each example
     pack_len: PositiveInt | None = None  # packed rows' tokens at most (None: seq_len); a longer example is a row of
     # its own. A packed row's attention costs per token in proportion to its length: short rows train faster
-    group_by_length: bool = False  # micro-batches of rows of similar length (less padding where row lengths vary)
     gradient_checkpointing: bool = False
     seed: int = 42
 
