@@ -130,7 +130,8 @@ def plain_labels(batch: dict) -> Any:
 
 def plain_model(base: str, cfg: Any, gc: bool) -> Any:
     """The textbook QLoRA recipe: from_pretrained with BitsAndBytesConfig, prepare_model_for_kbit_training, LoRA."""
-    from fibreflow.training.config import bnb_config, lora_config, torch_dtype
+    from fibreflow.core.config import torch_dtype
+    from fibreflow.training.config import bnb_config, lora_config
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 

@@ -5,6 +5,7 @@ Overrides are dotted keys (`seed.scale=5`); errors name the key at fault.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -109,3 +110,29 @@ def load_config(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"{file.name}: {problems}") from None
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a config's name; "auto" is resolved on the machine that loads the model, so a config (and
+    its hash, and a recorded quantization) means the same everywhere."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_native() else torch.float32
+    return getattr(torch, name)
+
+
+def dtype_name(name: str) -> str:
+    """A config's dtype name with "auto" resolved on this machine ("bfloat16" or "float32")."""
+    return str(torch_dtype(name)).removeprefix("torch.")
+
+
+@functools.cache
+def bf16_is_native() -> bool:
+    """bfloat16 runs in hardware here: a CUDA device that has it, or a CPU oneDNN computes bf16 on (AVX512 / AMX).
+    Elsewhere (AVX2-only CPUs) bf16 matmuls are emulated: 25-70x slower than float32 at SmolLM2's shapes."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

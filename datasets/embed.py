@@ -29,6 +29,7 @@ class EmbedConfig(Strict):
     model: str
     table: str
     batch_size: int
+    dtype: str  # "auto": bfloat16 where this machine computes it natively (2x float32 here), else float32
     chunk_rows: int
     hnsw_m: int
     hnsw_ef_construction: int
@@ -183,5 +184,5 @@ def embed(cfg: EmbedConfig, url: str, embedder: Embedder, *, progress: bool = Tr
 
 def main(overrides: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
     cfg = load_embed_config(overrides)
-    embedder = Embedder(cfg.model, cfg.batch_size)
+    embedder = Embedder(cfg.model, cfg.batch_size, cfg.dtype)
     return embed(cfg, database_url(load_db_config()), embedder, progress=progress)

@@ -46,8 +46,9 @@ def bundled_model_path() -> Path:
 class Embedder:
     """sentence-transformers on CPU, offline; vectors are L2-normalised (cosine distance = 1 - dot)."""
 
-    def __init__(self, model: str = "bundled", batch_size: int = 64) -> None:
+    def __init__(self, model: str = "bundled", batch_size: int = 64, dtype: str = "auto") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from fibreflow.core.config import torch_dtype
         from sentence_transformers import SentenceTransformer
 
         if model == "bundled":
@@ -58,7 +59,7 @@ class Embedder:
             if not path.is_dir():
                 raise ConfigError(f"embed.yaml: model {model!r} is not 'bundled' or a local model folder")
             name, revision = path.name, _folder_revision(path)
-        self._model = SentenceTransformer(str(path), device="cpu")
+        self._model = SentenceTransformer(str(path), device="cpu").to(torch_dtype(dtype))
         self.batch_size = batch_size
         self.spec = EmbeddingSpec(name, revision, int(self._model.get_embedding_dimension()))
 
@@ -72,13 +73,12 @@ class Embedder:
         return self.encode(texts), self.count_tokens(texts)
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self._model.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        ).astype(np.float32)
+        import torch
+
+        vectors = self._model.encode(
+            texts, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False
+        ).float()  # normalised in float32: a bf16 model's vectors are then unit length to float32 precision
+        return torch.nn.functional.normalize(vectors, dim=-1).numpy()
 
 
 def _folder_revision(path: Path) -> str:

@@ -67,7 +67,7 @@ class _Search:
             from fibreflow.datasets.retrieval import Retriever
 
             cfg = load_embed_config()
-            self._retriever = Retriever(Embedder(cfg.model, cfg.batch_size), cfg.table, cfg.ef_search)
+            self._retriever = Retriever(Embedder(cfg.model, cfg.batch_size, cfg.dtype), cfg.table, cfg.ef_search)
         return self._retriever
 
 

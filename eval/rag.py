@@ -55,7 +55,7 @@ def _retrieve(samples: list[Sample], k: int, database_url: str | None) -> dict[s
 
     embed_cfg = load_embed_config()
     db_cfg = load_db_config()
-    embedder = Embedder(embed_cfg.model, embed_cfg.batch_size)
+    embedder = Embedder(embed_cfg.model, embed_cfg.batch_size, embed_cfg.dtype)
     vectors = embedder.encode([s.question for s in samples])
     with connect(database_url or configured_url(db_cfg), timeout_s=db_cfg.connect_timeout_s) as conn:
         retriever = Retriever(embedder, embed_cfg.table, embed_cfg.ef_search)

@@ -23,7 +23,7 @@ from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.registry.spec import ServingSpec
 from fibreflow.serving.config import MERGED_DIR, ServingConfig, served_name
-from fibreflow.training.config import dtype_name
+from fibreflow.core.config import dtype_name
 
 
 @dataclass(frozen=True)

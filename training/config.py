@@ -6,13 +6,12 @@ The converters are the whole boundary to bitsandbytes / peft (as in trl's `get_q
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from fibreflow.core.config import Strict, load_config, project_root
+from fibreflow.core.config import Strict, load_config, project_root, torch_dtype
 from fibreflow.core.errors import ConfigError
 from pydantic import Field, PositiveInt, model_validator
 
@@ -92,6 +91,8 @@ class Optim(Strict):
     packing: bool = True  # padding-free: examples concatenated, attention kept inside each example
     pack_len: PositiveInt | None = None  # packed rows' tokens at most (None: seq_len); a longer example is a row of
     # its own. A packed row's attention costs per token in proportion to its length: short rows train faster
+    group_by_length: bool = False  # micro-batches of rows of similar length (transformers' LengthGroupedSampler):
+    # with short packed rows, a long conversation pads the rows it is batched with unless batched with its like
     gradient_checkpointing: bool = False
     seed: int = 42
 
@@ -172,32 +173,6 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 def default_train_config() -> Path:
     return project_root() / "configs" / "train" / "smollm2-135m-instruct" / "qlora.yaml"
-
-
-def torch_dtype(name: str) -> Any:
-    """The torch dtype of a config's name; "auto" is resolved on the machine that loads the model, so a config (and
-    its hash, and a recorded quantization) means the same everywhere."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if bf16_is_native() else torch.float32
-    return getattr(torch, name)
-
-
-def dtype_name(name: str) -> str:
-    """A config's dtype name with "auto" resolved on this machine ("bfloat16" or "float32")."""
-    return str(torch_dtype(name)).removeprefix("torch.")
-
-
-@functools.cache
-def bf16_is_native() -> bool:
-    """bfloat16 runs in hardware here: a CUDA device that has it, or a CPU oneDNN computes bf16 on (AVX512 / AMX).
-    Elsewhere (AVX2-only CPUs) bf16 matmuls are emulated: 25-70x slower than float32 at SmolLM2's shapes."""
-    import torch
-
-    if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def bnb_config(q: Quantization | None) -> BitsAndBytesConfig | None:

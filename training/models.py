@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from fibreflow.core.config import resolve_path
 from fibreflow.core.errors import ConfigError
-from fibreflow.training.config import ModelEntry, TrainConfig, bnb_config, lora_config, model_entry, torch_dtype
+from fibreflow.core.config import torch_dtype
+from fibreflow.training.config import ModelEntry, TrainConfig, bnb_config, lora_config, model_entry
 
 if TYPE_CHECKING:
     from peft import PeftModel

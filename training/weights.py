@@ -179,7 +179,7 @@ def weights(spec: str, base_model: str | None = None) -> Weights:
 def load_local(w: Weights, dtype: str) -> tuple[Any, Any]:
     """(model, tokenizer) on CPU/GPU in `dtype`, the adapter (if any) applied, ready to generate."""
     import torch
-    from fibreflow.training.config import torch_dtype
+    from fibreflow.core.config import torch_dtype
     from fibreflow.training.models import load_tokenizer
     from transformers import AutoModelForCausalLM
 

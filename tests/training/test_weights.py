@@ -109,8 +109,10 @@ def test_auto_precision_is_bf16_only_where_the_machine_computes_it(
     import torch
     from fibreflow.eval.config import load_eval_config
     from fibreflow.serving.config import load_serving_config
-    from fibreflow.training import config
-    from fibreflow.training.config import default_train_config, load_train_config, torch_dtype
+    from fibreflow.core import config
+    from fibreflow.core.config import torch_dtype
+    from fibreflow.datasets.embed import load_embed_config
+    from fibreflow.training.config import default_train_config, load_train_config
     from fibreflow.training.weights import Weights
 
     monkeypatch.setattr(config, "bf16_is_native", lambda: native)
@@ -118,8 +120,8 @@ def test_auto_precision_is_bf16_only_where_the_machine_computes_it(
     train = load_train_config(default_train_config())
     assert train.quantization is not None
     names = [train.dtype, train.quantization.compute_dtype, load_eval_config().generation.dtype,
-             load_serving_config().model_server.dtype]  # fmt: skip
-    assert names == ["auto"] * 4 and {torch_dtype(n) for n in names} == {want}
+             load_serving_config().model_server.dtype, load_embed_config().dtype]  # fmt: skip
+    assert names == ["auto"] * 5 and {torch_dtype(n) for n in names} == {want}
     assert torch_dtype("float32") == torch.float32 and torch_dtype("bfloat16") == torch.bfloat16  # explicit wins
     model, _ = load_local(Weights(str(tiny_llama), None, {"kind": "base"}, None), "auto")
     assert model.dtype == want
@@ -128,7 +130,7 @@ def test_auto_precision_is_bf16_only_where_the_machine_computes_it(
 def test_the_bf16_probe_matches_the_cpu() -> None:
     """oneDNN computes bf16 natively only with AVX512 (or AMX); this machine's flags say which it has."""
     import torch
-    from fibreflow.training.config import bf16_is_native
+    from fibreflow.core.config import bf16_is_native
 
     if not Path("/proc/cpuinfo").is_file() or torch.cuda.is_available():
         pytest.skip("a Linux CPU-only machine is needed to read the flags")
