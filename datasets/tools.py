@@ -9,6 +9,7 @@ are "as of the data's date" (fibreflow_meta's `as_of`: a snapshot's date; live d
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
 import re
 from collections.abc import Callable
@@ -217,7 +218,8 @@ def _rows(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[di
 
 
 def _project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
-    """The project `ref` names: its id, its whole name (any case), or the one project whose name contains it."""
+    """The project `ref` names: its id, its whole name (any case), the one project whose name contains it, or the
+    one name it misspells."""
     columns = "SELECT id, name, status, start_date, target_end_date, homes_planned FROM projects"
     rows = _rows(conn, f"{columns} WHERE id = %(p)s OR lower(name) = %(p)s", {"p": ref})
     if not rows and PROJECT.match(ref) is None:
@@ -226,11 +228,25 @@ def _project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
         if len(rows) > 1:
             named = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
             raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
+    if not rows and PROJECT.match(ref) is None:
+        rows = _misspelt(conn, columns, ref)
     if not rows:
         known = ", ".join(f"{r['id']} ({r['name']})" for r in _rows(conn, "SELECT id, name FROM projects ORDER BY id"
                                                                           " LIMIT 20", {}))  # fmt: skip
         raise ToolError(f"no project {ref}; known projects: {known}")
     return rows[0]
+
+
+def _misspelt(conn: psycopg.Connection, columns: str, ref: str) -> list[dict[str, Any]]:
+    """The project whose name `ref` misspells: the same numbers, at least 90% alike (difflib) and clearly closer
+    than any other name. "Phase 4" never means "Phase 3"."""
+    digits = re.findall(r"\d+", ref)
+    names = _rows(conn, "SELECT id, lower(name) AS name FROM projects", {})
+    alike = sorted(((difflib.SequenceMatcher(None, ref, r["name"]).ratio(), r["id"]) for r in names
+                    if re.findall(r"\d+", r["name"]) == digits), reverse=True)  # fmt: skip
+    if not alike or alike[0][0] < 0.9 or (len(alike) > 1 and alike[1][0] > alike[0][0] - 0.05):
+        return []
+    return _rows(conn, f"{columns} WHERE id = %(p)s", {"p": alike[0][1]})
 
 
 def as_of_date(conn: psycopg.Connection) -> dt.date:

@@ -376,8 +376,7 @@ def build_engine(
 
 def _merged_engine(cfg: ServingConfig, name: str, w: Weights, metrics: ModelMetrics) -> Engine:
     """Version `name` merged (written once under var/serving/merged, reused after) on an engine of its own."""
-    from fibreflow.core.config import resolve_path
-    from fibreflow.core.config import dtype_name
+    from fibreflow.core.config import dtype_name, resolve_path
     from fibreflow.training.merge import merge
     from fibreflow.training.weights import load_local
 

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fibreflow.core.chat import TOOLS_TEMPLATE, template_for
-from fibreflow.core.config import resolve_path
+from fibreflow.core.config import dtype_name, resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.registry.spec import ServingSpec
 from fibreflow.serving.config import MERGED_DIR, ServingConfig, served_name
-from fibreflow.core.config import dtype_name
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fibreflow.core.config import resolve_path
+from fibreflow.core.config import resolve_path, torch_dtype
 from fibreflow.core.errors import ConfigError
-from fibreflow.core.config import torch_dtype
 from fibreflow.training.config import ModelEntry, TrainConfig, bnb_config, lora_config, model_entry
 
 if TYPE_CHECKING:

@@ -5,6 +5,7 @@ transaction is read-only, and a slow query is stopped by the statement timeout."
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 import psycopg
@@ -91,6 +92,11 @@ def test_a_project_is_named_by_its_id_or_its_name(conn: Any) -> None:
     others = conn.execute("SELECT count(*) FROM projects WHERE name ILIKE %s", (f"%{name.split()[0]}%",)).fetchone()
     if others[0] == 1:  # a unique part of the name is enough
         assert run_tool(conn, "pole_counts", {"project_id": name.split()[0]}).data["project_id"] == pid
+    slip = name[0] + name[2] + name[1] + name[3:]  # two letters swapped, as a model copying the name may do
+    assert run_tool(conn, "boq_totals", {"project_id": slip}).data == by_id.data
+    other = re.sub(r"\d+", lambda m: str(int(m.group()) + 7), name)  # another phase is not a misspelling
+    with pytest.raises(ToolError, match=f"no project {re.escape(other.lower())};"):
+        run_tool(conn, "boq_totals", {"project_id": other})
     with pytest.raises(ToolError, match=r"'ftth' names more than one project: PRJ-\d{4} \(.+\), PRJ-"):
         run_tool(conn, "project_status", {"project_id": "FTTH"})
     with pytest.raises(ToolError, match=rf"no project nowhere park; known projects: {pid} \({name}\)"):

@@ -255,8 +255,8 @@ def test_cors_headers_on_the_fast_path_and_preflight(upstream: str, run_app: Any
 @pytest.mark.integration
 def test_openai_sdk_and_langchain_with_the_bundled_model(bundled_base: Path, run_app: Any, project_tmp: Path) -> None:
     """The real bundled SmolLM2-135M-Instruct behind the local model server, the router in front."""
-    from fibreflow.serving.engine import Engine
     from fibreflow.core.config import torch_dtype
+    from fibreflow.serving.engine import Engine
     from fibreflow.training.models import load_tokenizer
     from langchain_openai import ChatOpenAI
     from transformers import AutoModelForCausalLM

@@ -197,8 +197,8 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         assert vllm_names - exported(scrape.text) == set(), "deploy/ names vLLM metrics this vLLM does not export"
         # `fibreflow capacity`'s VRAM planner against vLLM's own KV cache: VLLM_CPU_KVCACHE_SPACE GiB holds
         # num_gpu_blocks x block_size tokens of this model
-        from fibreflow.monitor.costs import Arch, kv_cache_tokens
         from fibreflow.core.config import dtype_name
+        from fibreflow.monitor.costs import Arch, kv_cache_tokens
         from prometheus_client.parser import text_string_to_metric_families
 
         info = next(s.labels for f in text_string_to_metric_families(scrape.text) for s in f.samples

@@ -141,8 +141,9 @@ def test_group_by_length_batches_rows_of_like_length(tok, tiny_llama: Path, tmp_
     padding = {}
     for grouped in (False, True):
         cfg = load_train_config(str(default_train_config()), {"optim.group_by_length": grouped, "optim.batch_size": 4})
-        trainer = LabelledTrainer(model=model, args=training_arguments(cfg, tmp_path, 8), train_dataset=rows, eval_dataset=rows,
-                                  data_collator=Collator(tok.pad_token_id, packed=True))  # fmt: skip
+        args = training_arguments(cfg, tmp_path, 8)
+        collate = Collator(tok.pad_token_id, packed=True)
+        trainer = LabelledTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=collate)
         batches = list(trainer.get_train_dataloader())
         seen = [int(n) for b in batches for n in (b["input_ids"] == token).sum(1)]
         assert sorted(seen) == sorted(lengths)  # every row once

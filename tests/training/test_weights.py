@@ -107,11 +107,11 @@ def test_auto_precision_is_bf16_only_where_the_machine_computes_it(
     """The shipped demo configs say `auto`: on a CPU without native bf16 (AVX2 only: bf16 matmuls 25-70x slower than
     fp32) every stage loads in float32, elsewhere in bfloat16; an adapter's quantization record stays `auto`."""
     import torch
-    from fibreflow.eval.config import load_eval_config
-    from fibreflow.serving.config import load_serving_config
     from fibreflow.core import config
     from fibreflow.core.config import torch_dtype
     from fibreflow.datasets.embed import load_embed_config
+    from fibreflow.eval.config import load_eval_config
+    from fibreflow.serving.config import load_serving_config
     from fibreflow.training.config import default_train_config, load_train_config
     from fibreflow.training.weights import Weights
 
