@@ -131,17 +131,31 @@ def bench_build(admin: str, urls: dict[str, str], tmp: Path) -> None:
 
 
 def bench_embed(admin: str) -> np.ndarray:
+    from fibreflow.core.config import torch_dtype
     from fibreflow.datasets.embed import embed, load_embed_config
     from fibreflow.datasets.embedding import Embedder
 
     url, _, _ = seeded(admin, "b_embed", scale=1, projects_per_scale=1)
-    embedder = Embedder("bundled")
+    cfg = load_embed_config()
+    embedder = Embedder("bundled", cfg.batch_size, cfg.dtype)
+    exact = Embedder("bundled", cfg.batch_size, "float32")
     with psycopg.connect(url) as conn:
         texts = [r[0] for r in conn.execute("SELECT content FROM fibreflow_corpus ORDER BY record_id")]
-    embedder.encode(texts[:64])  # warm-up
-    t = time.perf_counter()
-    raw = embedder.encode(texts)  # baseline: model.encode on the same texts, in the same chunking
-    raw_s = time.perf_counter() - t
+    seconds, vectors = {}, {}
+    for name, e in (("configured", embedder), ("float32", exact)):
+        e.encode(texts[:64])  # warm-up
+        t = time.perf_counter()
+        vectors[name] = e.encode(texts)  # baseline: model.encode on the same texts, in the same chunking
+        seconds[name] = time.perf_counter() - t
+    raw = vectors["configured"]
+    cosine = float((raw * vectors["float32"]).sum(1).min())
+    report(
+        f"encode, embed.yaml dtype {cfg.dtype} ({torch_dtype(cfg.dtype)})",
+        f"{len(texts) / seconds['configured']:,.1f} rec/s",
+        f"float32: {len(texts) / seconds['float32']:,.1f} rec/s",
+        f"{seconds['float32'] / seconds['configured']:.2f}x, min cosine to float32 {cosine:.4f}",
+    )
+    raw_s = seconds["configured"]
     result = embed(load_embed_config(), url, embedder, progress=False)
     n = result["embedded"]
     report(

@@ -91,8 +91,6 @@ class Optim(Strict):
     packing: bool = True  # padding-free: examples concatenated, attention kept inside each example
     pack_len: PositiveInt | None = None  # packed rows' tokens at most (None: seq_len); a longer example is a row of
     # its own. A packed row's attention costs per token in proportion to its length: short rows train faster
-    group_by_length: bool = False  # micro-batches of rows of similar length (transformers' LengthGroupedSampler):
-    # with short packed rows, a long conversation pads the rows it is batched with unless batched with its like
     gradient_checkpointing: bool = False
     seed: int = 42
 

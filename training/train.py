@@ -78,7 +78,6 @@ def training_arguments(cfg: TrainConfig, out: Path, steps_per_epoch: int) -> Any
         per_device_train_batch_size=o.batch_size,
         per_device_eval_batch_size=o.batch_size,
         gradient_accumulation_steps=o.grad_accum,
-        train_sampling_strategy="group_by_length" if o.group_by_length else "random",
         num_train_epochs=o.epochs,
         max_steps=o.max_steps,
         learning_rate=o.lr,

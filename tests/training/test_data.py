@@ -124,28 +124,3 @@ def test_tool_conversations_learn_the_call_and_the_answer_not_the_result(tok) ->
 def shifted_back(shift_labels: list[int]) -> list[int]:
     return [IGNORE, *shift_labels[:-1]]
 
-
-def test_group_by_length_batches_rows_of_like_length(tok, tiny_llama: Path, tmp_path: Path) -> None:
-    """`optim.group_by_length`: the trainer's micro-batches hold rows of similar length (a fraction of the padding
-    of random batches of the same rows), and every row is still seen once an epoch."""
-    from fibreflow.training.config import default_train_config, load_train_config
-    from fibreflow.training.train import training_arguments
-    from fibreflow.training.trainer import LabelledTrainer
-    from transformers import AutoModelForCausalLM
-
-    token = 7
-    assert tok.pad_token_id != token
-    lengths = [10, 300, 12, 290, 11, 310, 9, 305] * 25  # megabatches of 12 batches are sorted (LengthGroupedSampler)
-    rows = [{"input_ids": [token] * n, "shift_labels": [IGNORE] * n, "position_ids": list(range(n))} for n in lengths]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    padding = {}
-    for grouped in (False, True):
-        cfg = load_train_config(str(default_train_config()), {"optim.group_by_length": grouped, "optim.batch_size": 4})
-        args = training_arguments(cfg, tmp_path, 8)
-        collate = Collator(tok.pad_token_id, packed=True)
-        trainer = LabelledTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=collate)
-        batches = list(trainer.get_train_dataloader())
-        seen = [int(n) for b in batches for n in (b["input_ids"] == token).sum(1)]
-        assert sorted(seen) == sorted(lengths)  # every row once
-        padding[grouped] = sum(b["input_ids"].numel() for b in batches) - sum(lengths)
-    assert padding[True] < padding[False] / 4, padding
