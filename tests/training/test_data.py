@@ -123,4 +123,3 @@ def test_tool_conversations_learn_the_call_and_the_answer_not_the_result(tok) ->
 
 def shifted_back(shift_labels: list[int]) -> list[int]:
     return [IGNORE, *shift_labels[:-1]]
-
