@@ -107,8 +107,9 @@ def bench_build(admin: str, urls: dict[str, str], tmp: Path) -> None:
             [sys.executable, "-c", BUILD_CHILD, url, str(tmp / label.replace(" ", ""))],
             capture_output=True,
             text=True,
-            check=True,
         )
+        if out.returncode:
+            sys.exit(f"data build at {label} failed:\n{out.stderr[-3000:]}")
         results[label] = json.loads(out.stdout.strip().splitlines()[-1])
     for label, r in results.items():
         print(

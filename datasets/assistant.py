@@ -222,8 +222,10 @@ def _pole_records(conn: psycopg.Connection, pid: str, pick: Callable[[str, list[
     """Record questions (RAFT): the pole's record among three distractors of the same project (the search's default
     k is 4), in the search's
     output shape, in an order that does not give the answer away."""
+    # filtered on the view's own columns too: its other branches are pruned, not rendered (a timeout at 1M rows)
     poles = conn.execute("SELECT o.pole_number, c.record_id, c.content, o.status FROM poles o JOIN fibreflow_corpus c"
-                         " ON c.record_id = 'pole:' || o.id WHERE o.project_id = %s", (pid,)).fetchall()  # fmt: skip
+                         " ON c.record_id = 'pole:' || o.id WHERE o.project_id = %(p)s AND c.project_id = %(p)s"
+                         " AND c.record_type = 'pole'", {"p": pid}).fetchall()  # fmt: skip
     by_number = {row[0]: row for row in poles}
     for number_ in pick("pole_record", sorted(by_number)):
         right = by_number[number_]
@@ -254,9 +256,13 @@ def conversation(system: str, question: str, tool: str, arguments: dict[str, Any
 def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, project: dict[str, Any], split: str,
              typos: bool) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:  # fmt: skip
     """(training row, test rows) of every grounded question about `project` in `split`. A phrasing that names
-    the project only by its name gets a call with the name."""
+    the project only by its name gets a call with the name, unless another project bears the same name (at scale,
+    names repeat): then only phrasings with the id are used."""
+    shared = conn.execute("SELECT count(*) > 1 FROM projects WHERE lower(name) = lower(%s)", (project["name"],))
+    by_id_only = bool(shared.fetchone()[0])
     for i, ask in enumerate(project_asks(conn, project, cfg)):
         templates = getattr(cfg.questions[ask.family], split)
+        templates = ([t for t in templates if "{pid}" in t] or templates) if by_id_only else templates
         key = salted(ask.family, ask.project_id, i, split)
         template = templates[int(key[:8], 16) % len(templates)]
         question = template.format(pid=ask.project_id, name=project["name"], **ask.slots)

@@ -221,13 +221,13 @@ def _project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
     """The project `ref` names: its id, its whole name (any case), the one project whose name contains it, or the
     one name it misspells."""
     columns = "SELECT id, name, status, start_date, target_end_date, homes_planned FROM projects"
-    rows = _rows(conn, f"{columns} WHERE id = %(p)s OR lower(name) = %(p)s", {"p": ref})
+    rows = _rows(conn, f"{columns} WHERE id = %(p)s OR lower(name) = %(p)s ORDER BY id LIMIT 6", {"p": ref})
     if not rows and PROJECT.match(ref) is None:
         like = "%" + ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = _rows(conn, f"{columns} WHERE lower(name) LIKE %(like)s ORDER BY id LIMIT 6", {"like": like})
-        if len(rows) > 1:
-            named = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
-            raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
+    if len(rows) > 1:  # a part of several names, or a name several projects share
+        named = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
+        raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
     if not rows and PROJECT.match(ref) is None:
         rows = _misspelt(conn, columns, ref)
     if not rows:

@@ -254,6 +254,21 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     }
 
 
+def test_projects_that_share_a_name_are_asked_by_their_id(seeded_url: str, tmp_path: Path) -> None:
+    """At scale, names repeat (the seed at scale 100 has 1,000 projects): a project whose name another bears is
+    asked about by its id only, so that every call resolves to the project its answer is about."""
+    with db.connect(seeded_url) as conn:
+        (a, name), (b, _) = conn.execute("SELECT id, name FROM projects ORDER BY id LIMIT 2").fetchall()
+        conn.execute("UPDATE projects SET name = %s WHERE id = %s", (name, b))
+    m = _build(seeded_url, tmp_path)
+    rows = [r for split in ("train", "test") for r in _rows(m, "assistant", split) if r["project_id"] in (a, b)]
+    calls = [json.loads(r["messages"][2]["tool_calls"][0]["function"]["arguments"]) for r in rows
+             if r["messages"][2].get("tool_calls")]  # fmt: skip
+    assert len(calls) == len(rows) > 0
+    assert all(c["project_id"] in (a, b) for c in calls)
+    assert not [r["question"] for r in rows if r["project_id"] not in r["question"]]  # never by the name alone
+
+
 def test_loads_back_as_hf_datasets(seeded_url: str, tmp_path: Path) -> None:
     path = _build(seeded_url, tmp_path)
     ds = build.load_datasets(path)

@@ -103,6 +103,15 @@ def test_a_project_is_named_by_its_id_or_its_name(conn: Any) -> None:
         run_tool(conn, "project_status", {"project_id": "Nowhere Park"})
 
 
+def test_a_name_two_projects_share_is_an_error_not_the_first_of_them(conn: Any) -> None:
+    """At scale, names repeat: a shared name lists the projects that bear it instead of answering for one."""
+    (a, name), (b, _) = conn.execute("SELECT id, name FROM projects ORDER BY id LIMIT 2").fetchall()
+    conn.execute("UPDATE projects SET name = %s WHERE id = %s", (name, b))
+    with pytest.raises(ToolError, match=rf"names more than one project: {a} \(.+\), {b} \(.+\); use its id"):
+        run_tool(conn, "boq_totals", {"project_id": name})
+    assert run_tool(conn, "boq_totals", {"project_id": b}).data["project_id"] == b
+
+
 def test_relative_periods_are_dates_as_of_the_datas_date(conn: Any) -> None:
     """Periods end on the data's date (fibreflow_meta's as_of), never today; weeks start on Monday."""
     saturday = dt.date(2026, 10, 31)
