@@ -133,13 +133,13 @@ def bench_build(admin: str, urls: dict[str, str], tmp: Path) -> None:
 
 def bench_embed(admin: str) -> np.ndarray:
     from fibreflow.core.config import torch_dtype
-    from fibreflow.datasets.embed import embed, load_embed_config
+    from fibreflow.datasets.embed import embed, embedder_for, load_embed_config
     from fibreflow.datasets.embedding import Embedder
 
     url, _, _ = seeded(admin, "b_embed", scale=1, projects_per_scale=1)
     cfg = load_embed_config()
-    embedder = Embedder("bundled", cfg.batch_size, cfg.dtype)
-    exact = Embedder("bundled", cfg.batch_size, "float32")
+    embedder = embedder_for(cfg)
+    exact = Embedder(cfg.model, cfg.batch_size, "float32")
     with psycopg.connect(url) as conn:
         texts = [r[0] for r in conn.execute("SELECT content FROM fibreflow_corpus ORDER BY record_id")]
     seconds, vectors = {}, {}

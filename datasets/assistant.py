@@ -27,7 +27,16 @@ from typing import Any
 import psycopg
 from fibreflow.core.config import Strict
 from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, number, words
-from fibreflow.datasets.tools import BOQ_CATEGORY, ToolResult, as_of_date, period_dates, run_tool
+from fibreflow.datasets.tools import (
+    BOQ_CATEGORY,
+    ToolError,
+    ToolResult,
+    as_of_date,
+    canonical_project,
+    period_dates,
+    resolve_project,
+    run_tool,
+)
 from pydantic import Field, model_validator
 
 FAMILIES = ("project_status", "pole_counts", "boq_total", "boq_category", "progress", "progress_recent", "task_status",
@@ -256,10 +265,12 @@ def conversation(system: str, question: str, tool: str, arguments: dict[str, Any
 def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, project: dict[str, Any], split: str,
              typos: bool) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:  # fmt: skip
     """(training row, test rows) of every grounded question about `project` in `split`. A phrasing that names
-    the project only by its name gets a call with the name, unless another project bears the same name (at scale,
-    names repeat): then only phrasings with the id are used."""
-    shared = conn.execute("SELECT count(*) > 1 FROM projects WHERE lower(name) = lower(%s)", (project["name"],))
-    by_id_only = bool(shared.fetchone()[0])
+    the project only by its name gets a call with the name, unless the tools do not resolve that name to this
+    project (at scale, names repeat): then only phrasings with the id are used."""
+    try:
+        by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
+    except ToolError:
+        by_id_only = True
     for i, ask in enumerate(project_asks(conn, project, cfg)):
         templates = getattr(cfg.questions[ask.family], split)
         templates = ([t for t in templates if "{pid}" in t] or templates) if by_id_only else templates

@@ -48,6 +48,11 @@ def load_embed_config(overrides: dict[str, Any] | None = None) -> EmbedConfig:
     return load_config(EmbedConfig, "embed", overrides)
 
 
+def embedder_for(cfg: EmbedConfig) -> Embedder:
+    """The embedding model embed.yaml names, as records were embedded with it (batch size, dtype)."""
+    return Embedder(cfg.model, cfg.batch_size, cfg.dtype)
+
+
 def recorded_spec(conn: psycopg.Connection, table: str) -> EmbeddingSpec | None:
     row = conn.execute(
         "SELECT model_name, model_revision, dim FROM embedding_indexes WHERE table_name = %s", (table,)
@@ -184,5 +189,4 @@ def embed(cfg: EmbedConfig, url: str, embedder: Embedder, *, progress: bool = Tr
 
 def main(overrides: dict[str, Any] | None = None, *, progress: bool = True) -> dict[str, Any]:
     cfg = load_embed_config(overrides)
-    embedder = Embedder(cfg.model, cfg.batch_size, cfg.dtype)
-    return embed(cfg, database_url(load_db_config()), embedder, progress=progress)
+    return embed(cfg, database_url(load_db_config()), embedder_for(cfg), progress=progress)

@@ -217,18 +217,19 @@ def _rows(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[di
              for k, v in r.items()} for r in rows]  # fmt: skip
 
 
-def _project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
-    """The project `ref` names: its id, its whole name (any case), the one project whose name contains it, or the
-    one name it misspells."""
+def resolve_project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
+    """The project `ref` (as `canonical_project` gives it) names: its id, its whole name (any case), the one project
+    whose name contains it, or the one name it misspells. A ToolError says why none or several."""
     columns = "SELECT id, name, status, start_date, target_end_date, homes_planned FROM projects"
     rows = _rows(conn, f"{columns} WHERE id = %(p)s OR lower(name) = %(p)s ORDER BY id LIMIT 6", {"p": ref})
-    if not rows and PROJECT.match(ref) is None:
+    is_name = PROJECT.match(ref) is None
+    if not rows and is_name:
         like = "%" + ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = _rows(conn, f"{columns} WHERE lower(name) LIKE %(like)s ORDER BY id LIMIT 6", {"like": like})
     if len(rows) > 1:  # a part of several names, or a name several projects share
         named = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
         raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
-    if not rows and PROJECT.match(ref) is None:
+    if not rows and is_name:
         rows = _misspelt(conn, columns, ref)
     if not rows:
         known = ", ".join(f"{r['id']} ({r['name']})" for r in _rows(conn, "SELECT id, name FROM projects ORDER BY id"
@@ -241,12 +242,12 @@ def _misspelt(conn: psycopg.Connection, columns: str, ref: str) -> list[dict[str
     """The project whose name `ref` misspells: the same numbers, at least 90% alike (difflib) and clearly closer
     than any other name. "Phase 4" never means "Phase 3"."""
     digits = re.findall(r"\d+", ref)
-    names = _rows(conn, "SELECT id, lower(name) AS name FROM projects", {})
-    alike = sorted(((difflib.SequenceMatcher(None, ref, r["name"]).ratio(), r["id"]) for r in names
-                    if re.findall(r"\d+", r["name"]) == digits), reverse=True)  # fmt: skip
+    alike = sorted(((difflib.SequenceMatcher(None, ref, r["name"].casefold()).ratio(), r["id"], r)
+                    for r in _rows(conn, columns, {}) if re.findall(r"\d+", r["name"]) == digits),
+                   key=lambda x: x[:2], reverse=True)  # fmt: skip
     if not alike or alike[0][0] < 0.9 or (len(alike) > 1 and alike[1][0] > alike[0][0] - 0.05):
         return []
-    return _rows(conn, f"{columns} WHERE id = %(p)s", {"p": alike[0][1]})
+    return [alike[0][2]]
 
 
 def as_of_date(conn: psycopg.Connection) -> dt.date:
@@ -257,7 +258,7 @@ def as_of_date(conn: psycopg.Connection) -> dt.date:
 
 
 def project_status(conn: psycopg.Connection, a: ProjectArgs) -> tuple[dict[str, Any], list[str]]:
-    p = _project(conn, a.project_id)
+    p = resolve_project(conn, a.project_id)
     tasks = _rows(conn, "SELECT status, count(*) AS tasks FROM tasks WHERE project_id = %(p)s GROUP BY status"
                         " ORDER BY status", {"p": p["id"]})  # fmt: skip
     data = {"project": p, "tasks_by_status": {r["status"]: r["tasks"] for r in tasks}, "as_of": str(as_of_date(conn))}
@@ -265,7 +266,7 @@ def project_status(conn: psycopg.Connection, a: ProjectArgs) -> tuple[dict[str, 
 
 
 def pole_counts(conn: psycopg.Connection, a: PoleArgs) -> tuple[dict[str, Any], list[str]]:
-    pid = _project(conn, a.project_id)["id"]
+    pid = resolve_project(conn, a.project_id)["id"]
     rows = _rows(conn, "SELECT status, count(*) AS poles FROM poles WHERE project_id = %(p)s"
                        " AND (%(s)s::text IS NULL OR status = %(s)s) GROUP BY status ORDER BY status",
                  {"p": pid, "s": a.status})  # fmt: skip
@@ -274,7 +275,7 @@ def pole_counts(conn: psycopg.Connection, a: PoleArgs) -> tuple[dict[str, Any], 
 
 
 def boq_totals(conn: psycopg.Connection, a: BoqArgs) -> tuple[dict[str, Any], list[str]]:
-    pid = _project(conn, a.project_id)["id"]
+    pid = resolve_project(conn, a.project_id)["id"]
     rows = _rows(conn, "SELECT split_part(item_code, '-', 1) AS category, unit, sum(quantity) AS quantity,"
                        " round(sum(quantity * rate_zar), 2) AS amount_zar, count(*) AS items FROM boq_items"
                        " WHERE project_id = %(p)s AND (%(c)s::text IS NULL OR split_part(item_code, '-', 1) = %(c)s)"
@@ -289,7 +290,7 @@ def boq_totals(conn: psycopg.Connection, a: BoqArgs) -> tuple[dict[str, Any], li
 
 
 def progress(conn: psycopg.Connection, a: ProgressArgs) -> tuple[dict[str, Any], list[str]]:
-    pid = _project(conn, a.project_id)["id"]
+    pid = resolve_project(conn, a.project_id)["id"]
     if a.period is None:
         as_of, start, end = None, a.start, a.end
     else:
@@ -310,7 +311,7 @@ def progress(conn: psycopg.Connection, a: ProgressArgs) -> tuple[dict[str, Any],
 
 
 def task_status(conn: psycopg.Connection, a: TaskArgs) -> tuple[dict[str, Any], list[str]]:
-    pid = _project(conn, a.project_id)["id"]
+    pid = resolve_project(conn, a.project_id)["id"]
     rows = _rows(conn, "SELECT count(*) OVER () AS total, id, phase, title, status, assignee, due_date FROM tasks"
                        " WHERE project_id = %(p)s AND (%(s)s::text IS NULL OR status = %(s)s) ORDER BY due_date, id"
                        " LIMIT %(n)s", {"p": pid, "s": a.status, "n": LIST_LIMIT})  # fmt: skip
@@ -321,7 +322,7 @@ def task_status(conn: psycopg.Connection, a: TaskArgs) -> tuple[dict[str, Any], 
 
 
 def search_records(conn: psycopg.Connection, a: SearchArgs, retriever: Retriever) -> tuple[dict[str, Any], list[str]]:
-    pid = None if a.project_id is None else _project(conn, a.project_id)["id"]
+    pid = None if a.project_id is None else resolve_project(conn, a.project_id)["id"]
     filters = Filters(project_id=pid, region=a.region, record_type=a.record_type, date_from=a.date_from,
                       date_to=a.date_to)  # fmt: skip
     found = {}  # a query naming identifiers (a pole number, a BOQ code) gets their records, found by text: near-

@@ -62,12 +62,11 @@ class _Search:
 
     def retriever(self) -> Any:
         if self._retriever is None:
-            from fibreflow.datasets.embed import load_embed_config
-            from fibreflow.datasets.embedding import Embedder
+            from fibreflow.datasets.embed import embedder_for, load_embed_config
             from fibreflow.datasets.retrieval import Retriever
 
             cfg = load_embed_config()
-            self._retriever = Retriever(Embedder(cfg.model, cfg.batch_size, cfg.dtype), cfg.table, cfg.ef_search)
+            self._retriever = Retriever(embedder_for(cfg), cfg.table, cfg.ef_search)
         return self._retriever
 
 

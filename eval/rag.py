@@ -49,13 +49,12 @@ def _retrieve(samples: list[Sample], k: int, database_url: str | None) -> dict[s
     """sample id -> (record ids, contents) of the top-k records within its filters."""
     from fibreflow.core.db import connect, load_db_config
     from fibreflow.core.db import database_url as configured_url
-    from fibreflow.datasets.embed import load_embed_config
-    from fibreflow.datasets.embedding import Embedder
+    from fibreflow.datasets.embed import embedder_for, load_embed_config
     from fibreflow.datasets.retrieval import Retriever
 
     embed_cfg = load_embed_config()
     db_cfg = load_db_config()
-    embedder = Embedder(embed_cfg.model, embed_cfg.batch_size, embed_cfg.dtype)
+    embedder = embedder_for(embed_cfg)
     vectors = embedder.encode([s.question for s in samples])
     with connect(database_url or configured_url(db_cfg), timeout_s=db_cfg.connect_timeout_s) as conn:
         retriever = Retriever(embedder, embed_cfg.table, embed_cfg.ef_search)
