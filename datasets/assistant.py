@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +75,8 @@ class Unanswerable(Strict):
 
 class AssistantConfig(Strict):
     questions: dict[str, Phrasings]  # per family
-    per_project: dict[str, int]  # the mixture: conversations per project and family (train and test alike); the
-    # families with one question per project (project_status, boq_total) give at most one
+    per_project: dict[str, int]  # the mixture: conversations per project and family (train and test alike); a
+    # project's repeated question (its status, its BOQ total) is asked in another phrasing each time
     typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
     glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
     made_up: MadeUp
@@ -86,9 +87,6 @@ class AssistantConfig(Strict):
         for key in (*self.questions, *self.per_project):
             if key not in FAMILIES:
                 raise ValueError(f"unknown family {key!r}; the families are {', '.join(FAMILIES)}")
-        for key in ("project_status", "boq_total"):
-            if self.per_project.get(key, 0) > 1:
-                raise ValueError(f"per_project.{key}: a project has one {key.replace('_', ' ')}, so at most 1")
         if set(self.unanswerable.train) & set(self.unanswerable.test):
             raise ValueError("unanswerable: train and test questions must be disjoint")
         return self
@@ -149,7 +147,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
                 f"{d['project']['target_end_date']}; tasks: {tasks} (as of {d['as_of']}) {_cite([pid])}.")  # fmt: skip
         return text, words(d["project"]["status"])
 
-    for _ in pick("project_status", ["status"]):
+    for _ in range(n.get("project_status", 0)):
         yield Ask("project_status", pid, {}, "project_status", {"project_id": pid}, "contains",
                   status_answer)  # fmt: skip
     statuses = ["permission_pending", "planted", "dressed", "planned", "rejected", "permission_granted"]
@@ -161,7 +159,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
 
         yield Ask("pole_counts", pid, {"status": words(status)}, "pole_counts", {"project_id": pid, "status": status},
                   "numeric", poles, "poles", {"abs": 0.0, "rel": 0.0})  # fmt: skip
-    for _ in pick("boq_total", ["total"]):
+    for _ in range(n.get("boq_total", 0)):
 
         def total(r: ToolResult) -> tuple[str, str]:
             t = r.data["total_zar"]
@@ -250,13 +248,17 @@ def _pole_records(conn: psycopg.Connection, pid: str, pick: Callable[[str, list[
                   result={"records": records})  # fmt: skip
 
 
+def tool_call(tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A call as the training conversations write it (the arguments' JSON spelt the same, token for token)."""
+    return {"id": "call_0", "type": "function", "function": {"name": tool, "arguments": json.dumps(arguments)}}
+
+
 def conversation(system: str, question: str, tool: str, arguments: dict[str, Any], result: ToolResult,
                  answer: str) -> list[dict[str, Any]]:  # fmt: skip
-    call = {"id": "call_0", "type": "function", "function": {"name": tool, "arguments": json.dumps(arguments)}}
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": question},
-        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "assistant", "content": None, "tool_calls": [tool_call(tool, arguments)]},
         {"role": "tool", "tool_call_id": "call_0", "content": result.content()},
         {"role": "assistant", "content": answer},
     ]
@@ -266,16 +268,20 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
              typos: bool) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:  # fmt: skip
     """(training row, test rows) of every grounded question about `project` in `split`. A phrasing that names
     the project only by its name gets a call with the name, unless the tools do not resolve that name to this
-    project (at scale, names repeat): then only phrasings with the id are used."""
+    project (at scale, names repeat): then only phrasings with the id are used. A family's questions about one
+    project take its phrasings in turn, from a salted start: no two alike while phrasings are left."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
     except ToolError:
         by_id_only = True
+    turn: Counter[str] = Counter()
     for i, ask in enumerate(project_asks(conn, project, cfg)):
         templates = getattr(cfg.questions[ask.family], split)
         templates = ([t for t in templates if "{pid}" in t] or templates) if by_id_only else templates
         key = salted(ask.family, ask.project_id, i, split)
-        template = templates[int(key[:8], 16) % len(templates)]
+        start = int(salted(ask.family, ask.project_id, split)[:8], 16)
+        template = templates[(start + turn[ask.family]) % len(templates)]
+        turn[ask.family] += 1
         question = template.format(pid=ask.project_id, name=project["name"], **ask.slots)
         arguments = ask.arguments | ({} if "{pid}" in template else {"project_id": project["name"]})
         if typos and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:

@@ -1,5 +1,6 @@
 """The facts a project summary or health check rests on, computed in SQL as of the data's date (never "now"):
-the project, its tasks by status, blocked and overdue tasks, field progress this week and last, poles by status."""
+the project, its tasks by status, blocked and overdue tasks, field progress this week and last, poles by status;
+and the health rating those facts give (green, amber or red, with its reasons), by rule rather than by a model."""
 
 from __future__ import annotations
 
@@ -85,3 +86,33 @@ def project_facts(conn: psycopg.Connection, project_id: str) -> dict[str, Any] |
         "progress_to_date": {f"{a} ({u})": float(q) for a, u, q in activity},
         "poles_by_status": poles,
     }
+
+
+def health(facts: dict[str, Any]) -> dict[str, Any]:
+    """Green, amber or red, and why: red when the project is past its target end date with work open, or when more
+    than a quarter of its open tasks are overdue; amber when any task is blocked or overdue, when field progress in
+    the last 7 days fell below half of the 7 days before, or when the target is under 30 days away with less than
+    80% of the tasks done; else green."""
+    tasks = facts["tasks_by_status"]
+    open_ = sum(n for s, n in tasks.items() if s != "done")
+    days, done, overdue = facts["days_to_target"], facts["tasks_done_share"], facts["overdue_tasks"]
+    if tasks and not open_:
+        return {"rating": "green", "reasons": ["all tasks are done"]}
+    red, amber = [], []
+    if days < 0 and open_:
+        red.append(f"{-days} days past the target end date with {open_} tasks open")
+    if open_ and overdue > open_ / 4:
+        red.append(f"{overdue} of {open_} open tasks are overdue")
+    elif overdue:
+        amber.append(f"{overdue} overdue task{'s' * (overdue != 1)}")
+    if tasks.get("blocked"):
+        amber.append(f"{tasks['blocked']} blocked task{'s' * (tasks['blocked'] != 1)}")
+    last, before = facts["progress_last_7_days"], facts["progress_previous_7_days"]
+    if before > 0 and last < before / 2:
+        amber.append(f"field progress fell to {last:g} in the last 7 days from {before:g} the 7 days before")
+    if 0 <= days < 30 and done < 0.8:
+        amber.append(f"{days} days to the target end date with {done:.0%} of tasks done")
+    if red or amber:
+        return {"rating": "red" if red else "amber", "reasons": red + amber}
+    return {"rating": "green", "reasons": [f"{done:.0%} of tasks done, {days} days to the target end date, no "
+                                           "blocked or overdue tasks"]}  # fmt: skip

@@ -208,11 +208,12 @@ class Tool:
                                                  "parameters": params}}  # fmt: skip
 
 
-def _rows(conn: psycopg.Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """At most ROW_LIMIT + 1 rows of `sql` (bound `params` only), as dicts with JSON-ready values."""
+def _rows(conn: psycopg.Connection, sql: str, params: dict[str, Any], limit: int | None = ROW_LIMIT + 1
+          ) -> list[dict[str, Any]]:  # fmt: skip
+    """At most `limit` rows of `sql` (bound `params` only), as dicts with JSON-ready values."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute(sql, params)  # type: ignore[arg-type]
-        rows = cur.fetchmany(ROW_LIMIT + 1)
+        rows = cur.fetchall() if limit is None else cur.fetchmany(limit)
     return [{k: float(v) if isinstance(v, Decimal) else v.isoformat() if isinstance(v, dt.date) else v
              for k, v in r.items()} for r in rows]  # fmt: skip
 
@@ -229,25 +230,27 @@ def resolve_project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
     if len(rows) > 1:  # a part of several names, or a name several projects share
         named = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
         raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
-    if not rows and is_name:
-        rows = _misspelt(conn, columns, ref)
+    alike = [] if rows else _alike(conn, columns, ref, is_name)
+    if not rows and is_name:  # the one name it misspells: the same numbers ("Phase 4" never means "Phase 3"), at
+        digits = re.findall(r"\d+", ref)  # least 90% alike and clearly closer than any other such name
+        same = [(score, r) for score, r in alike if re.findall(r"\d+", r["name"]) == digits]
+        if same and same[0][0] >= 0.9 and (len(same) == 1 or same[1][0] <= same[0][0] - 0.05):
+            rows = [same[0][1]]
     if not rows:
-        known = ", ".join(f"{r['id']} ({r['name']})" for r in _rows(conn, "SELECT id, name FROM projects ORDER BY id"
-                                                                          " LIMIT 20", {}))  # fmt: skip
-        raise ToolError(f"no project {ref}; known projects: {known}")
+        closest = ", ".join(f"{r['id']} ({r['name']})" for _, r in alike[:5])
+        raise ToolError(f"no project {ref}; closest projects: {closest or 'none (there are no projects)'}")
     return rows[0]
 
 
-def _misspelt(conn: psycopg.Connection, columns: str, ref: str) -> list[dict[str, Any]]:
-    """The project whose name `ref` misspells: the same numbers, at least 90% alike (difflib) and clearly closer
-    than any other name. "Phase 4" never means "Phase 3"."""
-    digits = re.findall(r"\d+", ref)
-    alike = sorted(((difflib.SequenceMatcher(None, ref, r["name"].casefold()).ratio(), r["id"], r)
-                    for r in _rows(conn, columns, {}) if re.findall(r"\d+", r["name"]) == digits),
-                   key=lambda x: x[:2], reverse=True)  # fmt: skip
-    if not alike or alike[0][0] < 0.9 or (len(alike) > 1 and alike[1][0] > alike[0][0] - 0.05):
-        return []
-    return [alike[0][2]]
+def _alike(conn: psycopg.Connection, columns: str, ref: str, is_name: bool) -> list[tuple[float, dict[str, Any]]]:
+    """Every project, the most alike first (difflib ratio of `ref` to its name, or to its id when `ref` is one).
+    All of them, not ROW_LIMIT: a company has thousands of projects at most."""
+    every = _rows(conn, f"{columns} ORDER BY id", {}, limit=None)
+
+    def score(r: dict[str, Any]) -> float:
+        return difflib.SequenceMatcher(None, ref, r["name"].casefold() if is_name else r["id"]).ratio()
+
+    return sorted(((score(r), r) for r in every), key=lambda x: -x[0])
 
 
 def as_of_date(conn: psycopg.Connection) -> dt.date:

@@ -5,9 +5,10 @@
   answers, at most `fibreflow.max_steps` rounds; the response has the answer, every tool call with its arguments,
   its record ids or its error, and the record ids the answer rests on. The request's filters bound the tools: a
   project filter replaces the project a tool call names, the others narrow the record search.
-- `GET /v1/fibreflow/projects/{id}/summary` and `/health`: the project's facts computed in SQL
-  (`fibreflow.datasets.facts`) -> a prompt whose long instruction prefix is the same for every project (vLLM's
-  prefix cache reuses it) -> the answer, next to the facts; cached with the project_status TTL.
+- `GET /v1/fibreflow/projects/{id}/summary` and `/health`: the conversation the assistant was trained on, its
+  tool call already made: the question, the `project_status` call, its result from the records -> the model's
+  answer (tool_choice "none"), next to the facts computed in SQL (`fibreflow.datasets.facts`); the health check's
+  green/amber/red rating is the facts' rule (`facts.health`), not the model's. Cached with the project_status TTL.
 Both go through the router's keys, limits, A/B, cache, metrics and audit like any chat call. The database is
 reached through a small pool whose connections are checked before use: after a Postgres restart the next request
 reconnects.
@@ -32,13 +33,7 @@ if TYPE_CHECKING:
     from fibreflow.serving.router import Router
 
 CHAT = "/chat/completions"
-INSTRUCTIONS = {  # the fixed prefix: identical for every project, the project's data comes after it
-    "summary": "PROJECT SUMMARY. Summarise the FibreFlow project below for its project manager in 3-5 sentences: "
-    "status, progress against the plan, open and blocked tasks, recent field activity. Use only the data given.",
-    "health": "PROJECT HEALTH CHECK. Rate the FibreFlow project below green, amber or red and give the reasons in "
-    "2-4 sentences: schedule (days left, share of tasks done), blockers and overdue tasks, and whether field "
-    "progress in the last 7 days is up or down on the 7 days before. Use only the data given.",
-}
+QUESTIONS = {"summary": "Summarise project {pid} for me.", "health": "Is project {pid} on track?"}
 
 
 class AskFilters(BaseModel):
@@ -157,10 +152,6 @@ class Encoder:
         return self.res.embed(texts)
 
 
-def _facts_text(facts: dict[str, Any]) -> str:
-    return "Data:\n" + orjson.dumps(facts, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
-
-
 def _answer(resp: Response) -> dict[str, Any]:
     obj = orjson.loads(resp.body)
     return {
@@ -178,7 +169,9 @@ def _ours(resp: Response) -> dict[str, str]:
 
 def frontend_routes(router: Router, res: Resources) -> APIRouter:
     from fibreflow.datasets.agent import Loop
+    from fibreflow.datasets.assistant import tool_call
     from fibreflow.datasets.config import load_data_config
+    from fibreflow.datasets.facts import health
     from fibreflow.datasets.tools import schemas
 
     api = APIRouter(route_class=guarded(("chat",)))
@@ -191,49 +184,57 @@ def frontend_routes(router: Router, res: Resources) -> APIRouter:
 
     tools = schemas()
 
-    @api.post("/v1/fibreflow/ask", summary="A question about FibreFlow data, answered through FibreFlow's tools")
-    async def ask(req: AskRequest, request: Request, call: CurrentCall) -> Response:
-        fib = router.rc.fibreflow
-        loop, used = Loop.start(system, req.question, fib.max_steps), {"prompt_tokens": 0, "completion_tokens": 0}
-
-        def run(name: str, arguments: dict[str, Any]) -> Any:
-            return res.run_tool(name, req.bound(name, arguments, fib.k))
-
+    async def answered(request: Request, call: Call, loop: Loop, run: Any, user: str | None = None,
+                       pattern: str | None = None) -> Response:  # fmt: skip
+        """The loop's model turns through the router until it answers: the last turn's response (or the first that
+        failed)."""
+        used = {"prompt_tokens": 0, "completion_tokens": 0}
         while True:
-            body = chat_body(loop.messages, req.user) | {"tools": tools, "tool_choice": loop.tool_choice}
+            body = chat_body(loop.messages, user) | {"tools": tools, "tool_choice": loop.tool_choice}
             call.usage = {}  # a cached turn sets none
-            resp = await router.dispatch(request, CHAT, body, call)
+            resp = await router.dispatch(request, CHAT, body, call, pattern=pattern)
             if resp.status_code != 200:
                 return resp
             for k in used:  # the call is audited with every turn's tokens
                 used[k] += int(call.usage.get(k) or 0)
             await asyncio.to_thread(loop.take, orjson.loads(resp.body)["choices"][0]["message"], run)
             if loop.done:
-                break
-        call.usage = call.usage | used | {"total_tokens": sum(used.values())}
+                call.usage = call.usage | used | {"total_tokens": sum(used.values())}
+                return resp
+
+    @api.post("/v1/fibreflow/ask", summary="A question about FibreFlow data, answered through FibreFlow's tools")
+    async def ask(req: AskRequest, request: Request, call: CurrentCall) -> Response:
+        fib = router.rc.fibreflow
+        loop = Loop.start(system, req.question, fib.max_steps)
+
+        def run(name: str, arguments: dict[str, Any]) -> Any:
+            return res.run_tool(name, req.bound(name, arguments, fib.k))
+
+        resp = await answered(request, call, loop, run, req.user)
+        if resp.status_code != 200:
+            return resp
         return JSONResponse(_answer(resp) | loop.json(), headers=_ours(resp))
 
     async def project_task(request: Request, call: Call, project_id: str, kind: str) -> Response:
         facts = await asyncio.to_thread(res.facts, project_id)
         if facts is None:
             raise ApiError(404, f"no project {project_id!r}", param="project_id")
-        messages = [
-            {"role": "system", "content": system},
-            {"role": "user", "content": INSTRUCTIONS[kind] + "\n\n" + _facts_text(facts)},
-        ]
-        resp = await router.dispatch(request, CHAT, chat_body(messages, None), call, pattern="project_status")
+        # the round the model would begin with is made here: it only answers, or looks up once more
+        loop = Loop.start(system, QUESTIONS[kind].format(pid=project_id), router.rc.fibreflow.max_steps)
+        status = tool_call("project_status", {"project_id": project_id})
+        await asyncio.to_thread(loop.take, {"tool_calls": [status]}, res.run_tool)
+        resp = await answered(request, call, loop, res.run_tool, pattern="project_status")
         if resp.status_code != 200:
             return resp
-        return JSONResponse(
-            _answer(resp) | {"project_id": project_id, "kind": kind, "facts": facts}, headers=_ours(resp)
-        )
+        out = _answer(resp) | loop.json() | {"project_id": project_id, "kind": kind, "facts": facts}
+        return JSONResponse(out | ({"health": health(facts)} if kind == "health" else {}), headers=_ours(resp))
 
     @api.get("/v1/fibreflow/projects/{project_id}/summary", summary="A project summary for its manager")
-    async def summary(project_id: str, request: Request, call: CurrentCall) -> Response:
+    async def project_summary(project_id: str, request: Request, call: CurrentCall) -> Response:
         return await project_task(request, call, project_id, "summary")
 
     @api.get("/v1/fibreflow/projects/{project_id}/health", summary="A project health check (green/amber/red)")
-    async def health(project_id: str, request: Request, call: CurrentCall) -> Response:
+    async def project_health(project_id: str, request: Request, call: CurrentCall) -> Response:
         return await project_task(request, call, project_id, "health")
 
     return api

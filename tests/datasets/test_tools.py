@@ -5,6 +5,7 @@ transaction is read-only, and a slow query is stopped by the statement timeout."
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 from typing import Any
 
@@ -99,8 +100,25 @@ def test_a_project_is_named_by_its_id_or_its_name(conn: Any) -> None:
         run_tool(conn, "boq_totals", {"project_id": other})
     with pytest.raises(ToolError, match=r"'ftth' names more than one project: PRJ-\d{4} \(.+\), PRJ-"):
         run_tool(conn, "project_status", {"project_id": "FTTH"})
-    with pytest.raises(ToolError, match=rf"no project nowhere park; known projects: {pid} \({name}\)"):
+    names = [r[0] for r in conn.execute("SELECT name FROM projects ORDER BY id")]
+    closest = max(names, key=lambda n: difflib.SequenceMatcher(None, "nowhere park", n.casefold()).ratio())
+    with pytest.raises(ToolError, match=rf"no project nowhere park; closest projects: PRJ-\d+ \({closest}\)"):
         run_tool(conn, "project_status", {"project_id": "Nowhere Park"})
+
+
+def test_a_misspelt_name_resolves_among_thousands_of_projects(conn: Any) -> None:
+    """The misspelt-name match and the closest projects an error lists look at every project, not the first
+    ROW_LIMIT rows a tool's query returns."""
+    columns = [r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name ="
+                                          " 'projects' AND column_name NOT IN ('id', 'name')")]  # fmt: skip
+    cols = ", ".join(columns)
+    conn.execute(f"INSERT INTO projects (id, name, {cols}) SELECT 'PRJ-' || (1000 + i), 'Gravel Ridge Estate ' || i,"
+                 f" {cols} FROM projects, generate_series(1, 400) AS i WHERE id = 'PRJ-0001'")  # fmt: skip
+    assert conn.execute("SELECT count(*) FROM projects").fetchone()[0] > tools.ROW_LIMIT + 200
+    got = run_tool(conn, "project_status", {"project_id": "Gravle Ridge Estate 399"})
+    assert got.data["project"]["id"] == "PRJ-1399" and got.record_ids == ["PRJ-1399"]
+    with pytest.raises(ToolError, match=r"no project gravel ridge estate 999; closest projects: PRJ-1099 "):
+        run_tool(conn, "project_status", {"project_id": "Gravel Ridge Estate 999"})
 
 
 def test_a_name_two_projects_share_is_an_error_not_the_first_of_them(conn: Any) -> None:
@@ -132,9 +150,9 @@ def test_relative_periods_are_dates_as_of_the_datas_date(conn: Any) -> None:
 @pytest.mark.parametrize(
     ("name", "arguments", "message"),
     [
-        ("project_status", {"project_id": "PRJ-9999"}, "no project PRJ-9999; known projects: PRJ-0001"),
+        ("project_status", {"project_id": "PRJ-9999"}, "no project PRJ-9999; closest projects: PRJ-0001"),
         ("project_status", {"project_id": "PRJ-0001'; DROP TABLE projects; --"}, "is not a project id"),
-        ("project_status", {"project_id": "x%' OR '1'='1"}, "no project x%' or '1'='1; known projects: PRJ-0001"),
+        ("project_status", {"project_id": "x%' OR '1'='1"}, "no project x%' or '1'='1; closest projects"),
         ("project_status", {"project_id": "1; SELECT 1"}, "is not a project id like PRJ-0003 or a project's name"),
         ("pole_counts", {"project_id": "Park_FTTH"}, "no project park_ftth;"),  # _ is no LIKE wildcard
         ("progress", {"project_id": "PRJ-0001", "period": "last_week", "start": "2026-03-01"}, "either a period or"),

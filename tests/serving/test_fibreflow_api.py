@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import numpy as np
 import openai
 import psycopg
 import pytest
+from fibreflow.datasets.config import load_data_config
+from fibreflow.datasets.facts import health as facts_health
 from fibreflow.serving.model_server import create_model_app
 from fibreflow.serving.router import create_app
 from serving_helpers import config, metric
@@ -20,6 +23,27 @@ def api(embedded_url: str, tiny_engine: Any, run_app: Any, project_tmp: Path) ->
     upstream = run_app(create_model_app(tiny_engine, default_max_tokens=8))
     cfg = config(upstream, fibreflow={"model": "assistant", "k": 3}).model_copy(update={"max_new_tokens": 8})
     return run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
+
+
+def recording(app: Any, bodies: list[dict[str, Any]]) -> Any:
+    """`app` (ASGI), keeping every request's JSON body: what the router sent the model."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        head = [await receive()]
+        while head[-1].get("more_body"):
+            head.append(await receive())
+        body = b"".join(m.get("body", b"") for m in head)
+        if body:
+            bodies.append(json.loads(body))
+
+        async def replay() -> Any:
+            return head.pop(0) if head else await receive()
+
+        return await app(scope, replay, send)
+
+    return asgi
 
 
 @pytest.fixture
@@ -52,7 +76,7 @@ def test_ask_runs_the_tool_loop_on_the_records(tool_api: str, embedded_url: str,
     if "PRJ-0003" in projects:
         assert first["arguments"] == ARGS and first["record_ids"] == ["PRJ-0003"] and first["error"] is None
     else:  # the tool's error went back to the model, which still answered
-        assert first["record_ids"] == [] and first["error"].startswith("no project PRJ-0003; known projects:")
+        assert first["record_ids"] == [] and first["error"].startswith("no project PRJ-0003; closest projects:")
     in_project = {"question": QUESTION, "filters": {"project_id": project}}
     scoped = httpx.post(f"{tool_api}/v1/fibreflow/ask", json=in_project, timeout=60).json()
     assert scoped["tool_calls"][0]["arguments"] == ARGS | {"project_id": project}  # the filter bounds the call
@@ -69,20 +93,42 @@ def test_ask_runs_the_tool_loop_on_the_records(tool_api: str, embedded_url: str,
 
 
 @pytest.mark.integration
-def test_project_summary_and_health_rest_on_computed_facts_and_are_cached(api: str, embedded_url: str) -> None:
+def test_project_summary_and_health_rest_on_computed_facts_and_are_cached(
+    embedded_url: str, tiny_engine: Any, run_app: Any, project_tmp: Path
+) -> None:
+    """The model gets the conversation it was trained on with the project_status call already made (the records'
+    answer in its tool turn), not a prompt of its own; the health rating is the facts' rule."""
+    from fibreflow.datasets.assistant import conversation
+    from fibreflow.datasets.tools import run_tool, schemas
+
+    bodies: list[dict[str, Any]] = []
+    upstream = run_app(recording(create_model_app(tiny_engine, default_max_tokens=8), bodies))
+    cfg = config(upstream, fibreflow={"model": "assistant", "k": 3}).model_copy(update={"max_new_tokens": 8})
+    api = run_app(create_app(cfg, redis_url="", database_url=embedded_url, watch=False))
     with psycopg.connect(embedded_url, autocommit=True) as conn:
         project, n_tasks = conn.execute(
             "SELECT p.id, count(t.id) FROM projects p JOIN tasks t ON t.project_id = p.id GROUP BY p.id LIMIT 1"
         ).fetchone()
+        status = run_tool(conn, "project_status", {"project_id": project})
     first = httpx.get(f"{api}/v1/fibreflow/projects/{project}/summary", timeout=60)
     assert first.status_code == 200, first.text
-    facts = first.json()["facts"]
+    out = first.json()
+    facts = out["facts"]
     assert sum(facts["tasks_by_status"].values()) == n_tasks and facts["project"]["id"] == project
     assert facts["as_of"] == "2026-10-31"  # the demo data's date, not today's
+    assert out["tool_calls"][0] == {"name": "project_status", "arguments": {"project_id": project},
+                                    "record_ids": [project], "error": None}  # fmt: skip
+    trained = conversation(load_data_config().system_prompt, f"Summarise project {project} for me.",
+                           "project_status", {"project_id": project}, status, "")[:4]  # fmt: skip
+    sent = bodies[0]["messages"]
+    assert [(m["role"], m.get("content")) for m in sent] == [(m["role"], m["content"]) for m in trained]
+    assert sent[2]["tool_calls"][0]["function"] == trained[2]["tool_calls"][0]["function"]
+    assert bodies[0]["tools"] == schemas() and bodies[0]["tool_choice"] == "auto"
     again = httpx.get(f"{api}/v1/fibreflow/projects/{project}/summary", timeout=60).json()
-    assert (first.json()["cache"], again["cache"]) == ("miss", "hit") and again["answer"] == first.json()["answer"]
+    assert (out["cache"], again["cache"]) == ("miss", "hit") and again["answer"] == out["answer"]
     health = httpx.get(f"{api}/v1/fibreflow/projects/{project}/health", timeout=60)
     assert health.status_code == 200 and health.json()["kind"] == "health"
+    assert health.json()["health"] == facts_health(facts)
     missing = httpx.get(f"{api}/v1/fibreflow/projects/NOPE-1/summary")
     assert missing.status_code == 404 and "no project 'NOPE-1'" in missing.json()["error"]["message"]
 
