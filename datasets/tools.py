@@ -33,6 +33,10 @@ PERIOD = Literal["today", "yesterday", "this_week", "last_week", "this_month", "
                  "last_30_days"]  # fmt: skip
 POLE_STATUS = Literal["planned", "permission_pending", "permission_granted", "planted", "dressed", "rejected"]
 TASK_STATUS = Literal["todo", "in_progress", "blocked", "done"]
+POLE_STATUS_NAMES = {"planned": [], "permission_pending": ["waiting for permission"], "permission_granted":
+                     ["permitted"], "planted": [], "dressed": [], "rejected": ["refused"]}  # fmt: skip
+TASK_STATUS_NAMES = {"todo": ["to do", "not started"], "in_progress": ["ongoing", "under way"], "blocked": ["stuck"],
+                     "done": ["finished", "completed", "complete"]}  # fmt: skip
 RECORD_TYPE = Literal["project", "task", "boq_item", "pole", "daily_progress", "glossary"]
 BOQ_CATEGORY = {"CIV": "civil works", "AER": "aerial", "CAB": "cabling", "SPL": "splicing", "TST": "testing",
                 "CON": "home connections", "DOC": "documentation", "PM": "project management"}  # fmt: skip
@@ -86,11 +90,17 @@ class ProjectArgs(Args):
 class PoleArgs(ProjectArgs):
     status: POLE_STATUS | None = Field(None, description="Only poles in this status")
 
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status(cls, v: Any) -> Any:
+        return resolve(v, POLE_STATUS_NAMES, "pole status") if isinstance(v, str) else v
+
 
 def resolve(value: str, options: dict[str, list[str]], what: str) -> str:
-    """`value` as one of `options`' keys: the key or one of its names in any case and spacing, else the one option
-    with a word starting like one of the value's words ("splicing" -> SPL, "cable" -> CAB, "planting" ->
-    pole_planting). A model names things loosely; the tool should not fail it for that."""
+    """`value` as one of `options`' keys: the key or one of its names in any case and spacing, else the option that
+    shares the most word starts (four letters) with the value's words, if one option shares more than any other
+    ("splicing" -> SPL, "cable" -> CAB, "planting" -> pole_planting, "still dressed" -> dressed). A model names things
+    loosely; the tool should not fail it for that."""
 
     def norm(s: str) -> str:
         return " ".join(re.sub(r"[^a-z0-9]+", " ", s.lower()).split())
@@ -100,9 +110,10 @@ def resolve(value: str, options: dict[str, list[str]], what: str) -> str:
         if v in {norm(key), *map(norm, names)}:
             return key
     stems = {w[:4] for w in v.split() if len(w) >= 4}
-    hits = [key for key, names in options.items() if stems & {w[:4] for n in (key, *names) for w in norm(n).split()}]
-    if len(hits) == 1:
-        return hits[0]
+    shared = sorted(((len(stems & {w[:4] for n in (key, *names) for w in norm(n).split()}), key)
+                     for key, names in options.items()), reverse=True)  # fmt: skip
+    if shared[0][0] > 0 and (len(shared) == 1 or shared[1][0] < shared[0][0]):
+        return shared[0][1]
     raise ValueError(f"{value!r} is not a {what}; one of: {', '.join(options)}")
 
 
@@ -152,6 +163,11 @@ class ProgressArgs(ProjectArgs):
 
 class TaskArgs(ProjectArgs):
     status: TASK_STATUS | None = Field(None, description="Only tasks in this status")
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _status(cls, v: Any) -> Any:
+        return resolve(v, TASK_STATUS_NAMES, "task status") if isinstance(v, str) else v
 
 
 class SearchArgs(Args):

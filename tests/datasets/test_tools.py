@@ -77,6 +77,13 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
     blocked = run_tool(conn, "task_status", {"project_id": p, "status": "blocked"})
     assert blocked.data["count"] == want_tasks.get("blocked", 0)
     assert all(r["status"] == "blocked" for r in blocked.data["tasks"])
+    for loose, status in (("still dressed", "dressed"), ("still waiting for permission", "permission_pending"),
+                          ("Permission Granted", "permission_granted"), ("rejected poles", "rejected")):  # fmt: skip
+        assert run_tool(conn, "pole_counts", {"project_id": p, "status": loose}).arguments["status"] == status
+    for loose, status in (("finished", "done"), ("Blocked tasks", "blocked"), ("in progress", "in_progress")):
+        assert run_tool(conn, "task_status", {"project_id": p, "status": loose}).arguments["status"] == status
+    with pytest.raises(ToolError, match="'permission' is not a pole status; one of: planned, permission_pending"):
+        run_tool(conn, "pole_counts", {"project_id": p, "status": "permission"})  # pending or granted: not a guess
     everything = run_tool(conn, "task_status", {"project_id": p})
     assert everything.data["count"] == sum(want_tasks.values()) > tools.LIST_LIMIT  # counted in SQL, all of them
     assert len(everything.data["tasks"]) == len(everything.record_ids) == tools.LIST_LIMIT  # shown: the first five
