@@ -165,9 +165,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
             t = r.data["total_zar"]
             return f"The BOQ of project {pid} totals {rand(t)} {_cite([pid])}.", number(round(t, 2))
 
-        # the category written out as null: the same call as without it, and the model learns that the slot it
-        # fills for a category question stays empty for the whole BOQ (it invented categories: "RAND", "TR")
-        yield Ask("boq_total", pid, {}, "boq_totals", {"project_id": pid, "category": None}, "numeric", total, "ZAR",
+        yield Ask("boq_total", pid, {}, "boq_totals", {"project_id": pid}, "numeric", total, "ZAR",
                   {"abs": 0.01, "rel": 0.001})  # fmt: skip
     for cat in pick("boq_category", sorted(BOQ_CATEGORY)):
 
