@@ -7,7 +7,7 @@
   project filter replaces the project a tool call names, the others narrow the record search.
 - `GET /v1/fibreflow/projects/{id}/summary` and `/health`: the conversation the assistant was trained on, its
   tool call already made: the question, the `project_status` call, its result from the records -> the model's
-  answer (tool_choice "none"), next to the facts computed in SQL (`fibreflow.datasets.facts`); the health check's
+  answer (or one more lookup first), next to the facts computed in SQL (`fibreflow.datasets.facts`); the health check's
   green/amber/red rating is the facts' rule (`facts.health`), not the model's. Cached with the project_status TTL.
 Both go through the router's keys, limits, A/B, cache, metrics and audit like any chat call. The database is
 reached through a small pool whose connections are checked before use: after a Postgres restart the next request
