@@ -91,6 +91,8 @@ class Optim(Strict):
     packing: bool = True  # padding-free: examples concatenated, attention kept inside each example
     pack_len: PositiveInt | None = None  # packed rows' tokens at most (None: seq_len); a longer example is a row of
     # its own. A packed row's attention costs per token in proportion to its length: short rows train faster
+    chat_turns: PositiveInt = 1  # training questions per chat: the system turn and tool block once per chat, not
+    # once per question (training.data.chats); validation rows stay single questions
     gradient_checkpointing: bool = False
     seed: int = 42
 

@@ -8,6 +8,7 @@ included). That works for any template that renders a conversation as a prefix o
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ def tokenize_chat(
     ids = chat_ids(tok, messages, tools, generation_prompt=False)
     labels = [IGNORE] * len(ids)
     for k, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or m.get("weight") == 0:  # weight 0: context to answer after, not to learn
             continue
         start = len(chat_ids(tok, messages[:k], tools, generation_prompt=True))
         upto = chat_ids(tok, messages[: k + 1], tools, generation_prompt=False)
@@ -110,15 +111,61 @@ class Collator:
         return batch
 
 
+def chats(
+    rows: Sequence[dict[str, Any]], tok: Any, tools: Sequence[dict[str, Any]], turns: int, seq_len: int, seed: int
+) -> list[dict[str, Any]]:
+    """Rows merged into multi-turn chats of up to `turns` questions and `seq_len` tokens: rows with the same system
+    turn and tools flag, in a seeded order, their system turn (and the tool block) rendered once per chat instead
+    of once per question. Each question's turns, and so what is learned, are unchanged; the tokens a question costs
+    are its own. A row without a system turn stays alone."""
+    groups: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
+    merged: list[dict[str, Any]] = []
+    for r in rows:
+        first = r["messages"][0]
+        if turns > 1 and first["role"] == "system":
+            groups[(first["content"], bool(r.get("tools")))].append(r)
+        else:
+            merged.append(r)
+    rng = random.Random(seed)
+    for (system, with_tools), members in sorted(groups.items()):
+        offered = tools if with_tools else None
+        head = len(chat_ids(tok, [{"role": "system", "content": system}], offered, generation_prompt=False))
+        rng.shuffle(members)
+        chat: list[dict[str, Any]] = []
+        size = head
+        for r in members:
+            n = len(chat_ids(tok, r["messages"], offered, generation_prompt=False)) - head
+            if chat and (len(chat) == turns or size + n > seq_len):
+                merged.append(_merge(chat))
+                chat, size = [], head
+            chat.append(r)
+            size += n
+        if chat:
+            merged.append(_merge(chat))
+    return merged
+
+
+def _merge(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    messages = [rows[0]["messages"][0]] + [m for r in rows for m in r["messages"][1:]]
+    return {"messages": messages, "tools": bool(rows[0].get("tools"))}
+
+
 def prepare(
-    rows: Sequence[dict[str, Any]], tok: Any, seq_len: int, packing: bool, seed: int, pack_len: int | None = None
+    rows: Sequence[dict[str, Any]],
+    tok: Any,
+    seq_len: int,
+    packing: bool,
+    seed: int,
+    pack_len: int | None = None,
+    turns: int = 1,
 ) -> list[dict[str, list[int]]]:
-    """Chat rows -> training rows (each example cut at `seq_len`; packed into rows of `pack_len`, default
-    `seq_len`, or one example per row); a row with `tools` true is rendered with FibreFlow's tool schemas offered,
-    as the assistant's tool loop asks."""
+    """Chat rows -> training rows (merged `turns` questions to a chat, see `chats`; each example cut at
+    `seq_len`; packed into rows of `pack_len`, default `seq_len`, or one example per row); a row with `tools` true
+    is rendered with FibreFlow's tool schemas offered, as the assistant's tool loop asks."""
     from fibreflow.datasets.tools import schemas
 
     tools = schemas()
+    rows = chats(rows, tok, tools, turns, seq_len, seed) if turns > 1 else rows
     examples = [tokenize_chat(tok, r["messages"], seq_len, tools if r.get("tools") else None) for r in rows]
     return pack(examples, pack_len or seq_len, seed) if packing else unpacked(examples)
 

@@ -210,7 +210,7 @@ def main(
     prep = Prepared(
         base=base,
         tok=tok,
-        train=prepare(train_rows, tok, o.seq_len, o.packing, o.seed, o.pack_len),
+        train=prepare(train_rows, tok, o.seq_len, o.packing, o.seed, o.pack_len, o.chat_turns),
         eval=prepare(eval_rows, tok, o.seq_len, o.packing, o.seed, o.pack_len),
         data_path=data_path,
         system=system_prompt(train_rows),

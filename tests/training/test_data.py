@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fibreflow.core.errors import ConfigError, DatasetBuildError
-from fibreflow.training.data import IGNORE, Collator, check_examples, pack, prepare, tokenize_chat
+from fibreflow.training.data import IGNORE, Collator, check_examples, count_tokens, pack, prepare, tokenize_chat
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -123,3 +123,46 @@ def test_tool_conversations_learn_the_call_and_the_answer_not_the_result(tok) ->
 
 def shifted_back(shift_labels: list[int]) -> list[int]:
     return [IGNORE, *shift_labels[:-1]]
+
+
+def test_chats_render_the_system_turn_once_and_learn_every_question_the_same(tok) -> None:
+    """Questions merged into multi-turn chats: the system turn and tool block once per chat, the learned tokens
+    exactly those of the questions one by one; rows with another system turn or without tools stay apart, and no
+    chat outgrows seq_len."""
+    from fibreflow.datasets.tools import schemas
+    from fibreflow.training.data import chats
+    from toolchat import ANSWER, answered
+
+    tool_rows = [{"messages": [*answered(), {"role": "assistant", "content": f"{ANSWER} ({i})"}], "tools": True}
+                 for i in range(5)]  # fmt: skip
+    plain = [{"messages": CHAT[:3]}, {"messages": CHAT[:3]}, {"messages": [{"role": "system", "content": "Other."},
+                                                                            *CHAT[1:3]]}]  # fmt: skip
+    rows = tool_rows + plain
+    one = prepare(rows, tok, 1024, packing=False, seed=0)
+    merged = prepare(rows, tok, 1024, packing=False, seed=0, turns=4)
+
+    def learned(prepared: list) -> list[str]:
+        text = "".join(tok.decode([t for t, lab in zip(r["input_ids"], shifted_back(r["shift_labels"]), strict=True)
+                                   if lab != IGNORE]) for r in prepared)  # fmt: skip
+        return sorted(s.strip() for s in text.split("<|im_end|>"))
+
+    assert learned(merged) == learned(one)
+    # 5 tool questions in chats of at most 4 (2 chats), the 2 "Be brief." rows in one, "Other." alone
+    assert len(merged) == 4
+    tool_head = len(tokenize_chat(tok, [tool_rows[0]["messages"][0]], 1024, schemas())["input_ids"])
+    brief_head = len(tokenize_chat(tok, CHAT[:1], 1024)["input_ids"])
+    assert count_tokens(one)[0] - count_tokens(merged)[0] == 3 * tool_head + brief_head
+    texts = [tok.decode(r["input_ids"]) for r in merged]
+    assert sorted(t.count("Tools (") for t in texts) == [0, 0, 1, 1]
+    size = len(tokenize_chat(tok, tool_rows[0]["messages"], 1024, schemas())["input_ids"])
+    capped = chats(tool_rows, tok, schemas(), turns=4, seq_len=2 * size - tool_head, seed=0)
+    assert [sum(m["role"] == "user" for m in c["messages"]) for c in capped] == [2, 2, 1]
+
+
+def test_a_turn_of_weight_zero_is_context_not_learned(tok) -> None:
+    """An assistant turn marked `weight: 0` (a call that failed, kept so the model learns what comes after it)
+    carries no labels; the turns after it do."""
+    wrong = {"role": "assistant", "content": "A passive optical splitter.", "weight": 0}
+    ex = tokenize_chat(tok, [*CHAT[:2], wrong, *CHAT[3:]], 512)
+    text = tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE])
+    assert "splitter" not in text and "The optical network terminal at the customer." in text
