@@ -8,7 +8,9 @@ tool looks it up), or a period relative to the data's date ("last week": the cal
 computes the dates). Record questions get RAFT-style results: the right record among distractors of the same
 project and type, as the record search returns them. Also: glossary questions asked with the tools offered
 (answered directly, no call), made-up terms and questions the records cannot answer (the refusal, with the tools
-offered).
+offered). And recoveries: a question whose first call is wrong the way a small model gets it wrong (an argument
+the tool does not take, a made-up BOQ category, dates the wrong way round), the tool's real error, then the right
+call, its result and the answer; the wrong call is context (`weight: 0`), never learned.
 
 Held out twice: test projects (grounded_qa's split) are never in training, and test questions use phrasings
 training never uses. Made-up terms are generated deterministically, none in both splits.
@@ -27,6 +29,7 @@ from typing import Any
 
 import psycopg
 from fibreflow.core.config import Strict
+from fibreflow.core.errors import DatasetBuildError
 from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, number, words
 from fibreflow.datasets.tools import (
     BOQ_CATEGORY,
@@ -46,6 +49,7 @@ PERIODS = {"last_week": "last week", "this_week": "this week", "last_month": "la
            "last_7_days": "in the last 7 days", "last_30_days": "in the last 30 days",
            "yesterday": "yesterday"}  # fmt: skip
 # the progress tool's relative periods as a question says them ("as of the data's date": the tool resolves them)
+MISTAKEN = ("project_status", "boq_total", "progress")  # families whose recoveries start with a wrong call
 
 
 class Phrasings(Strict):
@@ -79,6 +83,7 @@ class AssistantConfig(Strict):
     # project's repeated question (its status, its BOQ total) is asked in another phrasing each time
     typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
     glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
+    recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKES)
     made_up: MadeUp
     unanswerable: Unanswerable
 
@@ -248,16 +253,37 @@ def _pole_records(conn: psycopg.Connection, pid: str, pick: Callable[[str, list[
                   result={"records": records})  # fmt: skip
 
 
+def mistaken(family: str, arguments: dict[str, Any], key: str) -> dict[str, Any]:
+    """The call a small model makes instead of the right one, arguments its tool refuses (MISTAKEN families):
+    project_status given a status, a whole-BOQ total given a made-up category (most calls have two arguments), a
+    period's dates swapped."""
+    k = int(key[:8], 16)
+    if family == "project_status":
+        return arguments | {"status": ("latest", "current", "active", "overall")[k % 4]}
+    if family == "boq_total":
+        return arguments | {"category": ("BOQ", "TOTAL", "ALL", "ZAR")[k % 4]}
+    if family == "progress":
+        return arguments | {"start": arguments["end"], "end": arguments["start"]}
+    raise ValueError(f"no mistake is made up for {family!r}; the families with one are {', '.join(MISTAKEN)}")
+
+
 def tool_call(tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """A call as the training conversations write it (the arguments' JSON spelt the same, token for token)."""
     return {"id": "call_0", "type": "function", "function": {"name": tool, "arguments": json.dumps(arguments)}}
 
 
 def conversation(system: str, question: str, tool: str, arguments: dict[str, Any], result: ToolResult,
-                 answer: str) -> list[dict[str, Any]]:  # fmt: skip
+                 answer: str, error: tuple[dict[str, Any], str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """The question, the call, its result, the answer; with `error` (wrong arguments, the tool's message), first
+    the wrong call (weight 0: context, not learned) and the error, as the loop sends it back."""
+    wrong = [] if error is None else [
+        {"role": "assistant", "content": None, "tool_calls": [tool_call(tool, error[0])], "weight": 0},
+        {"role": "tool", "tool_call_id": "call_0", "content": f"error: {error[1]}"},
+    ]  # fmt: skip
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": question},
+        *wrong,
         {"role": "assistant", "content": None, "tool_calls": [tool_call(tool, arguments)]},
         {"role": "tool", "tool_call_id": "call_0", "content": result.content()},
         {"role": "assistant", "content": answer},
@@ -269,42 +295,66 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     """(training row, test rows) of every grounded question about `project` in `split`. A phrasing that names
     the project only by its name gets a call with the name, unless the tools do not resolve that name to this
     project (at scale, names repeat): then only phrasings with the id are used. A family's questions about one
-    project take its phrasings in turn, from a salted start: no two alike while phrasings are left."""
+    project take its phrasings in turn, from a salted start: no two alike while phrasings are left. In training,
+    `cfg.recoveries` of them (of families with a MISTAKE, different families first) are asked once more, in the
+    next phrasing, with a wrong first call and the tool's error before the right call."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
     except ToolError:
         by_id_only = True
+    pid = project["id"]
     turn: Counter[str] = Counter()
-    for i, ask in enumerate(project_asks(conn, project, cfg)):
-        templates = getattr(cfg.questions[ask.family], split)
-        templates = ([t for t in templates if "{pid}" in t] or templates) if by_id_only else templates
-        key = salted(ask.family, ask.project_id, i, split)
-        start = int(salted(ask.family, ask.project_id, split)[:8], 16)
-        template = templates[(start + turn[ask.family]) % len(templates)]
-        turn[ask.family] += 1
-        question = template.format(pid=ask.project_id, name=project["name"], **ask.slots)
-        arguments = ask.arguments | ({} if "{pid}" in template else {"project_id": project["name"]})
-        if typos and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:
-            question = typo(question, key[16:], " ".join([project["name"], *ask.slots.values()]))
-        if ask.result is not None:
-            ids = [r["record_id"] for r in ask.result["records"]]
-            result = ToolResult(ask.tool, arguments, ask.result, ids)
-        else:
-            result = run_tool(conn, ask.tool, arguments)
-        answer, reference = ask.answer(result)
-        rid = f"asst-{ask.family}-{ask.project_id}-{i}"
-        messages = conversation(system, question, ask.tool, arguments, result, answer)
-        row = {"id": rid, "family": ask.family, "project_id": ask.project_id, "question": question,
-               "answer": answer, "tools": True, "messages": messages}  # fmt: skip
-        tags = ["assistant", ask.family, ask.project_id]
-        call = json.dumps({"name": ask.tool, "arguments": arguments})
-        tests = [
-            {"id": f"{rid}-call", "question": question, "reference": call, "kind": "tool_call", "tools": True,
-             "contexts": [], "tags": [*tags, "tool_call"]},
-            {"id": f"{rid}-answer", "question": question, "reference": reference, "kind": ask.kind, "tools": True,
-             "contexts": [], "unit": ask.unit, "tolerance": ask.tolerance, "tags": [*tags, "grounded"]},
-        ]  # fmt: skip
-        yield row, tests
+    asks = list(project_asks(conn, project, cfg))
+    candidates = sorted(
+        (i for i, a in enumerate(asks) if a.family in MISTAKEN), key=lambda i: salted("recover", pid, i)
+    )
+    ranked: list[tuple[int, int]] = []  # (its family's candidates before it, ask): different families first
+    nth: Counter[str] = Counter()
+    for i in candidates:
+        ranked.append((nth[asks[i].family], i))
+        nth[asks[i].family] += 1
+    redo = {i for _, i in sorted(ranked, key=lambda r: r[0])[: cfg.recoveries]} if split == "train" else set()
+    for i, ask in enumerate(asks):
+        for recover in (False, True) if i in redo else (False,):
+            templates = getattr(cfg.questions[ask.family], split)
+            templates = ([t for t in templates if "{pid}" in t] or templates) if by_id_only else templates
+            key = salted(ask.family, pid, i, split, *(["recover"] if recover else []))
+            start = int(salted(ask.family, pid, split)[:8], 16)
+            template = templates[(start + turn[ask.family]) % len(templates)]
+            turn[ask.family] += 1
+            question = template.format(pid=pid, name=project["name"], **ask.slots)
+            arguments = ask.arguments | ({} if "{pid}" in template else {"project_id": project["name"]})
+            if typos and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:
+                question = typo(question, key[16:], " ".join([project["name"], *ask.slots.values()]))
+            if ask.result is not None:
+                ids = [r["record_id"] for r in ask.result["records"]]
+                result = ToolResult(ask.tool, arguments, ask.result, ids)
+            else:
+                result = run_tool(conn, ask.tool, arguments)
+            error = None
+            if recover:
+                wrong = mistaken(ask.family, arguments, key)
+                try:
+                    run_tool(conn, ask.tool, wrong)
+                except ToolError as exc:
+                    error = (wrong, str(exc))
+                else:
+                    raise DatasetBuildError(f"the mistaken call {wrong} of {ask.family} is not refused by its tool")
+            answer, reference = ask.answer(result)
+            rid = f"asst-{ask.family}-{pid}-{i}" + ("-recover" if recover else "")
+            messages = conversation(system, question, ask.tool, arguments, result, answer, error)
+            row = {"id": rid, "family": "recovery" if recover else ask.family, "project_id": pid,
+                   "question": question, "answer": answer, "tools": True, "messages": messages}  # fmt: skip
+            tags = ["assistant", ask.family, pid]
+            call = json.dumps({"name": ask.tool, "arguments": arguments})
+            tests = [
+                {"id": f"{rid}-call", "question": question, "reference": call, "kind": "tool_call", "tools": True,
+                 "contexts": [], "tags": [*tags, "tool_call"]},
+                {"id": f"{rid}-answer", "question": question, "reference": reference, "kind": ask.kind,
+                 "tools": True, "contexts": [], "unit": ask.unit, "tolerance": ask.tolerance,
+                 "tags": [*tags, "grounded"]},
+            ]  # fmt: skip
+            yield row, tests
 
 
 def made_up_terms(cfg: MadeUp, known: set[str]) -> dict[str, list[str]]:

@@ -47,7 +47,7 @@ CALL = pa.struct([("id", pa.string()), ("type", pa.string()),
                   ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])  # fmt: skip
 TOOL_MESSAGES = pa.list_(
     pa.struct([("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.list_(CALL)),
-               ("tool_call_id", pa.string())])
+               ("tool_call_id", pa.string()), ("weight", pa.int8())])
 )  # fmt: skip
 SCHEMAS = {
     "terminology": pa.schema(

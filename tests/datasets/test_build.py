@@ -194,8 +194,9 @@ def test_logged_as_mlflow_inputs_under_an_active_run(seeded_url: str, tmp_path: 
 
 def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url: str, tmp_path: Path) -> None:
     """No test project, test phrasing or test made-up term in training; every conversation's tool result is what
-    the tool returns on the records; every test question has its expected call and its answer."""
-    from fibreflow.datasets.tools import run_tool
+    the tool returns on the records; every test question has its expected call and its answer. A recovery's wrong
+    call is marked not to be learned and is followed by its tool's own error."""
+    from fibreflow.datasets.tools import ToolError, run_tool
 
     m = _build(seeded_url, tmp_path, **{"grounded_qa.test_fraction": 0.5})
     cfg = load_data_config().assistant
@@ -221,6 +222,10 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     assert made_up and not made_up & {r["question"] for r in test if r["family"] == "made_up_term"}
     train_terms = {r["answer"] for r in train if r["family"] == "made_up_term"}
     assert not train_terms & {r["answer"] for r in test if r["family"] == "made_up_term"}
+    recoveries = [r for r in train + test if r["family"] == "recovery"]
+    train_projects = {r["project_id"] for r in train if r["project_id"]}
+    assert len(recoveries) == cfg.recoveries * len(train_projects) and all(r in train for r in recoveries)
+    assert all(m["weight"] is None for r in train + test if r["family"] != "recovery" for m in r["messages"])
     with db.connect(seeded_url) as conn:
         as_of = conn.execute("SELECT value->>'as_of' FROM fibreflow_meta WHERE key = 'data_source'").fetchone()[0]
         for r in train + test:
@@ -228,6 +233,16 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
             if r["family"] in ("made_up_term", "unanswerable", "glossary"):
                 assert [x["role"] for x in msgs] == ["system", "user", "assistant"] and r["tools"]
                 continue
+            if r["family"] == "recovery":
+                wrong, error, right = msgs[2], msgs[3], msgs[4]
+                assert wrong["weight"] == 0 and right["weight"] is None
+                f = wrong["tool_calls"][0]["function"]
+                assert f["name"] == right["tool_calls"][0]["function"]["name"]
+                with pytest.raises(ToolError) as refused:
+                    run_tool(conn, f["name"], json.loads(f["arguments"]))
+                assert error == {"role": "tool", "tool_call_id": "call_0", "content": f"error: {refused.value}",
+                                 "tool_calls": None, "weight": None}  # fmt: skip
+                msgs = [*msgs[:2], *msgs[4:]]
             call = msgs[2]["tool_calls"][0]["function"]
             result = json.loads(msgs[3]["content"])
             args = json.loads(call["arguments"])
