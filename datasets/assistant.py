@@ -43,8 +43,8 @@ from fibreflow.datasets.tools import (
 )
 from pydantic import Field, model_validator
 
-FAMILIES = ("project_status", "pole_counts", "boq_total", "boq_category", "progress", "progress_recent", "task_status",
-            "pole_record")  # fmt: skip
+FAMILIES = ("project_status", "pole_total", "pole_counts", "boq_total", "boq_category", "progress", "progress_recent",
+            "task_status", "pole_record")  # fmt: skip
 PERIODS = {"last_week": "last week", "this_week": "this week", "last_month": "last month", "this_month": "this month",
            "last_7_days": "in the last 7 days", "last_30_days": "in the last 30 days",
            "yesterday": "yesterday"}  # fmt: skip
@@ -155,6 +155,15 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
     for _ in range(n.get("project_status", 0)):
         yield Ask("project_status", pid, {}, "project_status", {"project_id": pid}, "contains",
                   status_answer)  # fmt: skip
+    for _ in range(n.get("pole_total", 0)):  # all of a project's poles: pole_counts without a status
+
+        def all_poles(r: ToolResult) -> tuple[str, str]:
+            k, by = r.data["total"], r.data["poles_by_status"]
+            parts = ", ".join(f"{c} {words(s)}" for s, c in by.items()) or "none yet"
+            return f"Project {pid} has {k} poles: {parts} {_cite([pid])}.", str(k)
+
+        yield Ask("pole_total", pid, {}, "pole_counts", {"project_id": pid}, "numeric", all_poles, "poles",
+                  {"abs": 0.0, "rel": 0.0})  # fmt: skip
     statuses = ["permission_pending", "planted", "dressed", "planned", "rejected", "permission_granted"]
     for status in pick("pole_counts", statuses):
 
