@@ -83,7 +83,7 @@ class AssistantConfig(Strict):
     # project's repeated question (its status, its BOQ total) is asked in another phrasing each time
     typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
     glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
-    recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKES)
+    recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKEN)
     made_up: MadeUp
     unanswerable: Unanswerable
 
@@ -305,7 +305,7 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     the project only by its name gets a call with the name, unless the tools do not resolve that name to this
     project (at scale, names repeat): then only phrasings with the id are used. A family's questions about one
     project take its phrasings in turn, from a salted start: no two alike while phrasings are left. In training,
-    `cfg.recoveries` of them (of families with a MISTAKE, different families first) are asked once more, in the
+    `cfg.recoveries` of them (of MISTAKEN families, different families first) are asked once more, in the
     next phrasing, with a wrong first call and the tool's error before the right call."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
