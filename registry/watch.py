@@ -2,7 +2,8 @@
 
 Polling works with every MLflow backend (a sqlite file, a tracking server); each poll is one registry read per
 alias, so a change is seen within `interval_s`. Only a registry that answers "no such alias" (or no such model)
-means unset. A read that fails (the tracking server down, sqlite locked) keeps the last known version, so an
+means unset. A move the callback could not apply (it raised) is not recorded, so the next poll offers it again.
+A read that fails (the tracking server down, sqlite locked) keeps the last known version, so an
 outage never moves traffic between arms; failures are counted (`on_error`) and logged once per outage. Each read
 against a tracking server is one HTTP request with a short timeout and no retries, so a poll never hangs for
 minutes and `stop()` returns promptly.
@@ -98,12 +99,15 @@ class AliasWatcher:
                 if not self.failing:
                     log.warning("registry unreadable (%s): the arms keep their versions until it is back", exc)
                 continue
-            old = self.versions.get(alias)
-            first = alias not in self.versions
-            self.versions[alias] = now
+            old, first = self.versions.get(alias), alias not in self.versions
             if now != old or (first and now is not None):  # the first read reports what is set
+                try:
+                    self.on_change(alias, old, now)
+                except Exception as exc:  # not applied (a new vLLM that did not start): the next poll tries again
+                    log.warning("@%s -> v%s not applied, tried again at the next poll: %s", alias, now, exc)
+                    continue
                 moved.append((alias, old, now))
-                self.on_change(alias, old, now)
+            self.versions[alias] = now
         if self.failing and not failed:
             log.warning("registry readable again")
         self.failing = failed

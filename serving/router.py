@@ -106,9 +106,8 @@ class Router:
         if new is not None:
             try:
                 url = self.alias_hook(alias, new) if self.alias_hook is not None else None
-            except Exception as exc:
-                log.warning("alias %s -> v%s: the new version could not be started: %s", alias, new, exc)
-                return  # the arm keeps serving the version it has
+            except Exception as exc:  # the arm keeps serving the version it has; the watcher offers the move again
+                raise RuntimeError(f"alias {alias} -> v{new}: the new version could not be started: {exc}") from exc
             for _, arm in self.targets.alias_arms(alias):
                 if url is not None:
                     self.rc.upstreams[arm.upstream] = self.rc.upstreams[arm.upstream].model_copy(update={"url": url})

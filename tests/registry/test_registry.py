@@ -139,6 +139,18 @@ def test_alias_moves_reach_a_watcher(train_run: Any, gated_home: Path, tiny_llam
         watcher.stop()
     assert len(seen) == 5  # the first read, then each move once, nothing twice
 
+    offered: list[tuple[str, str | None, str | None]] = []
+
+    def refuse_the_first(*change: Any) -> None:  # a subscriber that could not apply a move (its vLLM did not start)
+        offered.append(change)
+        if len(offered) == 1:
+            raise RuntimeError("the new version could not be started")
+
+    stubborn = AliasWatcher("fibreflow-assistant", ("champion",), refuse_the_first, 0.1)
+    assert stubborn.poll() == [] and stubborn.versions == {}  # refused: not recorded as applied
+    assert stubborn.poll() == [("champion", None, "1")] and stubborn.versions == {"champion": "1"}  # offered again
+    assert stubborn.poll() == [] and offered == [("champion", None, "1")] * 2
+
 
 @pytest.mark.integration
 def test_an_interrupted_registration_is_completed_not_duplicated(

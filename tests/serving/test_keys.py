@@ -291,7 +291,7 @@ def test_a_flood_of_random_keys_neither_evicts_real_ones_nor_loads_the_database(
     reads = app.state.router.keys.reads
 
     async def flood() -> list[int]:
-        async with httpx.AsyncClient(base_url=base) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=120) as client:  # 300 at once queue for the pool
             fake = [f"ffk_{secrets.token_hex(6)}.{secrets.token_urlsafe(8)}" for _ in range(300)]
             body = {"model": "assistant", "messages": MSG}
             replies = await asyncio.gather(*(client.post("/v1/chat/completions", headers=bearer(k), json=body)

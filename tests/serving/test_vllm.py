@@ -89,7 +89,7 @@ def vllm_config(port: int, **more: Any) -> Any:
         {
             "vllm.launcher": [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model"],
             "vllm.port": port,
-            "vllm.start_timeout_s": 300,
+            "vllm.start_timeout_s": 600,
             "router.alias_poll_s": 0.5,
             "router.auth.required": False,
             "router.audit.enabled": False,
@@ -106,7 +106,7 @@ def until_version(base: str, body: dict, arm: str, version: str) -> Any:
 
     import httpx
 
-    deadline = time.monotonic() + 480  # a merged arm's move merges, then starts a vLLM (~1-4 min on 2 busy cores)
+    deadline = time.monotonic() + 900  # a merged arm's move merges, then starts a vLLM (1-8 min on 2 busy cores)
     while True:
         r = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-fibreflow-arm": arm}, timeout=120)
         if r.headers.get("x-fibreflow-model-version") == version:
