@@ -49,7 +49,14 @@ PERIODS = {"last_week": "last week", "this_week": "this week", "last_month": "la
            "last_7_days": "in the last 7 days", "last_30_days": "in the last 30 days",
            "yesterday": "yesterday"}  # fmt: skip
 # the progress tool's relative periods as a question says them ("as of the data's date": the tool resolves them)
-MISTAKEN = ("project_status", "boq_total", "progress")  # families whose recoveries start with a wrong call
+# The call a small model makes instead of the right one, with arguments its tool refuses, for the families whose
+# recoveries start with a wrong call: (right arguments, a salted int) -> the wrong ones. project_status given a status,
+# a whole-BOQ total given a made-up category (most calls have two arguments), a period's dates swapped.
+MISTAKES: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
+    "project_status": lambda a, k: a | {"status": ("latest", "current", "active", "overall")[k % 4]},
+    "boq_total": lambda a, k: a | {"category": ("BOQ", "TOTAL", "ALL", "ZAR")[k % 4]},
+    "progress": lambda a, k: a | {"start": a["end"], "end": a["start"]},
+}
 
 
 class Phrasings(Strict):
@@ -83,7 +90,7 @@ class AssistantConfig(Strict):
     # project's repeated question (its status, its BOQ total) is asked in another phrasing each time
     typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
     glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
-    recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKEN)
+    recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKES)
     made_up: MadeUp
     unanswerable: Unanswerable
 
@@ -262,20 +269,6 @@ def _pole_records(conn: psycopg.Connection, pid: str, pick: Callable[[str, list[
                   result={"records": records})  # fmt: skip
 
 
-def mistaken(family: str, arguments: dict[str, Any], key: str) -> dict[str, Any]:
-    """The call a small model makes instead of the right one, arguments its tool refuses (MISTAKEN families):
-    project_status given a status, a whole-BOQ total given a made-up category (most calls have two arguments), a
-    period's dates swapped."""
-    k = int(key[:8], 16)
-    if family == "project_status":
-        return arguments | {"status": ("latest", "current", "active", "overall")[k % 4]}
-    if family == "boq_total":
-        return arguments | {"category": ("BOQ", "TOTAL", "ALL", "ZAR")[k % 4]}
-    if family == "progress":
-        return arguments | {"start": arguments["end"], "end": arguments["start"]}
-    raise ValueError(f"no mistake is made up for {family!r}; the families with one are {', '.join(MISTAKEN)}")
-
-
 def tool_call(tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """A call as the training conversations write it (the arguments' JSON spelt the same, token for token)."""
     return {"id": "call_0", "type": "function", "function": {"name": tool, "arguments": json.dumps(arguments)}}
@@ -305,7 +298,7 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     the project only by its name gets a call with the name, unless the tools do not resolve that name to this
     project (at scale, names repeat): then only phrasings with the id are used. A family's questions about one
     project take its phrasings in turn, from a salted start: no two alike while phrasings are left. In training,
-    `cfg.recoveries` of them (of MISTAKEN families, different families first) are asked once more, in the
+    `cfg.recoveries` of them (of MISTAKES' families, different families first) are asked once more, in the
     next phrasing, with a wrong first call and the tool's error before the right call."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
@@ -315,7 +308,7 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     turn: Counter[str] = Counter()
     asks = list(project_asks(conn, project, cfg))
     candidates = sorted(
-        (i for i, a in enumerate(asks) if a.family in MISTAKEN), key=lambda i: salted("recover", pid, i)
+        (i for i, a in enumerate(asks) if a.family in MISTAKES), key=lambda i: salted("recover", pid, i)
     )
     ranked: list[tuple[int, int]] = []  # (its family's candidates before it, ask): different families first
     nth: Counter[str] = Counter()
@@ -342,7 +335,7 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
                 result = run_tool(conn, ask.tool, arguments)
             error = None
             if recover:
-                wrong = mistaken(ask.family, arguments, key)
+                wrong = MISTAKES[ask.family](arguments, int(key[:8], 16))
                 try:
                     run_tool(conn, ask.tool, wrong)
                 except ToolError as exc:

@@ -98,9 +98,9 @@ class PoleArgs(ProjectArgs):
 
 def resolve(value: str, options: dict[str, list[str]], what: str) -> str:
     """`value` as one of `options`' keys: the key or one of its names in any case and spacing, else the option that
-    shares the most word starts (four letters) with the value's words, if one option shares more than any other
-    ("splicing" -> SPL, "cable" -> CAB, "planting" -> pole_planting, "still dressed" -> dressed). A model names things
-    loosely; the tool should not fail it for that."""
+    shares the most word starts (four letters, then five on a tie) with the value's words, if one option shares more
+    than any other ("splicing" -> SPL, "cable" -> CAB, "planting" -> pole_planting, "still dressed" -> dressed,
+    "still_planting" -> planted, not planned). A model names things loosely; the tool should not fail it for that."""
 
     def norm(s: str) -> str:
         return " ".join(re.sub(r"[^a-z0-9]+", " ", s.lower()).split())
@@ -109,10 +109,16 @@ def resolve(value: str, options: dict[str, list[str]], what: str) -> str:
     for key, names in options.items():
         if v in {norm(key), *map(norm, names)}:
             return key
-    stems = {w[:4] for w in v.split() if len(w) >= 4}
-    shared = sorted(((len(stems & {w[:4] for n in (key, *names) for w in norm(n).split()}), key)
-                     for key, names in options.items()), reverse=True)  # fmt: skip
-    if shared[0][0] > 0 and (len(shared) == 1 or shared[1][0] < shared[0][0]):
+
+    def starts(words: list[str], n: int) -> set[str]:
+        return {w[:n] for w in words if len(w) >= n}
+
+    def share(names: list[str]) -> tuple[int, int]:
+        theirs = [w for n in names for w in norm(n).split()]
+        return len(starts(v.split(), 4) & starts(theirs, 4)), len(starts(v.split(), 5) & starts(theirs, 5))
+
+    shared = sorted(((share([key, *names]), key) for key, names in options.items()), reverse=True)
+    if shared[0][0][0] > 0 and (len(shared) == 1 or shared[1][0] < shared[0][0]):
         return shared[0][1]
     raise ValueError(f"{value!r} is not a {what}; one of: {', '.join(options)}")
 

@@ -78,7 +78,8 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
     assert blocked.data["count"] == want_tasks.get("blocked", 0)
     assert all(r["status"] == "blocked" for r in blocked.data["tasks"])
     for loose, status in (("still dressed", "dressed"), ("still waiting for permission", "permission_pending"),
-                          ("Permission Granted", "permission_granted"), ("rejected poles", "rejected")):  # fmt: skip
+                          ("Permission Granted", "permission_granted"), ("rejected poles", "rejected"),
+                          ("still_planting", "planted"), ("planning", "planned")):  # fmt: skip
         assert run_tool(conn, "pole_counts", {"project_id": p, "status": loose}).arguments["status"] == status
     for loose, status in (("finished", "done"), ("Blocked tasks", "blocked"), ("in progress", "in_progress")):
         assert run_tool(conn, "task_status", {"project_id": p, "status": loose}).arguments["status"] == status
