@@ -1,6 +1,8 @@
 """The assistant's tool loop: the model decides which question is asked (a tool call and its arguments), the
 records answer it in SQL (datasets/tools.py), and the model says the answer in words. At most `max_steps` rounds
 of tool calls; the turn after the last round is asked with tool_choice "none", so every loop ends with an answer.
+A last turn with no text (a small model may call a tool even then) is answered `NO_ANSWER`, marked `answered: false`:
+the caller gets "I don't know", never an empty answer.
 
 `Loop` is the one state machine behind every caller: `ask()` below (any OpenAI-compatible chat callable, e.g. an
 `openai.OpenAI` client on the router), the router's `POST /v1/fibreflow/ask` (async, through its own dispatch) and
@@ -19,6 +21,7 @@ from fibreflow.datasets.tools import ToolError, ToolResult, schemas
 Complete = Callable[[list[dict[str, Any]], list[dict[str, Any]], str], dict[str, Any]]  # (messages, tools,
 # tool_choice) -> the assistant message (OpenAI shape: content, tool_calls)
 RunTool = Callable[[str, dict[str, Any]], ToolResult]
+NO_ANSWER = "I don't know: FibreFlow's records gave me no answer to that."
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Loop:
     calls: list[Called] = field(default_factory=list)
     rounds: int = 0
     answer: str | None = None
+    answered: bool = False  # the answer is the model's text, not NO_ANSWER
 
     @classmethod
     def start(cls, system: str, question: str, max_steps: int = 3) -> Loop:
@@ -62,10 +66,12 @@ class Loop:
 
     def take(self, reply: dict[str, Any], run: RunTool) -> None:
         """The model's turn: its tool calls are run (an error becomes the tool's answer, for the model to read), or
-        its content is the answer."""
+        its content is the answer (NO_ANSWER where it has none)."""
         calls = reply.get("tool_calls") or []
         if not calls or self.rounds >= self.max_steps:
-            self.answer = reply.get("content") or ""
+            said = reply.get("content") or ""
+            self.answered = bool(said.strip())
+            self.answer = said if self.answered else NO_ANSWER
             return
         self.rounds += 1
         self.messages.append({"role": "assistant", "content": reply.get("content"), "tool_calls": calls})
@@ -76,8 +82,8 @@ class Loop:
             self.messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": content})
 
     def json(self) -> dict[str, Any]:
-        return {"answer": self.answer, "tool_calls": [c.json() for c in self.calls], "record_ids": self.record_ids,
-                "steps": self.rounds}  # fmt: skip
+        return {"answer": self.answer, "answered": self.answered, "tool_calls": [c.json() for c in self.calls],
+                "record_ids": self.record_ids, "steps": self.rounds}  # fmt: skip
 
 
 def _run(name: str, arguments: str, run: RunTool) -> tuple[Called, str]:

@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import psycopg
 import pytest
-from fibreflow.datasets.agent import Loop, ask, openai_complete
+from fibreflow.datasets.agent import NO_ANSWER, Loop, ask, openai_complete
 from fibreflow.datasets.tools import run_tool, schemas
 from toolchat import ARGS, QUESTION, SYSTEM
 
@@ -61,3 +61,19 @@ def test_every_loop_ends_with_an_answer_within_max_steps(seeded_url: str) -> Non
     tool_turns = [m["content"] for m in loop.messages if m["role"] == "tool"]
     assert tool_turns[0].startswith("error: ") and json.loads(tool_turns[2])["project"]["id"] == "PRJ-0001"
     assert Loop.start(SYSTEM, "q").tool_choice == "auto"
+    assert loop.answered and loop.json()["answered"] is True
+
+
+def test_a_loop_whose_model_says_nothing_answers_i_dont_know() -> None:
+    """A last turn that is only a tool call (or empty): the answer is NO_ANSWER, never "", and says so."""
+    from fibreflow.eval.scorers import admits_not_knowing
+
+    def never_run(name: str, arguments: dict[str, Any]) -> Any:
+        raise AssertionError("no tool runs after the last round")
+
+    for last in ({"content": None, "tool_calls": [{"id": "c", "type": "function", "function":
+                  {"name": "project_status", "arguments": "{}"}}]}, {"content": "  "}):  # fmt: skip
+        loop = Loop.start(SYSTEM, "What is a Lumvane tension spool?", max_steps=0)
+        loop.take(last, never_run)
+        assert loop.done and loop.answer == NO_ANSWER and not loop.answered and admits_not_knowing(loop.answer)
+        assert loop.json()["answered"] is False and loop.calls == []
