@@ -153,6 +153,9 @@ def main(
                 numbers_grounded(loops[role][i]) if s.tools and "grounded" in s.tags else None
                 for i, s in enumerate(samples)
             ]
+            # the loop's answer is the model's own text, not its "I don't know" for a last turn with none
+            scores[role]["loop_answered"] = [float(loops[role][i].answered) if i in loops[role] else None
+                                             for i in range(len(samples))]  # fmt: skip
         wanted = [x for x in cfg.judge.metrics if x in ANSWER_JUDGED]
         if cfg.judge.enabled and wanted:  # an answer through the tool loop is held to the tool results it read
             seen = [contexts_of(loops[role][i]) if i in loops[role] else shown[i] for i in range(len(samples))]
