@@ -79,7 +79,7 @@ def period_dates(period: str, as_of: dt.date) -> tuple[dt.date, dt.date]:
 
 
 class ProjectArgs(Args):
-    project_id: str = Field(description="The project's id (PRJ-0003) or its name")
+    project_id: str = Field(max_length=100, description="The project's id (PRJ-0003) or its name")
 
     @field_validator("project_id")
     @classmethod
@@ -178,7 +178,9 @@ class TaskArgs(ProjectArgs):
 
 class SearchArgs(Args):
     query: str = Field(min_length=1, max_length=300, description="What to look for, in words")
-    project_id: str | None = Field(None, description="Only this project's records: its id (PRJ-0003) or name")
+    project_id: str | None = Field(
+        None, max_length=100, description="Only this project's records: its id (PRJ-0003) or name"
+    )
     record_type: RECORD_TYPE | None = Field(None, description="Only records of this type")
     region: str | None = Field(None, max_length=100, description="Only records of projects in this region")
     date_from: dt.date | None = Field(None, description="Only records dated on or after this day (YYYY-MM-DD)")

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from fibreflow.datasets.agent import Called, Loop
-from fibreflow.eval.loop import numbers_grounded
+from fibreflow.datasets.agent import NO_ANSWER, Called, Loop
+from fibreflow.eval.loop import answer_of, numbers_grounded
 from fibreflow.eval.scorers import call_matches, score
 from fibreflow.eval.testset import Sample
 from toolchat import ARGS, QUESTION
@@ -60,6 +60,10 @@ def test_a_tool_call_sample_needs_a_valid_call_and_the_tools() -> None:
     refusal = Sample(id="2", question="What is a Zentrix drop coupler?", reference="", kind="open", tools=True,
                      tags=["assistant", "made_up_term"])  # fmt: skip
     assert score(refusal, "I don't know that term.") == 1.0 and score(refusal, "A coupler.") == 0.0
+    silent = Loop.start("s", refusal.question, max_steps=0)
+    silent.take({"content": None}, lambda n, a: None)  # type: ignore[arg-type,return-value]
+    assert silent.answer == NO_ANSWER and answer_of(refusal, silent) == ""  # the platform's words earn no refusal
+    assert score(refusal, answer_of(refusal, silent)) == 0.0 and score(ok, answer_of(ok, silent)) == 0.0
 
 
 def test_numbers_not_in_the_tools_results_are_invented() -> None:

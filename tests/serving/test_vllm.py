@@ -183,7 +183,8 @@ def test_router_in_front_of_real_vllm_follows_a_promotion(
         rendered = httpx.post(url.removesuffix("/v1") + "/tokenize", json=chat, headers=token, timeout=60)
         assert rendered.json()["tokens"] == chat_ids(AutoTokenizer.from_pretrained(bundled_base), answered(), tools())
         named = {"type": "function", "function": {"name": "pole_counts"}}
-        ask = body | {"messages": asked(), "tools": tools(), "tool_choice": named, "max_tokens": 80}
+        # the arguments are decoded to the schema (maxLength bounds every string): 200 tokens hold any call
+        ask = body | {"messages": asked(), "tools": tools(), "tool_choice": named, "max_tokens": 200}
         called = httpx.post(f"{base}/v1/chat/completions", json=ask, timeout=120)
         assert called.status_code == 200, called.text
         call = called.json()["choices"][0]["message"]["tool_calls"][0]
