@@ -113,9 +113,11 @@ def resolve(value: str, options: dict[str, list[str]], what: str) -> str:
     def starts(words: list[str], n: int) -> set[str]:
         return {w[:n] for w in words if len(w) >= n}
 
+    mine = starts(v.split(), 4), starts(v.split(), 5)
+
     def share(names: list[str]) -> tuple[int, int]:
         theirs = [w for n in names for w in norm(n).split()]
-        return len(starts(v.split(), 4) & starts(theirs, 4)), len(starts(v.split(), 5) & starts(theirs, 5))
+        return len(mine[0] & starts(theirs, 4)), len(mine[1] & starts(theirs, 5))
 
     shared = sorted(((share([key, *names]), key) for key, names in options.items()), reverse=True)
     if shared[0][0][0] > 0 and (len(shared) == 1 or shared[1][0] < shared[0][0]):

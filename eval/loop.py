@@ -97,11 +97,10 @@ def answer_all(
 def answer_of(sample: Sample, loop: Loop) -> str:
     """What the model said: its first call for a `tool_call` sample, else its answer; "" where it said nothing (the
     loop's NO_ANSWER is the platform's, not the model's: it earns no refusal)."""
-    said = (loop.answer or "") if loop.answered else ""
     if sample.kind == "tool_call" and loop.calls:
         first = loop.calls[0]
         return json.dumps({"name": first.name, "arguments": first.arguments})
-    return said
+    return (loop.answer or "") if loop.answered else ""
 
 
 def contexts_of(loop: Loop) -> list[str]:

@@ -102,7 +102,8 @@ class Router:
     def on_alias(self, alias: str, old: str | None, new: str | None) -> None:
         """The alias moved: have every upstream serving an arm on it serve the new version, then repoint. An
         `alias_hook` (merged arms: a new vLLM per version) answers with the URL that serves it; otherwise the
-        version's adapter is loaded on the arm's upstream."""
+        version's adapter is loaded on the arm's upstream. A hook that fails raises: nothing moves, and the watcher
+        offers the move again at its next poll."""
         if new is not None:
             try:
                 url = self.alias_hook(alias, new) if self.alias_hook is not None else None
