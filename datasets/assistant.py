@@ -144,8 +144,12 @@ def _cite(ids: list[str], most: int = 3) -> str:
     return "[" + ", ".join(ids[:most]) + (", ..." if len(ids) > most else "") + "]"
 
 
-def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConfig) -> Iterator[Ask]:
-    """Every question of the mixture about project `p` (id, name), picked deterministically."""
+def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConfig, periods_from: int | None = None
+                 ) -> Iterator[Ask]:  # fmt: skip
+    """Every question of the mixture about project `p` (id, name), picked deterministically. Relative periods: with
+    `periods_from` (training), the project's questions take PERIODS in turn from that place, so that across projects
+    every period is taught, each with an activity that has work in it if one has; without (test), a period with work,
+    picked at random."""
     pid, n = p["id"], cfg.per_project
 
     def pick(family: str, options: list[Any]) -> list[Any]:
@@ -231,7 +235,15 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
                         " GROUP BY 1, 2", (pid,)).fetchall()  # fmt: skip
     recent = sorted((a, u, q) for a, u, ds in days for q in PERIODS)
     worked = [(a, u, q) for a, u, ds in days for q in PERIODS if any(spans[q][0] <= d <= spans[q][1] for d in ds)]
-    for activity, unit, period in pick("progress_recent", sorted(worked) or recent):  # a period with work, if any
+    if periods_from is None:
+        chosen = pick("progress_recent", sorted(worked) or recent)  # a period with work, if any
+    else:
+        chosen = []
+        for k in range(n.get("progress_recent", 0)):
+            period = list(PERIODS)[(periods_from + k) % len(PERIODS)]
+            options = [x for x in worked if x[2] == period] or [x for x in recent if x[2] == period]
+            chosen += sorted(options, key=lambda o: salted("progress_recent", pid, o))[:1]
+    for activity, unit, period in chosen:
 
         def lately(r: ToolResult, a: str = activity, u: str = unit, q: str = period) -> tuple[str, str]:
             rows = [x["quantity"] for x in r.data["by_activity"] if x["activity"] == a]
@@ -293,20 +305,22 @@ def conversation(system: str, question: str, tool: str, arguments: dict[str, Any
 
 
 def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, project: dict[str, Any], split: str,
-             typos: bool) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:  # fmt: skip
+             typos: bool, nth: int = 0) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:  # fmt: skip
     """(training row, test rows) of every grounded question about `project` in `split`. A phrasing that names
     the project only by its name gets a call with the name, unless the tools do not resolve that name to this
     project (at scale, names repeat): then only phrasings with the id are used. A family's questions about one
     project take its phrasings in turn, from a salted start: no two alike while phrasings are left. In training,
     `cfg.recoveries` of them (of MISTAKES' families, different families first) are asked once more, in the
-    next phrasing, with a wrong first call and the tool's error before the right call."""
+    next phrasing, with a wrong first call and the tool's error before the right call. `nth`: the project's place
+    among its split's projects (training takes the relative periods in turn across them)."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
     except ToolError:
         by_id_only = True
     pid = project["id"]
     turn: Counter[str] = Counter()
-    asks = list(project_asks(conn, project, cfg))
+    periods_from = nth * cfg.per_project.get("progress_recent", 0) if split == "train" else None
+    asks = list(project_asks(conn, project, cfg, periods_from))
     candidates = sorted(
         (i for i, a in enumerate(asks) if a.family in MISTAKES), key=lambda i: salted("recover", pid, i)
     )

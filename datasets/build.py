@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
@@ -230,9 +231,11 @@ def _build_assistant(
     }
     a, t = cfg.assistant, cfg.terminology
     projects = list(stream(conn, "SELECT id, name FROM projects ORDER BY id", None, cfg.cursor_rows))
+    nth: Counter[str] = Counter()  # projects so far per split
     for p in tqdm(projects, desc="assistant", unit="project", disable=not progress, leave=False):
         split = "test" if p["id"] in held_out else "train"
-        for row, tests in asst.grounded(conn, a, cfg.system_prompt, p, split, typos=split == "train"):
+        nth[split] += 1
+        for row, tests in asst.grounded(conn, a, cfg.system_prompt, p, split, split == "train", nth[split] - 1):
             writers[split].write(row)
             for test in tests if split == "test" else []:
                 _write_test_row(test_jsonl, test)

@@ -10,6 +10,7 @@ import pytest
 from fibreflow.core import db
 from fibreflow.core.errors import DatasetBuildError, SchemaMissing
 from fibreflow.datasets import build
+from fibreflow.datasets.assistant import PERIODS
 from fibreflow.datasets.config import load_data_config
 from fibreflow.datasets.manifest import read_manifest
 
@@ -198,8 +199,11 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     call is marked not to be learned and is followed by its tool's own error."""
     from fibreflow.datasets.tools import ToolError, run_tool
 
-    m = _build(seeded_url, tmp_path, **{"grounded_qa.test_fraction": 0.5})
-    cfg = load_data_config().assistant
+    recent = len(PERIODS)  # the one train project asked about each relative period once
+    m = _build(
+        seeded_url, tmp_path, **{"grounded_qa.test_fraction": 0.5, "assistant.per_project.progress_recent": recent}
+    )
+    cfg = load_data_config({"assistant.per_project.progress_recent": recent}).assistant
     train, test = _rows(m, "assistant", "train"), _rows(m, "assistant", "test")
     test_projects = set(read_manifest(m).grounded_qa_test_projects)
     assert test_projects and {r["project_id"] for r in test if r["project_id"]} == test_projects
@@ -260,6 +264,9 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
                 right = [x for x in records if x["content"].startswith(f"Pole {pole} ")]
                 assert len(right) == 1 and msgs[4]["content"].endswith(f"[{right[0]['record_id']}].")
             assert msgs[4]["content"] == r["answer"] and r["project_id"] in r["answer"]
+    taught = {json.loads(r["messages"][2]["tool_calls"][0]["function"]["arguments"])["period"] for r in train
+              if r["family"] == "progress_recent"}  # fmt: skip
+    assert taught == set(PERIODS)  # every relative period is taught, whichever had work
     rows = [json.loads(x) for x in (m / "accuracy_test.jsonl").read_text().splitlines()]
     calls = [x for x in rows if x["kind"] == "tool_call"]
     assert len(calls) == len([r for r in test if r["project_id"]])
