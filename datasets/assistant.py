@@ -144,17 +144,23 @@ def _cite(ids: list[str], most: int = 3) -> str:
     return "[" + ", ".join(ids[:most]) + (", ..." if len(ids) > most else "") + "]"
 
 
-def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConfig, periods_from: int | None = None
+def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConfig, nth: int | None = None
                  ) -> Iterator[Ask]:  # fmt: skip
-    """Every question of the mixture about project `p` (id, name), picked deterministically. Relative periods: with
-    `periods_from` (training), the project's questions take PERIODS in turn from that place, so that across projects
-    every period is taught, each with an activity that has work in it if one has; without (test), a period with work,
-    picked at random."""
+    """Every question of the mixture about project `p` (id, name), picked deterministically. `nth`: the project's
+    place among the training projects (None: a test project). A training project takes the values of the fixed lists
+    (pole and task statuses, BOQ categories, relative periods) in turn from where the one before stopped, so that
+    across projects every value is taught (at random, 16 questions over 8 categories had left one out); a test
+    project's are picked at random, a period among those with work."""
     pid, n = p["id"], cfg.per_project
 
     def pick(family: str, options: list[Any]) -> list[Any]:
         ranked = sorted(options, key=lambda o: salted(family, pid, o))
         return ranked[: n.get(family, 0)]
+
+    def turns(family: str, options: list[Any]) -> list[Any]:
+        k = n.get(family, 0)
+        return pick(family, options) if nth is None else [options[(nth * k + j) % len(options)]
+                                                          for j in range(min(k, len(options)))]  # fmt: skip
 
     def status_answer(r: ToolResult) -> tuple[str, str]:
         d = r.data
@@ -176,7 +182,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
         yield Ask("pole_total", pid, {}, "pole_counts", {"project_id": pid}, "numeric", all_poles, "poles",
                   {"abs": 0.0, "rel": 0.0})  # fmt: skip
     statuses = ["permission_pending", "planted", "dressed", "planned", "rejected", "permission_granted"]
-    for status in pick("pole_counts", statuses):
+    for status in turns("pole_counts", statuses):
 
         def poles(r: ToolResult, s: str = status) -> tuple[str, str]:
             k = r.data["poles_by_status"].get(s, 0)
@@ -192,7 +198,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
 
         yield Ask("boq_total", pid, {}, "boq_totals", {"project_id": pid}, "numeric", total, "ZAR",
                   {"abs": 0.01, "rel": 0.001})  # fmt: skip
-    for cat in pick("boq_category", sorted(BOQ_CATEGORY)):
+    for cat in turns("boq_category", sorted(BOQ_CATEGORY)):
 
         def category(r: ToolResult, c: str = cat) -> tuple[str, str]:
             entry = r.data["by_category"].get(c, {"amount_zar": 0.0, "quantities": {}})
@@ -219,7 +225,7 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
                                     "end": str(end)}, "progress",
                   {"project_id": pid, "start": str(start), "end": str(end), "activity": activity}, "numeric", done,
                   unit, {"abs": 0.05, "rel": 0.0})  # fmt: skip
-    for status in pick("task_status", ["blocked", "in_progress", "todo", "done"]):
+    for status in turns("task_status", ["blocked", "in_progress", "todo", "done"]):
 
         def tasks(r: ToolResult, s: str = status) -> tuple[str, str]:
             rows, k = r.data["tasks"], r.data["count"]
@@ -235,12 +241,11 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
                         " GROUP BY 1, 2", (pid,)).fetchall()  # fmt: skip
     recent = sorted((a, u, q) for a, u, ds in days for q in PERIODS)
     worked = [(a, u, q) for a, u, ds in days for q in PERIODS if any(spans[q][0] <= d <= spans[q][1] for d in ds)]
-    if periods_from is None:
+    if nth is None:
         chosen = pick("progress_recent", sorted(worked) or recent)  # a period with work, if any
-    else:
+    else:  # each period in turn, with an activity that has work in it if one has
         chosen = []
-        for k in range(n.get("progress_recent", 0)):
-            period = list(PERIODS)[(periods_from + k) % len(PERIODS)]
+        for period in turns("progress_recent", list(PERIODS)):
             options = [x for x in worked if x[2] == period] or [x for x in recent if x[2] == period]
             chosen += sorted(options, key=lambda o: salted("progress_recent", pid, o))[:1]
     for activity, unit, period in chosen:
@@ -312,15 +317,14 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     project take its phrasings in turn, from a salted start: no two alike while phrasings are left. In training,
     `cfg.recoveries` of them (of MISTAKES' families, different families first) are asked once more, in the
     next phrasing, with a wrong first call and the tool's error before the right call. `nth`: the project's place
-    among its split's projects (training takes the relative periods in turn across them)."""
+    among its split's projects (training takes the fixed lists' values in turn across them: project_asks)."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
     except ToolError:
         by_id_only = True
     pid = project["id"]
     turn: Counter[str] = Counter()
-    periods_from = nth * cfg.per_project.get("progress_recent", 0) if split == "train" else None
-    asks = list(project_asks(conn, project, cfg, periods_from))
+    asks = list(project_asks(conn, project, cfg, nth if split == "train" else None))
     candidates = sorted(
         (i for i, a in enumerate(asks) if a.family in MISTAKES), key=lambda i: salted("recover", pid, i)
     )
