@@ -10,7 +10,9 @@ project and type, as the record search returns them. Also: glossary questions as
 (answered directly, no call), made-up terms and questions the records cannot answer (the refusal, with the tools
 offered). And recoveries: a question whose first call is wrong the way a small model gets it wrong (an argument
 the tool does not take, a made-up BOQ category, dates the wrong way round), the tool's real error, then the right
-call, its result and the answer; the wrong call is context (`weight: 0`), never learned.
+call, its result and the answer; the wrong call is context (`weight: 0`), never learned. And call drills: a train
+question asked again in other phrasings, learned up to its call only (the call is what the loop hinges on; a drill
+costs ~70 tokens).
 
 Held out twice: test projects (grounded_qa's split) are never in training, and test questions use phrasings
 training never uses. Made-up terms are generated deterministically, none in both splits.
@@ -91,6 +93,8 @@ class AssistantConfig(Strict):
     typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
     glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
     recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKES)
+    call_drills: int = Field(0, ge=0)  # per train question: asked again that many times in the next phrasings, each
+    # learned up to its call (no result, no answer): the call is what the loop hinges on, and it is cheap
     made_up: MadeUp
     unanswerable: Unanswerable
 
@@ -316,7 +320,8 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     project (at scale, names repeat): then only phrasings with the id are used. A family's questions about one
     project take its phrasings in turn, from a salted start: no two alike while phrasings are left. In training,
     `cfg.recoveries` of them (of MISTAKES' families, different families first) are asked once more, in the
-    next phrasing, with a wrong first call and the tool's error before the right call. `nth`: the project's place
+    next phrasing, with a wrong first call and the tool's error before the right call; and every one is asked
+    `cfg.call_drills` more times, in the next phrasings, up to its call only. `nth`: the project's place
     among its split's projects (training takes the fixed lists' values in turn across them: project_asks)."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
@@ -329,16 +334,18 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
         (i for i, a in enumerate(asks) if a.family in MISTAKES), key=lambda i: salted("recover", pid, i)
     )
     ranked: list[tuple[int, int]] = []  # (its family's candidates before it, ask): different families first
-    nth: Counter[str] = Counter()
+    before: Counter[str] = Counter()
     for i in candidates:
-        ranked.append((nth[asks[i].family], i))
-        nth[asks[i].family] += 1
+        ranked.append((before[asks[i].family], i))
+        before[asks[i].family] += 1
     redo = {i for _, i in sorted(ranked, key=lambda r: r[0])[: cfg.recoveries]} if split == "train" else set()
+    drills = cfg.call_drills if split == "train" else 0
     for i, ask in enumerate(asks):
-        for recover in (False, True) if i in redo else (False,):
+        for mode in ("", *(["recover"] if i in redo else []), *(f"drill{k}" for k in range(drills))):
+            recover = mode == "recover"
             templates = getattr(cfg.questions[ask.family], split)
             templates = ([t for t in templates if "{pid}" in t] or templates) if by_id_only else templates
-            key = salted(ask.family, pid, i, split, *(["recover"] if recover else []))
+            key = salted(ask.family, pid, i, split, *([mode] if mode else []))
             start = int(salted(ask.family, pid, split)[:8], 16)
             template = templates[(start + turn[ask.family]) % len(templates)]
             turn[ask.family] += 1
@@ -346,6 +353,17 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
             arguments = ask.arguments | ({} if "{pid}" in template else {"project_id": project["name"]})
             if typos and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:
                 question = typo(question, key[16:], " ".join([project["name"], *ask.slots.values()]))
+            rid = f"asst-{ask.family}-{pid}-{i}" + (f"-{mode}" if mode else "")
+            call = json.dumps({"name": ask.tool, "arguments": arguments})
+            if mode.startswith("drill"):  # learned up to the call: no result, no answer
+                messages = [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": None, "tool_calls": [tool_call(ask.tool, arguments)]},
+                ]
+                yield {"id": rid, "family": "drill", "project_id": pid, "question": question, "answer": call,
+                       "tools": True, "messages": messages}, []  # fmt: skip
+                continue
             if ask.result is not None:
                 ids = [r["record_id"] for r in ask.result["records"]]
                 result = ToolResult(ask.tool, arguments, ask.result, ids)
@@ -361,12 +379,10 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
                 else:
                     raise DatasetBuildError(f"the mistaken call {wrong} of {ask.family} is not refused by its tool")
             answer, reference = ask.answer(result)
-            rid = f"asst-{ask.family}-{pid}-{i}" + ("-recover" if recover else "")
             messages = conversation(system, question, ask.tool, arguments, result, answer, error)
             row = {"id": rid, "family": "recovery" if recover else ask.family, "project_id": pid,
                    "question": question, "answer": answer, "tools": True, "messages": messages}  # fmt: skip
             tags = ["assistant", ask.family, pid]
-            call = json.dumps({"name": ask.tool, "arguments": arguments})
             tests = [
                 {"id": f"{rid}-call", "question": question, "reference": call, "kind": "tool_call", "tools": True,
                  "contexts": [], "tags": [*tags, "tool_call"]},

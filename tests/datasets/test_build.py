@@ -226,10 +226,26 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     train_projects = {r["project_id"] for r in train if r["project_id"]}
     assert len(recoveries) == cfg.recoveries * len(train_projects) and all(r in train for r in recoveries)
     assert all(m["weight"] is None for r in train + test if r["family"] != "recovery" for m in r["messages"])
+    drills = [r for r in train + test if r["family"] == "drill"]  # a question again, learned up to its call only
+    by_id = {r["id"]: r for r in train}
+    asked = [r for r in train if r["project_id"] and r["family"] not in ("drill", "recovery")]
+    assert cfg.call_drills and len(drills) == cfg.call_drills * len(asked) and all(r in train for r in drills)
+    for r in drills:
+        first = by_id[r["id"].rsplit("-", 1)[0]]
+        assert [x["role"] for x in r["messages"]] == ["system", "user", "assistant"]
+        (call,), (its,) = r["messages"][2]["tool_calls"], first["messages"][2]["tool_calls"]
+        a, b = (json.loads(c["function"]["arguments"]) for c in (call, its))  # the project by its id or its name
+        assert call["function"]["name"] == its["function"]["name"] and r["question"] != first["question"]
+        refs = (r["project_id"], names[r["project_id"]])
+        assert a.pop("project_id") in refs and b.pop("project_id") in refs and a == b
+        shapes = [re.sub(r"\\\{\w+\\\}", ".+", re.escape(p)) + "$" for p in cfg.questions[first["family"]].test]
+        assert not any(re.match(s, r["question"]) for s in shapes)
     with db.connect(seeded_url) as conn:
         as_of = conn.execute("SELECT value->>'as_of' FROM fibreflow_meta WHERE key = 'data_source'").fetchone()[0]
         for r in train + test:
             msgs = r["messages"]
+            if r["family"] == "drill":
+                continue
             if r["family"] in ("made_up_term", "unanswerable", "glossary"):
                 assert [x["role"] for x in msgs] == ["system", "user", "assistant"] and r["tools"]
                 continue
