@@ -329,11 +329,12 @@ def progress(conn: psycopg.Connection, a: ProgressArgs) -> tuple[dict[str, Any],
                        " FROM daily_progress WHERE project_id = %(p)s AND report_date BETWEEN %(a)s AND %(b)s"
                        " AND (%(act)s::text IS NULL OR activity = %(act)s) GROUP BY activity, unit ORDER BY activity",
                  {"p": pid, "a": start, "b": end, "act": a.activity})  # fmt: skip
-    if a.activity is not None and not rows:
-        known = [r["activity"] for r in _rows(conn, "SELECT DISTINCT activity FROM daily_progress WHERE project_id ="
-                                                    " %(p)s ORDER BY 1", {"p": pid})]  # fmt: skip
-        if a.activity not in known:
-            raise ToolError(f"progress: no activity {a.activity!r} on {pid}; its activities: {', '.join(known)}")
+    if a.activity is not None and not rows:  # none in the span: said as a zero in its unit, not left to be inferred
+        units = {r["activity"]: r["unit"] for r in _rows(conn, "SELECT DISTINCT ON (activity) activity, unit FROM"
+                 " daily_progress WHERE project_id = %(p)s ORDER BY activity, unit", {"p": pid})}  # fmt: skip
+        if a.activity not in units:
+            raise ToolError(f"progress: no activity {a.activity!r} on {pid}; its activities: {', '.join(units)}")
+        rows = [{"activity": a.activity, "unit": units[a.activity], "quantity": 0.0, "days": 0}]
     assert start is not None and end is not None  # the arguments' validator: dates or a period
     span = {"period": a.period, "as_of": str(as_of)} if a.period else {}
     return {"project_id": pid, **span, "start": start.isoformat(), "end": end.isoformat(), "by_activity": rows}, [pid]

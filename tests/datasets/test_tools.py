@@ -73,7 +73,14 @@ def test_the_tools_answer_what_the_records_say(conn: Any) -> None:
     planted = run_tool(conn, "progress", {"project_id": p, "start": str(start), "end": str(end),
                                           "activity": "poles planted"})  # fmt: skip
     assert planted.arguments["activity"] == "pole_planting"
-    assert [r["activity"] for r in planted.data["by_activity"]] in ([], ["pole_planting"])
+    assert [r["activity"] for r in planted.data["by_activity"]] == ["pole_planting"]
+    before = dt.date.fromisoformat("2000-01-01")  # an activity asked for a span without work: its zero, in its unit
+    unit = conn.execute("SELECT min(unit) FROM daily_progress WHERE project_id = %s AND activity = 'pole_planting'",
+                        (p,)).fetchone()[0]  # fmt: skip
+    none = run_tool(
+        conn, "progress", {"project_id": p, "start": str(before), "end": str(before), "activity": "planting"}
+    )
+    assert none.data["by_activity"] == [{"activity": "pole_planting", "unit": unit, "quantity": 0.0, "days": 0}]
     blocked = run_tool(conn, "task_status", {"project_id": p, "status": "blocked"})
     assert blocked.data["count"] == want_tasks.get("blocked", 0)
     assert all(r["status"] == "blocked" for r in blocked.data["tasks"])
