@@ -12,7 +12,7 @@ offered). And recoveries: a question whose first call is wrong the way a small m
 the tool does not take, a made-up BOQ category, dates the wrong way round), the tool's real error, then the right
 call, its result and the answer; the wrong call is context (`weight: 0`), never learned. And call drills: a train
 question asked again in other phrasings, learned up to its call only (the call is what the loop hinges on; a drill
-costs ~70 tokens).
+costs ~80 tokens).
 
 Held out twice: test projects (grounded_qa's split) are never in training, and test questions use phrasings
 training never uses. Made-up terms are generated deterministically, none in both splits.
