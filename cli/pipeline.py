@@ -125,6 +125,7 @@ def report(steps: dict[str, Any]) -> str:
             "tool_grounded_accuracy",
             "refusal_accuracy",
             "numbers_grounded",
+            "model_numbers_grounded",
         ):
             a, b = e.scores["champion"][k], e.scores["challenger"][k]
             lines.append(f"    {k}: {a:.3f} -> {b:.3f} ({d.diff:+.3f}, 95% CI {d.ci_low:+.3f} .. {d.ci_high:+.3f})")

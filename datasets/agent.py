@@ -2,7 +2,11 @@
 records answer it in SQL (datasets/tools.py), and the model says the answer in words. At most `max_steps` rounds
 of tool calls; the turn after the last round is asked with tool_choice "none", so every loop ends with an answer.
 A last turn with no text (a small model may call a tool even then) is answered `NO_ANSWER`, marked `answered: false`:
-the caller gets "I don't know", never an empty answer.
+the caller gets "I don't know", never an empty answer. An answer after tool calls with a number that neither a tool
+result nor the question holds (`core/numbers.py`: ids and dates are not numbers) is not passed on either: a figure
+the records did not give is one the model made up. The caller gets `WITHHELD` ("I don't know"), `answered: false`
+and the numbers in `unsupported_numbers`; the model's text stays in `said` for the evaluation, never in the
+response. An answer without a call is the model's own knowledge (a glossary definition may hold "1:32") and passes.
 
 `Loop` is the one state machine behind every caller: `ask()` below (any OpenAI-compatible chat callable, e.g. an
 `openai.OpenAI` client on the router), the router's `POST /v1/fibreflow/ask` (async, through its own dispatch) and
@@ -16,12 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fibreflow.core.numbers import unsupported
 from fibreflow.datasets.tools import ToolError, ToolResult, schemas
 
 Complete = Callable[[list[dict[str, Any]], list[dict[str, Any]], str], dict[str, Any]]  # (messages, tools,
 # tool_choice) -> the assistant message (OpenAI shape: content, tool_calls)
 RunTool = Callable[[str, dict[str, Any]], ToolResult]
 NO_ANSWER = "I don't know: FibreFlow's records gave me no answer to that."
+WITHHELD = "I don't know: the records I looked up do not hold the figures my answer had, so I will not guess."
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,9 @@ class Loop:
     calls: list[Called] = field(default_factory=list)
     rounds: int = 0
     answer: str | None = None
-    answered: bool = False  # the answer is the model's text, not NO_ANSWER
+    answered: bool = False  # the answer is the model's text, not NO_ANSWER or WITHHELD
+    said: str = ""  # the model's last text, passed on or not
+    unsupported: list[float] = field(default_factory=list)  # the numbers that got its text withheld
 
     @classmethod
     def start(cls, system: str, question: str, max_steps: int = 3) -> Loop:
@@ -60,18 +68,24 @@ class Loop:
         return "auto" if self.rounds < self.max_steps else "none"
 
     @property
+    def sources(self) -> list[str]:
+        """What an answer's numbers may come from: the question and every tool result."""
+        return [m["content"] for m in self.messages if m["role"] in ("user", "tool") and m["content"]]
+
+    @property
     def record_ids(self) -> list[str]:
         """Every record the tools answered from, first seen first."""
         return list(dict.fromkeys(i for c in self.calls for i in c.record_ids))
 
     def take(self, reply: dict[str, Any], run: RunTool) -> None:
         """The model's turn: its tool calls are run (an error becomes the tool's answer, for the model to read), or
-        its content is the answer (NO_ANSWER where it has none)."""
+        its content is the answer (NO_ANSWER where it has none, WITHHELD where it has a number from nowhere)."""
         calls = reply.get("tool_calls") or []
         if not calls or self.rounds >= self.max_steps:
-            said = reply.get("content") or ""
-            self.answered = bool(said.strip())
-            self.answer = said if self.answered else NO_ANSWER
+            self.said = reply.get("content") or ""
+            self.unsupported = unsupported(self.said, self.sources) if self.calls else []
+            self.answered = bool(self.said.strip()) and not self.unsupported
+            self.answer = self.said if self.answered else WITHHELD if self.unsupported else NO_ANSWER
             return
         self.rounds += 1
         self.messages.append({"role": "assistant", "content": reply.get("content"), "tool_calls": calls})
@@ -83,7 +97,8 @@ class Loop:
 
     def json(self) -> dict[str, Any]:
         return {"answer": self.answer, "answered": self.answered, "tool_calls": [c.json() for c in self.calls],
-                "record_ids": self.record_ids, "steps": self.rounds}  # fmt: skip
+                "record_ids": self.record_ids, "steps": self.rounds,
+                "unsupported_numbers": self.unsupported}  # fmt: skip
 
 
 def _run(name: str, arguments: str, run: RunTool) -> tuple[Called, str]:

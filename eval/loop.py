@@ -3,7 +3,9 @@ advanced a round at a time, each round one batched generation; FibreFlow's tools
 
 Each sample's answer: for a `tool_call` sample the model's first call (`{"name", "arguments"}` as JSON), else the
 loop's final answer. `numbers_grounded` checks that every number in an answer to a data question is in what the
-tools returned (or in the question): a number from nowhere is an invented one. `contexts_of` is what a judge
+tools returned (or in the question): a number from nowhere is an invented one. It is asked of the answer the caller
+got (the loop withholds an answer with such a number after a tool call; one without a call passes) and of the
+model's own text (`said`). `contexts_of` is what a judge
 (RAGAS faithfulness) holds the answer to: the tool results the model read.
 """
 
@@ -13,10 +15,10 @@ import json
 from typing import Any
 
 from fibreflow.core.chat import parse_tool_calls
+from fibreflow.core.numbers import unsupported
 from fibreflow.datasets.agent import Loop
 from fibreflow.eval.config import ToolLoop
 from fibreflow.eval.generators import Generator
-from fibreflow.eval.scorers import numbers
 from fibreflow.eval.testset import Sample
 
 
@@ -108,8 +110,6 @@ def contexts_of(loop: Loop) -> list[str]:
     return [m["content"] for m in loop.messages if m["role"] == "tool" and m["content"]]
 
 
-def numbers_grounded(loop: Loop) -> float:
-    """1.0 when every number in the answer is in a tool's result or the question (within a cent), else 0.0."""
-    seen = [q.value for m in loop.messages if m["role"] in ("tool", "user") for q in numbers(m["content"] or "")]
-    said = [q.value for q in numbers(loop.answer or "")]
-    return float(all(any(abs(v - s) <= 0.005 for s in seen) for v in said))
+def numbers_grounded(loop: Loop, text: str | None = None) -> float:
+    """1.0 when every number in the loop's answer (or `text`) is in a tool's result or the question, else 0.0."""
+    return float(not unsupported(loop.answer or "" if text is None else text, loop.sources))

@@ -149,9 +149,13 @@ def main(
             samples, said, embedder if cfg.semantic_similarity else None, progress
         )
         if loops[role]:
-            scores[role]["numbers_grounded"] = [
-                numbers_grounded(loops[role][i]) if s.tools and "grounded" in s.tags else None
-                for i, s in enumerate(samples)
+            grounded = {i for i, s in enumerate(samples) if s.tools and "grounded" in s.tags}
+            # what the caller got, and what the model said (the loop withholds a number from nowhere after a call)
+            scores[role]["numbers_grounded"] = [numbers_grounded(loops[role][i]) if i in grounded else None
+                                                for i in range(len(samples))]  # fmt: skip
+            scores[role]["model_numbers_grounded"] = [
+                numbers_grounded(loops[role][i], loops[role][i].said) if i in grounded else None
+                for i in range(len(samples))
             ]
             # the loop's answer is the model's own text, not its "I don't know" for a last turn with none
             scores[role]["loop_answered"] = [float(loops[role][i].answered) if i in loops[role] else None
@@ -176,7 +180,8 @@ def main(
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "eval-" + "-vs-".join(cfg.models), nested=parent):
         _log(cfg, samples, prompts, answers, scores, retrieval, judged, diffs, summary)
         if any(loops.values()):
-            traces = {role: {samples[i].id: loop.json() | {"messages": loop.messages} for i, loop in found.items()}
+            traces = {role: {samples[i].id: loop.json() | {"said": loop.said, "messages": loop.messages}
+                             for i, loop in found.items()}
                       for role, found in loops.items()}  # fmt: skip
             mlflow.log_dict(traces, "eval/tool_loops.json")
         mlflow.set_tag("eval_key", key)

@@ -16,46 +16,16 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
+
+from fibreflow.core.numbers import UNITS, Quantity, numbers
 
 if TYPE_CHECKING:
     from fibreflow.eval.testset import Sample
 
-# unit -> (dimension, factor to the dimension's base unit)
-UNITS: dict[str, tuple[str, float]] = {
-    "m": ("length", 1.0),
-    "metre": ("length", 1.0),
-    "metres": ("length", 1.0),
-    "meter": ("length", 1.0),
-    "meters": ("length", 1.0),
-    "km": ("length", 1000.0),
-    "kilometre": ("length", 1000.0),
-    "kilometres": ("length", 1000.0),
-    "m²": ("area", 1.0),
-    "m2": ("area", 1.0),
-    "sqm": ("area", 1.0),
-    "r": ("money", 1.0),
-    "zar": ("money", 1.0),
-    "rand": ("money", 1.0),
-    "%": ("percent", 1.0),
-}
-_IDS = re.compile(r"\b[A-Z]{2,}-\d+\b|\b\d{4}-\d{2}-\d{2}\b")  # PRJ-0003, 2025-08-11: not quantities
-_NUMBER = re.compile(
-    r"(?P<cur>\bR|\bZAR)?\s?"
-    r"(?P<num>-?(?:\d{1,3}(?:[,\u00a0\u202f ]\d{3})+|\d+)(?:\.\d+)?)"
-    r"(?:\s?(?P<unit>km|kilometres?|metres?|meters?|m²|m2|sqm|m|%|zar|rand)\b|(?P<pct>%))?",
-    re.IGNORECASE,
-)
-
-
 REFUSAL = re.compile(
     r"\b(don't|do not|doesn't|does not) know\b|\bnot (in|part of) fibreflow|\bnot familiar\b|\bno information\b", re.I
 )
-
-
-class Quantity(NamedTuple):
-    value: float
-    unit: str | None
 
 
 def normalise(text: str) -> str:
@@ -65,16 +35,6 @@ def normalise(text: str) -> str:
     s = re.sub(r"(?<=\d)[,.](?=\d)", lambda m: "\0" if m.group() == "." else "", s)
     s = re.sub(r"[^\w\s\0²%]|_", " ", s).replace("\0", ".")
     return " ".join(s.split())
-
-
-def numbers(text: str) -> list[Quantity]:
-    """Every quantity in a text, with its unit if one is attached ("R 1 200" -> 1200 r)."""
-    out = []
-    for m in _NUMBER.finditer(_IDS.sub(" ", text)):
-        value = float(re.sub(r"[,\u00a0\u202f ]", "", m.group("num")))
-        unit = m.group("unit") or m.group("pct") or m.group("cur")
-        out.append(Quantity(value, unit.lower() if unit else None))
-    return out
 
 
 def _in_unit(q: Quantity, unit: str | None) -> float | None:

@@ -74,7 +74,7 @@ class Sample(BaseModel):
     @model_validator(mode="after")
     def _kind_fields(self) -> Sample:
         if self.kind == "numeric":
-            from fibreflow.eval.scorers import numbers
+            from fibreflow.core.numbers import numbers
 
             if not numbers(self.reference):
                 raise ValueError(f"reference {self.reference!r} is not a number (kind numeric)")

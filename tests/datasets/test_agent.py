@@ -9,7 +9,7 @@ from typing import Any
 import openai
 import psycopg
 import pytest
-from fibreflow.datasets.agent import NO_ANSWER, Loop, ask, openai_complete
+from fibreflow.datasets.agent import NO_ANSWER, WITHHELD, Loop, ask, openai_complete
 from fibreflow.datasets.tools import run_tool, schemas
 from toolchat import ARGS, QUESTION, SYSTEM
 
@@ -77,3 +77,37 @@ def test_a_loop_whose_model_says_nothing_answers_i_dont_know() -> None:
         loop.take(last, never_run)
         assert loop.done and loop.answer == NO_ANSWER and not loop.answered and admits_not_knowing(loop.answer)
         assert loop.json()["answered"] is False and loop.calls == []
+
+
+def test_an_answer_with_a_number_the_records_did_not_give_is_withheld(seeded_url: str) -> None:
+    """After a call, every number the caller gets is in a tool result or the question; an answer with one from
+    nowhere becomes WITHHELD ("I don't know"), its numbers named, the model's text kept for the evaluation only.
+    An answer without a call is the model's own knowledge and passes."""
+    from fibreflow.eval.scorers import admits_not_knowing
+
+    question = "How many poles does {pid} have, counting the last 7 days?"
+    with psycopg.connect(seeded_url, autocommit=True) as conn:
+        pid = conn.execute("SELECT id FROM projects ORDER BY id LIMIT 1").fetchone()[0]
+
+        def answer(text: str) -> Loop:
+            said = iter([{"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "pole_counts",
+                          "arguments": json.dumps({"project_id": pid})}}]}, {"content": text}])  # fmt: skip
+            return ask(question.format(pid=pid), lambda m, t, c: next(said), lambda n, a: run_tool(conn, n, a),
+                       system=SYSTEM)  # fmt: skip
+
+        total = json.loads(answer("").messages[3]["content"])["total"]
+        assert total > 0
+        for grounded in (f"{pid} has {total:,} poles [{pid}].", f"{total} poles over 7 days.", "No count, sorry."):
+            loop = answer(grounded)
+            assert loop.answered and loop.answer == grounded and loop.unsupported == [], grounded
+        invented = f"{pid} has {total + 1} poles, {total} of them planted in 2025 [{pid}]."
+        loop = answer(invented)
+        assert not loop.answered and loop.answer == WITHHELD and admits_not_knowing(loop.answer)
+        assert loop.unsupported == [total + 1, 2025] and loop.said == invented
+        out = loop.json()
+        assert out["unsupported_numbers"] == [total + 1, 2025] and invented not in json.dumps(out)
+        assert out["tool_calls"][0]["record_ids"] == [pid]  # what the records said is still there
+
+    plain = Loop.start(SYSTEM, "What is a PON splitter?")
+    plain.take({"content": "A passive device that splits one fibre 1:32."}, lambda n, a: None)  # type: ignore[arg-type,return-value]
+    assert plain.answered and plain.answer.endswith("1:32.")  # no call: nothing to hold it to

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from fibreflow.eval.scorers import normalise, numbers, score
+from fibreflow.core.numbers import numbers
+from fibreflow.eval.scorers import normalise, score
 from fibreflow.eval.testset import Sample
 
 

@@ -74,8 +74,10 @@ def test_numbers_not_in_the_tools_results_are_invented() -> None:
     for answer, grounded in (("Project PRJ-0003 has 14 poles waiting [PRJ-0003].", 1.0), ("R 1,234.50 in all.", 1.0),
                              ("Project PRJ-0003 has 15 poles waiting.", 0.0), ("No numbers at all.", 1.0),
                              ("14 poles, 3 of them late.", 0.0)):  # fmt: skip
-        loop.answer = answer
-        assert numbers_grounded(loop) == grounded, answer
+        assert numbers_grounded(loop, answer) == grounded, answer
+    loop.take({"content": "Project PRJ-0003 has 15 poles waiting."}, lambda n, a: None)  # type: ignore[arg-type,return-value]
+    assert not loop.answered and loop.unsupported == [15]  # withheld: the caller got "I don't know"
+    assert numbers_grounded(loop) == 1.0 and numbers_grounded(loop, loop.said) == 0.0  # the model's text is scored too
 
 
 @pytest.mark.integration
