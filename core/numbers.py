@@ -1,7 +1,8 @@
 """The quantities in a text, and which of them no source holds: one reading of numbers for the scorers (a numeric
 answer, units converted) and for the tool loop's check that every number it passes on came from the records.
 
-Project ids and dates are not quantities ("PRJ-0003", "2025-08-11"); "R 1 200", "1,200" and "1 200 m" are 1200.
+Project ids and dates are not quantities ("PRJ-0003", "2025-08-11", the month "2025-08"); "R 1 200", "1,200" and
+"1 200 m" are 1200.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ UNITS: dict[str, tuple[str, float]] = {
     "rand": ("money", 1.0),
     "%": ("percent", 1.0),
 }
-_IDS = re.compile(r"\b[A-Z]{2,}-\d+\b|\b\d{4}-\d{2}-\d{2}\b")  # PRJ-0003, 2025-08-11: not quantities
+_IDS = re.compile(r"\b[A-Z]{2,}-\d+\b|\b\d{4}-\d{2}(?:-\d{2})?\b")  # PRJ-0003, 2025-08-11, 2025-08: not quantities
 _NUMBER = re.compile(
     r"(?P<cur>\bR|\bZAR)?\s?"
     r"(?P<num>-?(?:\d{1,3}(?:[,\u00a0\u202f ]\d{3})+|\d+)(?:\.\d+)?)"

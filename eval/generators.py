@@ -40,9 +40,11 @@ class Generator(Protocol):
     @property
     def settings(self) -> dict[str, Any]: ...
 
-    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
-        """Each conversation's answer; with `tools` offered, a call comes back in the project's tool format
-        (`<tool_call>{"name", "arguments"}</tool_call>`, core/chat.py), whatever the backend."""
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:  # fmt: skip
+        """Each conversation's answer, at most `max_new_tokens` (default: the generator's own) long; with `tools`
+        offered, a call comes back in the project's tool format (`<tool_call>{"name", "arguments"}</tool_call>`,
+        core/chat.py), whatever the backend."""
         ...
 
 
@@ -68,10 +70,12 @@ class LocalGenerator:
             "greedy": True,
         }
 
-    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:  # fmt: skip
         from fibreflow.eval.generate import generate_local
 
-        kw = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "progress": self.progress}
+        kw = {"batch_size": self.batch_size, "max_new_tokens": max_new_tokens or self.max_new_tokens,
+              "progress": self.progress}  # fmt: skip
         return generate_local(self.model, self.tok, conversations, tools=tools, **kw)
 
 
@@ -101,7 +105,8 @@ class VllmGenerator:
             **{f"engine.{k}": v for k, v in self.engine_args.items()},
         }
 
-    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:  # fmt: skip
         from fibreflow.core.chat import template_for
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
@@ -110,7 +115,7 @@ class VllmGenerator:
             lora = {"enable_lora": True, "max_lora_rank": self.max_lora_rank} if self.adapter else {}
             self._llm = LLM(model=self.model_path, seed=0, **lora, **self.engine_args)
         request = LoRARequest(self.name, 1, self.adapter) if self.adapter else None
-        params = SamplingParams(temperature=0.0, max_tokens=self.max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens or self.max_new_tokens)
         template = template_for(self._llm.get_tokenizer())  # as training rendered the chats
         outs = self._llm.chat(list(conversations), params, lora_request=request, use_tqdm=False, tools=tools,
                               chat_template=template)  # fmt: skip
@@ -147,10 +152,12 @@ class EndpointGenerator:
             "temperature": 0.0,
         }
 
-    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None) -> list[str]:
-        return run_sync(self._all(conversations, tools))
+    def generate(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:  # fmt: skip
+        return run_sync(self._all(conversations, tools, max_new_tokens or self.max_new_tokens))
 
-    async def _all(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None) -> list[str]:
+    async def _all(self, conversations: Sequence[Conversation], tools: list[dict[str, Any]] | None,
+                   max_new_tokens: int) -> list[str]:  # fmt: skip
         import openai
 
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
@@ -166,7 +173,7 @@ class EndpointGenerator:
                 self.peak_in_flight = max(self.peak_in_flight, in_flight)
                 try:
                     raw = await client.chat.completions.with_raw_response.create(
-                        model=self.model, messages=conv, max_tokens=self.max_new_tokens, temperature=0.0,
+                        model=self.model, messages=conv, max_tokens=max_new_tokens, temperature=0.0,
                         **({"tools": tools} if tools else {})
                     )  # fmt: skip
                     out = raw.parse()

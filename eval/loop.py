@@ -32,27 +32,23 @@ def ask_all(
 
     loops = {q: Loop.start(system, q, cfg.max_steps) for q in dict.fromkeys(questions)}
     db = load_db_config()
-    budget, gen.max_new_tokens = gen.max_new_tokens, cfg.max_new_tokens  # type: ignore[attr-defined]
-    try:
-        with connect(database_url or configured_url(db), timeout_s=db.connect_timeout_s) as conn:
-            search = _Search()
+    with connect(database_url or configured_url(db), timeout_s=db.connect_timeout_s) as conn:
+        search = _Search()
 
-            def run(name: str, arguments: dict[str, Any]) -> Any:
-                return run_tool(
-                    conn, name, arguments, retriever=search.retriever() if name == "search_records" else None
+        def run(name: str, arguments: dict[str, Any]) -> Any:
+            return run_tool(conn, name, arguments, retriever=search.retriever() if name == "search_records" else None)
+
+        while pending := [loop for loop in loops.values() if not loop.done]:
+            for choice in ("auto", "none"):
+                group = [loop for loop in pending if loop.tool_choice == choice]
+                if not group:
+                    continue
+                texts = gen.generate(
+                    [loop.messages for loop in group], schemas() if choice == "auto" else None, cfg.max_new_tokens
                 )
-
-            while pending := [loop for loop in loops.values() if not loop.done]:
-                for choice in ("auto", "none"):
-                    group = [loop for loop in pending if loop.tool_choice == choice]
-                    if not group:
-                        continue
-                    texts = gen.generate([loop.messages for loop in group], schemas() if choice == "auto" else None)
-                    for loop, text in zip(group, texts, strict=True):
-                        content, calls = parse_tool_calls(text)
-                        loop.take({"content": content, "tool_calls": [c.openai() for c in calls]}, run)
-    finally:
-        gen.max_new_tokens = budget  # type: ignore[attr-defined]
+                for loop, text in zip(group, texts, strict=True):
+                    content, calls = parse_tool_calls(text)
+                    loop.take({"content": content, "tool_calls": [c.openai() for c in calls]}, run)
     return loops
 
 

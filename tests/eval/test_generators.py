@@ -17,6 +17,7 @@ class Upstream:
     def __init__(self, delay_s: float = 0.05, fail_first: int = 0) -> None:
         self.delay_s, self.fail_first = delay_s, fail_first
         self.requests = self.in_flight = self.peak = 0
+        self.max_tokens: list[int] = []  # each request's
         self.lock = threading.Lock()
 
 
@@ -29,6 +30,7 @@ def _handler(up: Upstream) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with up.lock:
                 up.requests += 1
+                up.max_tokens.append(body["max_tokens"])
                 n = up.requests
                 up.in_flight += 1
                 up.peak = max(up.peak, up.in_flight)
@@ -69,6 +71,15 @@ def test_answers_keep_order_and_concurrency_is_bounded(serve) -> None:
     assert gen.settings["concurrency"] == 4 and gen.settings["temperature"] == 0.0
 
 
+def test_a_call_may_ask_for_another_answer_length(serve) -> None:
+    """The tool loop asks each turn with its own budget; the generator's own stays for the next call."""
+    up = Upstream(delay_s=0)
+    gen = EndpointGenerator("router", serve(_handler(up)), "m", max_new_tokens=64)
+    gen.generate(_conversations(2), max_new_tokens=96)
+    gen.generate(_conversations(1))
+    assert up.max_tokens == [96, 96, 64] and gen.settings["max_new_tokens"] == 64
+
+
 def test_a_failing_upstream_is_retried(serve) -> None:
     up = Upstream(fail_first=2)
     gen = EndpointGenerator("vllm", serve(_handler(up)), "m", concurrency=1, retries=2)
@@ -106,3 +117,6 @@ def test_local_batches_answer_like_one_by_one(tiny_llama) -> None:
     batched = LocalGenerator("tiny", model, tok, batch_size=5, max_new_tokens=8).generate(convs)
     single = [LocalGenerator("tiny", model, tok, batch_size=1, max_new_tokens=8).generate([c])[0] for c in convs]
     assert batched == single and len(set(batched)) > 1
+    short = LocalGenerator("tiny", model, tok, batch_size=5, max_new_tokens=8).generate(convs, max_new_tokens=2)
+    pairs = list(zip(short, batched, strict=True))  # greedy: the first 2 tokens of the same 8
+    assert all(b.startswith(s) for s, b in pairs) and any(len(s) < len(b) for s, b in pairs)

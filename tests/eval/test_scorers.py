@@ -33,6 +33,7 @@ def test_normalise(text: str, expected: str) -> None:
         ("2 834 037.29 ZAR", [(2834037.29, "zar")]),
         ("1.2 km of duct", [(1.2, "km")]),
         ("project PRJ-0003 on 2025-08-11 planted 100 poles", [(100.0, None)]),
+        ("in 2025-09 (task:2025-09-", []),  # a month, and a date cut short, are dates too
         ("12%", [(12.0, "%")]),
         ("no numbers here", []),
     ],

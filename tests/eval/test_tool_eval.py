@@ -105,7 +105,7 @@ def test_a_model_is_asked_through_the_loop_on_the_records(tool_llama: Path, seed
     assert loop.done and 1 <= loop.rounds <= 2 and loop.calls[0].name == "pole_counts"
     assert loop.messages[3]["role"] == "tool" and answers[1] == loop.answer
     assert answers[2] == PLAIN_ANSWER  # asked plainly, without tools
-    assert settings["max_new_tokens"] == cfg.generation.max_new_tokens  # the loop's budget was put back
+    assert settings["max_new_tokens"] == cfg.generation.max_new_tokens  # the loop's budget was the turn's only
 
     state = Judge_()
     judge_cfg = Judge(base_url=serve(handler(state, slow_s=0)), model="judge", repeats=1, metrics=["faithfulness"])
