@@ -2,11 +2,13 @@
 records answer it in SQL (datasets/tools.py), and the model says the answer in words. At most `max_steps` rounds
 of tool calls; the turn after the last round is asked with tool_choice "none", so every loop ends with an answer.
 A last turn with no text (a small model may call a tool even then) is answered `NO_ANSWER`, marked `answered: false`:
-the caller gets "I don't know", never an empty answer. An answer after tool calls with a number that neither a tool
-result nor the question holds (`core/numbers.py`: ids and dates are not numbers) is not passed on either: a figure
-the records did not give is one the model made up. The caller gets `WITHHELD` ("I don't know"), `answered: false`
-and the numbers in `unsupported_numbers`; the model's text stays in `said` for the evaluation, never in the
-response. An answer without a call is the model's own knowledge (a glossary definition may hold "1:32") and passes.
+the caller gets "I don't know", never an empty answer, and never a call's markup (with tool_choice "none" a server
+parses no calls: one the model writes anyway comes back as text, and only the text before it is an answer).
+An answer after tool calls with a number that neither a tool result nor the question holds (`core/numbers.py`: ids
+and dates are not numbers) is not passed on either: a figure the records did not give is one the model made up.
+The caller gets `WITHHELD` ("I don't know"), `answered: false` and the numbers in `unsupported_numbers`; the model's
+text stays in `said` for the evaluation, never in the response. An answer without a call is the model's own
+knowledge (a glossary definition may hold "1:32") and passes.
 
 `Loop` is the one state machine behind every caller: `ask()` below (any OpenAI-compatible chat callable, e.g. an
 `openai.OpenAI` client on the router), the router's `POST /v1/fibreflow/ask` (async, through its own dispatch) and
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fibreflow.core.chat import CALL_START
 from fibreflow.core.numbers import unsupported
 from fibreflow.datasets.tools import ToolError, ToolResult, schemas
 
@@ -82,7 +85,7 @@ class Loop:
         its content is the answer (NO_ANSWER where it has none, WITHHELD where it has a number from nowhere)."""
         calls = reply.get("tool_calls") or []
         if not calls or self.rounds >= self.max_steps:
-            self.said = reply.get("content") or ""
+            self.said = (reply.get("content") or "").split(CALL_START)[0]
             self.unsupported = unsupported(self.said, self.sources) if self.calls else []
             self.answered = bool(self.said.strip()) and not self.unsupported
             self.answer = self.said if self.answered else WITHHELD if self.unsupported else NO_ANSWER

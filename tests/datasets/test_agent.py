@@ -22,6 +22,10 @@ def test_the_python_function_runs_the_loop_against_a_model_server(tool_upstream:
         projects = [r[0] for r in conn.execute("SELECT id FROM projects")]
         loop = ask(QUESTION, openai_complete(client, "tiny", max_tokens=64), lambda n, a: run_tool(conn, n, a),
                    system=SYSTEM, max_steps=2)  # fmt: skip
+        # asked with tool_choice "none" at once, the model still writes a call; the server returns it as text
+        silent = ask(QUESTION, openai_complete(client, "tiny", max_tokens=64), lambda n, a: run_tool(conn, n, a),
+                     system=SYSTEM, max_steps=0)  # fmt: skip
+    assert silent.said == "" and silent.answer == NO_ANSWER and not silent.answered  # no markup for the caller
     assert loop.done and isinstance(loop.answer, str) and 1 <= loop.rounds <= 2
     first = loop.calls[0]
     assert first.name == "pole_counts" and (first.arguments == ARGS or first.error)
@@ -71,8 +75,11 @@ def test_a_loop_whose_model_says_nothing_answers_i_dont_know() -> None:
     def never_run(name: str, arguments: dict[str, Any]) -> Any:
         raise AssertionError("no tool runs after the last round")
 
-    for last in ({"content": None, "tool_calls": [{"id": "c", "type": "function", "function":
-                  {"name": "project_status", "arguments": "{}"}}]}, {"content": "  "}):  # fmt: skip
+    written = '<tool_call>{"name": "project_status", "arguments": {"project_id": "PRJ-0003"}}</tool_call>'
+    lasts = [{"content": None, "tool_calls": [{"id": "c", "type": "function", "function":
+              {"name": "project_status", "arguments": "{}"}}]}, {"content": "  "},
+             {"content": written}, {"content": written.replace("}}<", "<")}]  # fmt: skip
+    for last in lasts:  # the last two: a call written as text, as a server parses none for tool_choice "none"
         loop = Loop.start(SYSTEM, "What is a Lumvane tension spool?", max_steps=0)
         loop.take(last, never_run)
         assert loop.done and loop.answer == NO_ANSWER and not loop.answered and admits_not_knowing(loop.answer)
