@@ -5,7 +5,7 @@ artefact of the test phrasings having been read while tuning the mixture.
 
 The phrasings are `blind_phrasings.yaml` (none in configs/data.yaml, train or test). The questions are the test
 set's: the held-out projects', each family's asks with the same values (statuses, categories, dates, periods,
-poles), each asked in every blind phrasing (a phrasing with only {name} is left out for a project whose name the
+poles), each asked in every blind phrasing, once (a phrasing with only {name} is left out for a project whose name the
 tools do not resolve, as the test set does). They go to `var/blind_test.jsonl`, the test set's own tool questions to
 `var/blind_reference.jsonl`, and both through `fibreflow eval --test-set` (an MLflow run each); the scores of each
 model in the test set's phrasings and in the blind ones are printed side by side.
@@ -35,13 +35,13 @@ def blind_test_set(out: Path, reference: Path) -> int:
     blind: dict[str, list[str]] = yaml.safe_load(PHRASINGS.read_text())
     for family, said in blind.items():
         used = {t.lower() for t in (*cfg.assistant.questions[family].train, *cfg.assistant.questions[family].test)}
-        if seen := [t for t in said if t.lower() in used]:
-            raise SystemExit(f"{family}: {seen} are train or test phrasings already, not blind ones")
+        if reused := [t for t in said if t.lower() in used]:
+            raise SystemExit(f"{family}: {reused} are train or test phrasings already, not blind ones")
     tests = [json.loads(line) for line in (version_dir(cfg) / TEST_SET).read_text().splitlines()]
     tool_rows = [t for t in tests if {"tool_call", "grounded"} & set(t.get("tags", [])) and "assistant" in t["tags"]]
     reference.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tool_rows), encoding="utf-8")
     held_out = sorted({t["tags"][2] for t in tool_rows})
-    rows = 0
+    seen: set[tuple[str, str]] = set()
     with open_db() as conn, out.open("w", encoding="utf-8") as fh:
         projects = list(conn.execute("SELECT id, name FROM projects WHERE id = ANY(%s) ORDER BY id", [held_out]))
         for turn in range(max(len(v) for v in blind.values())):  # each ask in the next phrasing, turn by turn
@@ -50,10 +50,11 @@ def blind_test_set(out: Path, reference: Path) -> int:
             a = cfg.assistant.model_copy(update={"questions": questions})
             for pid, name in projects:
                 for _, asked in asst.grounded(conn, a, cfg.system_prompt, {"id": pid, "name": name}, "test", False):
-                    for t in asked:
-                        fh.write(json.dumps(t | {"id": f"blind{turn}-{t['id']}"}, ensure_ascii=False) + "\n")
-                        rows += 1
-    return rows
+                    for t in asked:  # two asks without values (a BOQ total) in one phrasing are one question
+                        if (t["question"], t["kind"]) not in seen:
+                            seen.add((t["question"], t["kind"]))
+                            fh.write(json.dumps(t | {"id": f"blind{turn}-{t['id']}"}, ensure_ascii=False) + "\n")
+    return len(seen)
 
 
 def main() -> None:
