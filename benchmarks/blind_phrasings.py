@@ -53,7 +53,8 @@ def blind_test_set(out: Path, reference: Path) -> int:
                     for t in asked:  # two asks without values (a BOQ total) in one phrasing are one question
                         if (t["question"], t["kind"]) not in seen:
                             seen.add((t["question"], t["kind"]))
-                            fh.write(json.dumps(t | {"id": f"blind{turn}-{t['id']}"}, ensure_ascii=False) + "\n")
+                            row = {k: v for k, v in t.items() if v is not None} | {"id": f"blind{turn}-{t['id']}"}
+                            fh.write(json.dumps(row, ensure_ascii=False) + "\n")  # as the build writes them
     return len(seen)
 
 
