@@ -5,8 +5,8 @@ Each sample's answer: for a `tool_call` sample the model's first call (`{"name",
 loop's final answer. `numbers_grounded` checks that every number in an answer to a data question is in what the
 tools returned (or in the question): a number from nowhere is an invented one. It is asked of the answer the caller
 got (the loop withholds an answer with such a number after a tool call; one without a call passes) and of the
-model's own text (`said`). `contexts_of` is what a judge
-(RAGAS faithfulness) holds the answer to: the tool results the model read.
+model's own text (`said`). `contexts_of` is what a judge (RAGAS faithfulness) holds the answer to: the tool results
+the model read.
 """
 
 from __future__ import annotations
