@@ -21,7 +21,7 @@ import yaml
 from fibreflow.core.config import resolve_path
 from fibreflow.core.db import open_db
 from fibreflow.datasets import assistant as asst
-from fibreflow.datasets.build import TEST_SET, load_data_config, version_dir
+from fibreflow.datasets.build import TEST_SET, load_data_config, version_dir, write_test_row
 from fibreflow.eval.run import main as evaluate
 
 PHRASINGS = Path(__file__).with_name("blind_phrasings.yaml")
@@ -53,8 +53,7 @@ def blind_test_set(out: Path, reference: Path) -> int:
                     for t in asked:  # two asks without values (a BOQ total) in one phrasing are one question
                         if (t["question"], t["kind"]) not in seen:
                             seen.add((t["question"], t["kind"]))
-                            row = {k: v for k, v in t.items() if v is not None} | {"id": f"blind{turn}-{t['id']}"}
-                            fh.write(json.dumps(row, ensure_ascii=False) + "\n")  # as the build writes them
+                            write_test_row(fh, t | {"id": f"blind{turn}-{t['id']}"})
     return len(seen)
 
 

@@ -167,7 +167,7 @@ def _build_terminology(
             for ex in term.term_examples(cfg.terminology, cfg.system_prompt, i, row, split):
                 writers[split].write(ex)
                 if split == "test":
-                    _write_test_row(
+                    write_test_row(
                         test_jsonl,
                         {
                             "id": ex["id"],
@@ -183,7 +183,7 @@ def _build_terminology(
         for ex in term.unknown_examples(cfg.terminology, cfg.system_prompt, split):
             writers[split].write(ex)
             if split == "test":
-                _write_test_row(
+                write_test_row(
                     test_jsonl,
                     {
                         "id": ex["id"],
@@ -219,7 +219,7 @@ def _build_grounded_qa(
                 test_row = {k: ex[k] for k in ("id", "question", "reference", "kind", "contexts", "unit", "tolerance")}
                 test_row["filters"] = {"project_id": ex["project_id"]}
                 test_row["tags"] = ["grounded_qa", family.name, ex["project_id"]]
-                _write_test_row(test_jsonl, test_row)
+                write_test_row(test_jsonl, test_row)
     return {s: w.close() for s, w in writers.items()}, sorted(held_out)
 
 
@@ -238,7 +238,7 @@ def _build_assistant(
         for row, tests in asst.grounded(conn, a, cfg.system_prompt, p, split, split == "train", nth[split] - 1):
             writers[split].write(row)
             for test in tests if split == "test" else []:
-                _write_test_row(test_jsonl, test)
+                write_test_row(test_jsonl, test)
     glossary = list(stream(conn, GLOSSARY_SQL, None, cfg.cursor_rows))
     u = t.unknown_terms
     known = {g["term"].lower() for g in glossary} | {x.lower() for x in (*u.train, *u.validation, *u.test)}
@@ -246,7 +246,7 @@ def _build_assistant(
     for split, row, test in asst.refusals(a, t.refusal_answer, cfg.system_prompt, known, templates):
         writers[split].write(row)
         if split == "test":
-            _write_test_row(test_jsonl, test)
+            write_test_row(test_jsonl, test)
     for i, g in enumerate(sorted(glossary, key=lambda g: asst.salted("glossary", g["term"]))[: a.glossary_with_tools]):
         question = t.train_templates[i % len(t.train_templates)].format(term=g["term"])
         answer = term.answer_for(t, g)
@@ -258,7 +258,7 @@ def _build_assistant(
     return {s: w.close() for s, w in writers.items()}
 
 
-def _write_test_row(fh: Any, row: dict[str, Any]) -> None:
+def write_test_row(fh: Any, row: dict[str, Any]) -> None:
     fh.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
 
 

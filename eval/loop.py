@@ -108,4 +108,4 @@ def contexts_of(loop: Loop) -> list[str]:
 
 def numbers_grounded(loop: Loop, text: str | None = None) -> float:
     """1.0 when every number in the loop's answer (or `text`) is in a tool's result or the question, else 0.0."""
-    return float(not unsupported(loop.answer or "" if text is None else text, loop.sources))
+    return float(not unsupported((loop.answer or "") if text is None else text, loop.sources))
