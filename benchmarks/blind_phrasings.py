@@ -1,14 +1,15 @@
 """The assistant's tool questions asked in phrasings written blind: a check that its held-out scores are not an
 artefact of the test phrasings having been read while tuning the mixture.
 
-    python benchmarks/blind_phrasings.py [--models latest]     # after the main job; ~4 min on 2 cores for one model
+    python benchmarks/blind_phrasings.py [--models latest] [--phrasings benchmarks/blind_phrasings_2.yaml]
+    # after the main job; ~4 min on 2 cores for one model
 
-The phrasings are `blind_phrasings.yaml` (none in configs/data.yaml, train or test). The questions are the test
-set's: the held-out projects', each family's asks with the same values (statuses, categories, dates, periods,
-poles), each asked in every blind phrasing, once (a phrasing with only {name} is left out for a project whose name the
-tools do not resolve, as the test set does). They go to `var/blind_test.jsonl`, the test set's own tool questions to
-`var/blind_reference.jsonl`, and both through `fibreflow eval --test-set` (an MLflow run each); the scores of each
-model in the test set's phrasings and in the blind ones are printed side by side.
+The phrasings are `blind_phrasings.yaml` or another such file (none in configs/data.yaml, train or test). The
+questions are the test set's: the held-out projects', each family's asks with the same values (statuses, categories,
+dates, periods, poles), each asked in every blind phrasing, once (a phrasing with only {name} is left out for a
+project whose name the tools do not resolve, as the test set does). They go to `var/blind_test.jsonl`, the test
+set's own tool questions to `var/blind_reference.jsonl`, and both through `fibreflow eval --test-set` (an MLflow run
+each); the scores of each model in the test set's phrasings and in the blind ones are printed side by side.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from fibreflow.datasets import assistant as asst
 from fibreflow.datasets.build import TEST_SET, load_data_config, version_dir, write_test_row
 from fibreflow.eval.run import main as evaluate
 
-PHRASINGS = Path(__file__).with_name("blind_phrasings.yaml")
+PHRASINGS = Path(__file__).with_name("blind_phrasings.yaml")  # read for tuning on 2026-12-06: see its header
 METRICS = ("tool_call_accuracy", "tool_grounded_accuracy", "numbers_grounded", "model_numbers_grounded",
            "loop_answered")  # fmt: skip
 
 
-def blind_test_set(out: Path, reference: Path) -> int:
+def blind_test_set(phrasings: Path, out: Path, reference: Path) -> int:
     """Write the blind test set and the test set's tool questions it mirrors; the blind set's rows."""
     cfg = load_data_config()
-    blind: dict[str, list[str]] = yaml.safe_load(PHRASINGS.read_text())
+    blind: dict[str, list[str]] = yaml.safe_load(phrasings.read_text())
     for family, said in blind.items():
         used = {t.lower() for t in (*cfg.assistant.questions[family].train, *cfg.assistant.questions[family].test)}
         if reused := [t for t in said if t.lower() in used]:
@@ -60,9 +61,10 @@ def blind_test_set(out: Path, reference: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="latest", help="one model, or champion,challenger (as fibreflow eval)")
+    ap.add_argument("--phrasings", type=Path, default=PHRASINGS, help="a YAML of phrasings per family")
     args = ap.parse_args()
     out, reference = resolve_path("var/blind_test.jsonl"), resolve_path("var/blind_reference.jsonl")
-    rows = blind_test_set(out, reference)
+    rows = blind_test_set(args.phrasings, out, reference)
     models = args.models.split(",")
     print(f"{rows} rows ({rows // 2} questions) in blind phrasings -> {out}")
     known = evaluate(test_set=str(reference), models=models, reuse=True)

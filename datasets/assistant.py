@@ -12,7 +12,8 @@ offered). And recoveries: a question whose first call is wrong the way a small m
 the tool does not take, a made-up BOQ category, dates the wrong way round), the tool's real error, then the right
 call, its result and the answer; the wrong call is context (`weight: 0`), never learned. And call drills: a train
 question asked again in other phrasings, learned up to its call only (the call is what the loop hinges on; a drill
-costs ~80 tokens).
+costs ~80 tokens); and name drills: a train question asked about a made-up project (a place no project is in), up
+to its call, which passes the name as written (a handful of projects' names are too few to learn copying one from).
 
 Held out twice: test projects (grounded_qa's split) are never in training, and test questions use phrasings
 training never uses. Made-up terms are generated deterministically, none in both splits.
@@ -33,6 +34,7 @@ import psycopg
 from fibreflow.core.config import Strict
 from fibreflow.core.errors import DatasetBuildError
 from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, number, words
+from fibreflow.datasets.seed import AREAS
 from fibreflow.datasets.tools import (
     BOQ_CATEGORY,
     ToolError,
@@ -86,6 +88,11 @@ class Unanswerable(Strict):
     answer: str
 
 
+class MadeUpProjects(Strict):
+    per_project: int = Field(ge=0)  # name drills per train project
+    places: list[str] = Field(min_length=1)  # made-up projects are named "<place> <area> FTTH|FTTB Phase <n>"
+
+
 class AssistantConfig(Strict):
     questions: dict[str, Phrasings]  # per family
     per_project: dict[str, int]  # the mixture: conversations per project and family (train and test alike); a
@@ -95,6 +102,7 @@ class AssistantConfig(Strict):
     recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKES)
     call_drills: int = Field(0, ge=0)  # per train question: asked again that many times in the next phrasings, each
     # learned up to its call (no result, no answer): the call is what the loop hinges on, and it is cheap
+    made_up_projects: MadeUpProjects | None = None  # name drills (`grounded`)
     made_up: MadeUp
     unanswerable: Unanswerable
 
@@ -211,8 +219,8 @@ def project_asks(conn: psycopg.Connection, p: dict[str, Any], cfg: AssistantConf
             text = f"{BOQ_CATEGORY[c].capitalize()} ({c}) on project {pid}: {rand(amount)} for {parts} {_cite([pid])}."
             return text, number(amount)
 
-        yield Ask("boq_category", pid, {"category": BOQ_CATEGORY[cat]}, "boq_totals",
-                  {"project_id": pid, "category": cat}, "numeric", category, "ZAR",
+        yield Ask("boq_category", pid, {"category": BOQ_CATEGORY[cat]}, "boq_totals",  # the category as asked:
+                  {"project_id": pid, "category": BOQ_CATEGORY[cat]}, "numeric", category, "ZAR",  # the tool maps it
                   {"abs": 0.01, "rel": 0.001})  # fmt: skip
     weeks = conn.execute("SELECT DISTINCT activity, date_trunc('week', report_date)::date, unit FROM daily_progress"
                          " WHERE project_id = %s", (pid,)).fetchall()  # fmt: skip
@@ -321,8 +329,10 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     project take its phrasings in turn, from a salted start: no two alike while phrasings are left. In training,
     `cfg.recoveries` of them (of MISTAKES' families, different families first) are asked once more, in the
     next phrasing, with a wrong first call and the tool's error before the right call; and every one is asked
-    `cfg.call_drills` more times, in the next phrasings, up to its call only. `nth`: the project's place
-    among its split's projects (training takes the fixed lists' values in turn across them: project_asks)."""
+    `cfg.call_drills` more times, in the next phrasings, up to its call only; and `cfg.made_up_projects`
+    of them (different families first) are asked once more about a made-up project (`made_up_project`), in a
+    phrasing with {name} only, up to the call. `nth`: the project's place among its split's projects (training takes
+    the fixed lists' values in turn across them: project_asks)."""
     try:
         by_id_only = resolve_project(conn, canonical_project(project["name"]))["id"] != project["id"]
     except ToolError:
@@ -330,39 +340,41 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     pid = project["id"]
     turn: Counter[str] = Counter()
     asks = list(project_asks(conn, project, cfg, nth if split == "train" else None))
-    candidates = sorted(
-        (i for i, a in enumerate(asks) if a.family in MISTAKES), key=lambda i: salted("recover", pid, i)
-    )
-    ranked: list[tuple[int, int]] = []  # (its family's candidates before it, ask): different families first
-    before: Counter[str] = Counter()
-    for i in candidates:
-        ranked.append((before[asks[i].family], i))
-        before[asks[i].family] += 1
-    redo = {i for _, i in sorted(ranked, key=lambda r: r[0])[: cfg.recoveries]} if split == "train" else set()
-    drills = cfg.call_drills if split == "train" else 0
+    train = split == "train"
+    redo = set(spread(asks, [i for i, a in enumerate(asks) if a.family in MISTAKES], "recover", pid)[: cfg.recoveries])
+    drills = cfg.call_drills if train else 0
+    named = cfg.made_up_projects.per_project if train and cfg.made_up_projects else 0
+    nameable = [i for i, a in enumerate(asks) if any(_name_only(t) for t in cfg.questions[a.family].train)]
+    renamed = set(spread(asks, nameable, "made-up-project", pid)[:named])
     for i, ask in enumerate(asks):
-        for mode in ("", *(["recover"] if i in redo else []), *(f"drill{k}" for k in range(drills))):
+        modes = ("", *(["recover"] if train and i in redo else []), *(f"drill{k}" for k in range(drills)),
+                 *(["named"] if i in renamed else []))  # fmt: skip
+        for mode in modes:
             recover = mode == "recover"
             templates = getattr(cfg.questions[ask.family], split)
-            templates = ([t for t in templates if "{pid}" in t] or templates) if by_id_only else templates
             key = salted(ask.family, pid, i, split, *([mode] if mode else []))
+            name = project["name"]
+            if mode == "named":
+                templates, name = [t for t in templates if _name_only(t)], made_up_project(conn, cfg, key)
+            elif by_id_only:
+                templates = [t for t in templates if "{pid}" in t] or templates
             start = int(salted(ask.family, pid, split)[:8], 16)
             template = templates[(start + turn[ask.family]) % len(templates)]
             turn[ask.family] += 1
-            question = template.format(pid=pid, name=project["name"], **ask.slots)
-            arguments = ask.arguments | ({} if "{pid}" in template else {"project_id": project["name"]})
-            if typos and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:
-                question = typo(question, key[16:], " ".join([project["name"], *ask.slots.values()]))
+            question = template.format(pid=pid, name=name, **ask.slots)
+            arguments = ask.arguments | ({} if "{pid}" in template else {"project_id": name})
+            if typos and mode != "named" and int(key[8:16], 16) % 1000 < cfg.typo_share * 1000:
+                question = typo(question, key[16:], " ".join([name, *ask.slots.values()]))
             rid = f"asst-{ask.family}-{pid}-{i}" + (f"-{mode}" if mode else "")
             call = json.dumps({"name": ask.tool, "arguments": arguments})
-            if mode.startswith("drill"):  # learned up to the call: no result, no answer
+            if mode.startswith("drill") or mode == "named":  # learned up to the call: no result, no answer
                 messages = [
                     {"role": "system", "content": system},
                     {"role": "user", "content": question},
                     {"role": "assistant", "content": None, "tool_calls": [tool_call(ask.tool, arguments)]},
                 ]
-                yield {"id": rid, "family": "drill", "project_id": pid, "question": question, "answer": call,
-                       "tools": True, "messages": messages}, []  # fmt: skip
+                yield {"id": rid, "family": "name_drill" if mode == "named" else "drill", "project_id": pid,
+                       "question": question, "answer": call, "tools": True, "messages": messages}, []  # fmt: skip
                 continue
             if ask.result is not None:
                 ids = [r["record_id"] for r in ask.result["records"]]
@@ -391,6 +403,38 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
                  "tags": [*tags, "grounded"]},
             ]  # fmt: skip
             yield row, tests
+
+
+def spread(asks: list[Ask], indices: list[int], *salt: Any) -> list[int]:
+    """`indices` of `asks` in a salted order, different families first."""
+    ranked: list[tuple[int, int]] = []  # (its family's asks before it, ask)
+    before: Counter[str] = Counter()
+    for i in sorted(indices, key=lambda i: salted(*salt, i)):
+        ranked.append((before[asks[i].family], i))
+        before[asks[i].family] += 1
+    return [i for _, i in sorted(ranked, key=lambda r: r[0])]
+
+
+def _name_only(template: str) -> bool:
+    return "{name}" in template and "{pid}" not in template
+
+
+def made_up_project(conn: psycopg.Connection, cfg: AssistantConfig, key: str) -> str:
+    """A made-up project's name, picked by `key`, that the tools resolve to no project: a place no project's name
+    holds (a test project's place never in training), in lower case one time in four (people type names so)."""
+    assert cfg.made_up_projects is not None
+    taken = " ".join(n for (n,) in conn.execute("SELECT lower(name) FROM projects"))
+    places = [p for p in cfg.made_up_projects.places if p.lower() not in taken]
+    k = int(key[:16], 16)
+    for j in range(len(places)):
+        name = (f"{places[(k + j) % len(places)]} {AREAS[k // 7 % len(AREAS)]} {('FTTH', 'FTTB')[k // 3 % 2]}"
+                f" Phase {1 + k // 5 % 4}")  # fmt: skip
+        name = name.lower() if k // 11 % 4 == 0 else name
+        try:
+            resolve_project(conn, canonical_project(name))
+        except ToolError:
+            return name
+    raise DatasetBuildError("made_up_projects: every place is in a project's name (or like one); add places")
 
 
 def made_up_terms(cfg: MadeUp, known: set[str]) -> dict[str, list[str]]:

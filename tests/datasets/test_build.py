@@ -228,7 +228,7 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     assert all(m["weight"] is None for r in train + test if r["family"] != "recovery" for m in r["messages"])
     drills = [r for r in train + test if r["family"] == "drill"]  # a question again, learned up to its call only
     by_id = {r["id"]: r for r in train}
-    asked = [r for r in train if r["project_id"] and r["family"] not in ("drill", "recovery")]
+    asked = [r for r in train if r["project_id"] and r["family"] not in ("drill", "name_drill", "recovery")]
     assert cfg.call_drills and len(drills) == cfg.call_drills * len(asked) and all(r in train for r in drills)
     for r in drills:
         first = by_id[r["id"].rsplit("-", 1)[0]]
@@ -240,11 +240,24 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
         assert a.pop("project_id") in refs and b.pop("project_id") in refs and a == b
         shapes = [re.sub(r"\\\{\w+\\\}", ".+", re.escape(p)) + "$" for p in cfg.questions[first["family"]].test]
         assert not any(re.match(s, r["question"]) for s in shapes)
+    named = [r for r in train + test if r["family"] == "name_drill"]  # a question about a made-up project
+    assert cfg.made_up_projects and len(named) == cfg.made_up_projects.per_project * len(train_projects)
+    assert all(r in train for r in named) and len({by_id[r["id"].rsplit("-", 1)[0]]["family"] for r in named}) > 4
     with db.connect(seeded_url) as conn:
+        for r in named:
+            first = by_id[r["id"].rsplit("-", 1)[0]]
+            (call,), (its,) = r["messages"][2]["tool_calls"], first["messages"][2]["tool_calls"]
+            a, b = (json.loads(c["function"]["arguments"]) for c in (call, its))
+            made_up = a.pop("project_id")
+            b.pop("project_id")
+            assert made_up in r["question"] and r["project_id"] not in r["question"] and a == b
+            assert not any(made_up.split()[0].lower() in n.lower() for n in names.values())
+            with pytest.raises(ToolError, match="no project"):
+                run_tool(conn, call["function"]["name"], json.loads(call["function"]["arguments"]))
         as_of = conn.execute("SELECT value->>'as_of' FROM fibreflow_meta WHERE key = 'data_source'").fetchone()[0]
         for r in train + test:
             msgs = r["messages"]
-            if r["family"] == "drill":
+            if r["family"] in ("drill", "name_drill"):
                 continue
             if r["family"] in ("made_up_term", "unanswerable", "glossary"):
                 assert [x["role"] for x in msgs] == ["system", "user", "assistant"] and r["tools"]
@@ -292,7 +305,8 @@ def test_projects_that_share_a_name_are_asked_by_their_id(seeded_url: str, tmp_p
         (a, name), (b, _) = conn.execute("SELECT id, name FROM projects ORDER BY id LIMIT 2").fetchall()
         conn.execute("UPDATE projects SET name = %s WHERE id = %s", (name, b))
     m = _build(seeded_url, tmp_path)
-    rows = [r for split in ("train", "test") for r in _rows(m, "assistant", split) if r["project_id"] in (a, b)]
+    rows = [r for split in ("train", "test") for r in _rows(m, "assistant", split)
+            if r["project_id"] in (a, b) and r["family"] != "name_drill"]  # fmt: skip
     calls = [json.loads(r["messages"][2]["tool_calls"][0]["function"]["arguments"]) for r in rows
              if r["messages"][2].get("tool_calls")]  # fmt: skip
     assert len(calls) == len(rows) > 0
@@ -336,5 +350,5 @@ def test_training_projects_take_the_fixed_lists_in_turn(seeded_url: str) -> None
                 assert len(values) == 2, family
                 taught[family] |= values
         assert asked(None) == asked(None) and all(len(v) == 2 for v in asked(None).values())
-    assert taught == {"pole_counts": set(POLE_STATUS_NAMES), "boq_category": set(BOQ_CATEGORY),
+    assert taught == {"pole_counts": set(POLE_STATUS_NAMES), "boq_category": set(BOQ_CATEGORY.values()),
                       "task_status": set(TASK_STATUS_NAMES), "progress_recent": set(PERIODS)}  # fmt: skip
