@@ -61,6 +61,7 @@ MISTAKES: dict[str, Callable[[dict[str, Any], int], dict[str, Any]]] = {
     "boq_total": lambda a, k: a | {"category": ("BOQ", "TOTAL", "ALL", "ZAR")[k % 4]},
     "progress": lambda a, k: a | {"start": a["end"], "end": a["start"]},
 }
+TERM_MISTAKES = ("project_status", "task_status", "pole_counts", "boq_totals")  # a made-up term taken for a project
 
 
 class Phrasings(Strict):
@@ -100,6 +101,7 @@ class AssistantConfig(Strict):
     typo_share: float = Field(ge=0, le=0.5)  # train questions with one typo
     glossary_with_tools: int = Field(ge=0)  # glossary questions asked with the tools offered
     recoveries: int = Field(0, ge=0)  # per train project: questions asked again with a wrong first call (MISTAKES)
+    refusal_recoveries: int = Field(0, ge=0)  # train made-up terms asked again with a wrong first call (`refusals`)
     call_drills: int = Field(0, ge=0)  # per train question: asked again that many times in the next phrasings, each
     # learned up to its call (no result, no answer): the call is what the loop hinges on, and it is cheap
     made_up_projects: MadeUpProjects | None = None  # name drills (`grounded`)
@@ -446,11 +448,37 @@ def made_up_terms(cfg: MadeUp, known: set[str]) -> dict[str, list[str]]:
     return {"train": terms[: cfg.train], "test": terms[cfg.train : cfg.train + cfg.test]}
 
 
-def refusals(cfg: AssistantConfig, refusal_answer: str, system: str, known: set[str],
-             templates: dict[str, list[str]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:  # fmt: skip
+def refusals(conn: psycopg.Connection, cfg: AssistantConfig, refusal_answer: str, system: str, known: set[str],
+             templates: dict[str, list[str]], held_out: set[str]
+             ) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:  # fmt: skip
     """(split, training row, test row) of made-up terms and unanswerable questions, asked with the tools offered:
-    the answer is the refusal, no call."""
+    the answer is the refusal, no call. And refusal recoveries (train only, the first `cfg.refusal_recoveries`
+    made-up terms asked again in the next phrasing): a first call that takes the term for a project (weight 0:
+    context, not learned), the tool's own error, then the refusal: a model that calls where it should not still
+    ends in "I don't know" instead of calling again to the loop's last turn. The error's closest projects leave
+    out the `held_out` ones (no test project in training)."""
     terms = made_up_terms(cfg.made_up, known)
+    for i, t in enumerate(terms["train"][: cfg.refusal_recoveries]):
+        question = templates["train"][(i + 1) % len(templates["train"])].format(term=t)
+        tool, answer = TERM_MISTAKES[i % len(TERM_MISTAKES)], refusal_answer.format(term=t)
+        try:
+            run_tool(conn, tool, {"project_id": t})
+        except ToolError as exc:
+            head, sep, listed = str(exc).partition("; closest projects: ")
+            kept = [p for p in re.split(r", (?=PRJ-)", listed) if sep and p.split(" ", 1)[0] not in held_out]
+            error = head + sep + ", ".join(kept) if kept else head
+        else:
+            raise DatasetBuildError(f"the made-up term {t!r} names a project: {tool} does not refuse it")
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [tool_call(tool, {"project_id": t})], "weight": 0},
+            {"role": "tool", "tool_call_id": "call_0", "content": f"error: {error}"},
+            {"role": "assistant", "content": answer},
+        ]
+        row = {"id": f"made-up-train-{i:03d}-recover", "family": "refusal_recovery", "project_id": None,
+               "question": question, "answer": answer, "tools": True, "messages": messages}  # fmt: skip
+        yield "train", row, {}
     for split in ("train", "test"):
         asked = [
             (

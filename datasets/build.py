@@ -243,7 +243,7 @@ def _build_assistant(
     u = t.unknown_terms
     known = {g["term"].lower() for g in glossary} | {x.lower() for x in (*u.train, *u.validation, *u.test)}
     templates = {"train": t.train_templates, "test": t.test_templates}
-    for split, row, test in asst.refusals(a, t.refusal_answer, cfg.system_prompt, known, templates):
+    for split, row, test in asst.refusals(conn, a, t.refusal_answer, cfg.system_prompt, known, templates, held_out):
         writers[split].write(row)
         if split == "test":
             write_test_row(test_jsonl, test)

@@ -225,7 +225,10 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     recoveries = [r for r in train + test if r["family"] == "recovery"]
     train_projects = {r["project_id"] for r in train if r["project_id"]}
     assert len(recoveries) == cfg.recoveries * len(train_projects) and all(r in train for r in recoveries)
-    assert all(m["weight"] is None for r in train + test if r["family"] != "recovery" for m in r["messages"])
+    assert all(m["weight"] is None for r in train + test if "recovery" not in r["family"] for m in r["messages"])
+    refused = [r for r in train + test if r["family"] == "refusal_recovery"]  # a made-up term taken for a project
+    assert cfg.refusal_recoveries and len(refused) == cfg.refusal_recoveries and all(r in train for r in refused)
+    assert {r["answer"] for r in refused} <= train_terms and not {r["question"] for r in refused} & made_up
     drills = [r for r in train + test if r["family"] == "drill"]  # a question again, learned up to its call only
     by_id = {r["id"]: r for r in train}
     asked = [r for r in train if r["project_id"] and r["family"] not in ("drill", "name_drill", "recovery")]
@@ -261,6 +264,15 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
                 continue
             if r["family"] in ("made_up_term", "unanswerable", "glossary"):
                 assert [x["role"] for x in msgs] == ["system", "user", "assistant"] and r["tools"]
+                continue
+            if r["family"] == "refusal_recovery":  # the wrong call (not learned), its tool's error, the refusal
+                f = msgs[2]["tool_calls"][0]["function"]
+                assert msgs[2]["weight"] == 0 and msgs[4]["weight"] is None and msgs[4]["content"] == r["answer"]
+                with pytest.raises(ToolError, match="no project") as refused_call:
+                    run_tool(conn, f["name"], json.loads(f["arguments"]))
+                head, _, listed = str(refused_call.value).partition("; closest projects: ")
+                kept = [p for p in listed.split(", ") if p.split(" ")[0] not in test_projects]  # none held out
+                assert kept and msgs[3]["content"] == f"error: {head}; closest projects: {', '.join(kept)}"
                 continue
             if r["family"] == "recovery":
                 wrong, error, right = msgs[2], msgs[3], msgs[4]
