@@ -345,6 +345,7 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
     train = split == "train"
     redo = set(spread(asks, [i for i, a in enumerate(asks) if a.family in MISTAKES], "recover", pid)[: cfg.recoveries])
     drills = cfg.call_drills if train else 0
+    places = cfg.made_up_projects.places if cfg.made_up_projects else []
     named = cfg.made_up_projects.per_project if train and cfg.made_up_projects else 0
     nameable = [i for i, a in enumerate(asks) if any(_name_only(t) for t in cfg.questions[a.family].train)]
     renamed = set(spread(asks, nameable, "made-up-project", pid)[:named])
@@ -357,7 +358,7 @@ def grounded(conn: psycopg.Connection, cfg: AssistantConfig, system: str, projec
             key = salted(ask.family, pid, i, split, *([mode] if mode else []))
             name = project["name"]
             if mode == "named":
-                templates, name = [t for t in templates if _name_only(t)], made_up_project(conn, cfg, key)
+                templates, name = [t for t in templates if _name_only(t)], made_up_project(conn, places, key)
             elif by_id_only:
                 templates = [t for t in templates if "{pid}" in t] or templates
             start = int(salted(ask.family, pid, split)[:8], 16)
@@ -421,12 +422,12 @@ def _name_only(template: str) -> bool:
     return "{name}" in template and "{pid}" not in template
 
 
-def made_up_project(conn: psycopg.Connection, cfg: AssistantConfig, key: str) -> str:
-    """A made-up project's name, picked by `key`, that the tools resolve to no project: a place no project's name
-    holds (a test project's place never in training), in lower case one time in four (people type names so)."""
-    assert cfg.made_up_projects is not None
+def made_up_project(conn: psycopg.Connection, places: list[str], key: str) -> str:
+    """A made-up project's name, picked by `key`, that the tools resolve to no project: one of `places` that no
+    project's name holds (a test project's place never in training), in lower case one time in four (people type
+    names so)."""
     taken = " ".join(n for (n,) in conn.execute("SELECT lower(name) FROM projects"))
-    places = [p for p in cfg.made_up_projects.places if p.lower() not in taken]
+    places = [p for p in places if p.lower() not in taken]
     k = int(key[:16], 16)
     for j in range(len(places)):
         name = (f"{places[(k + j) % len(places)]} {AREAS[k // 7 % len(AREAS)]} {('FTTH', 'FTTB')[k // 3 % 2]}"

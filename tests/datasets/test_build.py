@@ -310,6 +310,18 @@ def test_assistant_conversations_are_held_out_by_project_and_phrasing(seeded_url
     }
 
 
+def test_a_made_up_project_is_in_no_projects_place(seeded_url: str) -> None:
+    """A name drill's project is named after a place no project's name holds, and the build stops, saying what to
+    do, when every place is taken."""
+    from fibreflow.datasets.assistant import made_up_project
+
+    with db.connect(seeded_url) as conn:
+        taken = conn.execute("SELECT split_part(name, ' ', 1) FROM projects ORDER BY id LIMIT 1").fetchone()[0]
+        with pytest.raises(DatasetBuildError, match="add places"):
+            made_up_project(conn, [taken], "0" * 64)
+        assert made_up_project(conn, [taken, "Ballito"], "0" * 64) == "ballito north ftth phase 1"
+
+
 def test_projects_that_share_a_name_are_asked_by_their_id(seeded_url: str, tmp_path: Path) -> None:
     """At scale, names repeat (the seed at scale 100 has 1,000 projects): a project whose name another bears is
     asked about by its id only, so that every call resolves to the project its answer is about."""
