@@ -124,7 +124,9 @@ def allow_4bit_inference_layout(model: Any) -> None:
 
 
 def load_base(path: str, cfg: TrainConfig) -> PreTrainedModel:
-    """The base model in the configured precision (4-bit via bitsandbytes when configured), in train mode."""
+    """The base model in the configured precision (4-bit via bitsandbytes when configured), in train mode; with
+    packing, attention that computes each packed example on its own (`training.attention`)."""
+    from fibreflow.training.attention import PACKED_SDPA
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -132,6 +134,7 @@ def load_base(path: str, cfg: TrainConfig) -> PreTrainedModel:
         dtype=torch_dtype(cfg.dtype),
         quantization_config=bnb_config(cfg.quantization),
         device_map=_device_map(),
+        attn_implementation=PACKED_SDPA if cfg.optim.packing else "sdpa",
     )
     model.train()  # before any forward: see make_4bit_trainable
     if getattr(model, "is_loaded_in_4bit", False):
