@@ -2,10 +2,11 @@
 
     python benchmarks/bench_train.py [--steps 6] [--warmup 2]
 
-Every variant trains SmolLM2-135M with the demo config's LoRA on the same terminology rows, in its own
-process (so peak RSS is its own). tokens/s counts real tokens (no padding). MFU = 4 x non-embedding params
-x tokens/s / the bf16 matmul peak measured here (frozen base: forward 2N + input gradients 2N, no weight
-gradients). Prints one table, baseline ratios included.
+Every variant trains SmolLM2-135M with the demo config's LoRA on the same training rows (the glossary and the
+assistant mixture), in its own process (so peak RSS is its own). Packed: the demo's chats of several questions in
+rows of up to 1,024 tokens; padded (ours or the plain recipe): one question an example, 4 a step. tokens/s counts
+real tokens (no padding). MFU = 4 x non-embedding params x tokens/s / the bf16 matmul peak measured here (frozen
+base: forward 2N + input gradients 2N, no weight gradients). Prints one table, baseline ratios included.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ VARIANTS = {
     "plain Trainer+peft, NF4 (recipe defaults: GC on)": ("plain", True, False, True),
     "plain Trainer+peft, NF4, GC off": ("plain", True, False, False),
     "ours NF4 packed (demo)": ("ours", True, True, False),
+    "ours NF4 packed, sdpa's block-diagonal mask": ("ours", True, True, False),
     "ours NF4 packed + GC": ("ours", True, True, True),
     "ours NF4 padded": ("ours", True, False, False),
     "ours bf16 LoRA packed": ("ours", False, True, False),
 }
-PADDED_BATCH = 16  # examples per step when not packing (~1,300 real tokens; packed steps hold ~1,900)
+PADDED_BATCH = 4  # questions per step when not packing (~1,000 real tokens, as in a packed step of the demo's: one
+# row of up to 1,024 tokens)
 
 
 def matmul_peak(device: str = "cpu", dtype: str = "bfloat16", n: int = 2048, reps: int = 10) -> float:
@@ -63,10 +66,13 @@ def run_variant(name: str, steps: int, warmup: int) -> dict[str, Any]:
     base = resolve_base(cfg)
     tok = load_tokenizer(base)
     _, rows, _ = load_rows(cfg)
-    data = prepare(rows, tok, cfg.optim.seq_len, packed, cfg.optim.seed)
+    o = cfg.optim
+    data = prepare(rows, tok, o.seq_len, packed, o.seed, o.pack_len, o.chat_turns if packed else 1)
     batch = cfg.optim.batch_size if packed else PADDED_BATCH
     set_seed(0)
     model = add_lora(load_base(base, cfg), cfg) if kind == "ours" else plain_model(base, cfg, gc)
+    if "block-diagonal" in name:  # attention over the whole row, the examples kept apart by a mask (the default)
+        model.set_attn_implementation("sdpa")
     counted: list[int] = []
     collate = Collator(tok.pad_token_id, packed=packed)
 

@@ -30,6 +30,7 @@ Complete = Callable[[list[dict[str, Any]], list[dict[str, Any]], str], dict[str,
 # tool_choice) -> the assistant message (OpenAI shape: content, tool_calls)
 RunTool = Callable[[str, dict[str, Any]], ToolResult]
 NO_ANSWER = "I don't know: FibreFlow's records gave me no answer to that."
+ERROR = "error: "  # how a tool's error reads to the model
 WITHHELD = "I don't know: the records I looked up do not hold the figures my answer had, so I will not guess."
 
 
@@ -72,8 +73,10 @@ class Loop:
 
     @property
     def sources(self) -> list[str]:
-        """What an answer's numbers may come from: the question and every tool result."""
-        return [m["content"] for m in self.messages if m["role"] in ("user", "tool") and m["content"]]
+        """What an answer's numbers may come from: the question and every tool result; not a tool's error (its
+        closest projects' names and the like are no data)."""
+        return [m["content"] for m in self.messages if m["role"] in ("user", "tool") and m["content"]
+                and not (m["role"] == "tool" and m["content"].startswith(ERROR))]  # fmt: skip
 
     @property
     def record_ids(self) -> list[str]:
@@ -111,11 +114,11 @@ def _run(name: str, arguments: str, run: RunTool) -> tuple[Called, str]:
             raise ValueError
     except ValueError:
         error = f"{name}: the arguments are not a JSON object"
-        return Called(name, arguments, [], error), f"error: {error}"
+        return Called(name, arguments, [], error), ERROR + error
     try:
         result = run(name, args)
     except ToolError as exc:
-        return Called(name, args, [], str(exc)), f"error: {exc}"
+        return Called(name, args, [], str(exc)), ERROR + str(exc)
     return Called(name, result.arguments, result.record_ids), result.content()
 
 

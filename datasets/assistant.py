@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 from fibreflow.core.config import Strict
 from fibreflow.core.errors import DatasetBuildError
+from fibreflow.datasets.agent import ERROR
 from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES, number, words
 from fibreflow.datasets.seed import AREAS
 from fibreflow.datasets.tools import (
@@ -311,7 +312,7 @@ def conversation(system: str, question: str, tool: str, arguments: dict[str, Any
     the wrong call (weight 0: context, not learned) and the error, as the loop sends it back."""
     wrong = [] if error is None else [
         {"role": "assistant", "content": None, "tool_calls": [tool_call(tool, error[0])], "weight": 0},
-        {"role": "tool", "tool_call_id": "call_0", "content": f"error: {error[1]}"},
+        {"role": "tool", "tool_call_id": "call_0", "content": ERROR + error[1]},
     ]  # fmt: skip
     return [
         {"role": "system", "content": system},
@@ -474,7 +475,7 @@ def refusals(conn: psycopg.Connection, cfg: AssistantConfig, refusal_answer: str
             {"role": "system", "content": system},
             {"role": "user", "content": question},
             {"role": "assistant", "content": None, "tool_calls": [tool_call(tool, {"project_id": t})], "weight": 0},
-            {"role": "tool", "tool_call_id": "call_0", "content": f"error: {error}"},
+            {"role": "tool", "tool_call_id": "call_0", "content": ERROR + error},
             {"role": "assistant", "content": answer},
         ]
         row = {"id": f"made-up-train-{i:03d}-recover", "family": "refusal_recovery", "project_id": None,

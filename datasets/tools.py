@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import heapq
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from fibreflow.core.errors import FibreFlowError
@@ -23,6 +24,7 @@ from fibreflow.datasets.grounded_qa import ACTIVITY_PHRASES
 from fibreflow.datasets.retrieval import Filters, Retriever
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+T = TypeVar("T")
 ROW_LIMIT = 200  # rows a query returns at most
 LIST_LIMIT = 5  # records a listing shows (its count is of all): what a small model can read and cite
 TIMEOUT_MS = 2000  # per query
@@ -256,27 +258,38 @@ def resolve_project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
     if len(rows) > 1:  # a part of several names, or a name several projects share
         named = ", ".join(f"{r['id']} ({r['name']})" for r in rows)
         raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
-    alike = [] if rows else _alike(conn, columns, ref, is_name)
-    if not rows and is_name:  # the one name it misspells: the same numbers ("Phase 4" never means "Phase 3"), at
-        digits = re.findall(r"\d+", ref)  # least 90% alike and clearly closer than any other such name
-        same = [(score, r) for score, r in alike if re.findall(r"\d+", r["name"]) == digits]
+    if rows:
+        return rows[0]
+    every = _rows(conn, f"{columns} ORDER BY id", {}, limit=None)  # all: a company has thousands of projects at most
+    if is_name:  # the one name it misspells: the same numbers ("Phase 4" never means "Phase 3"), at least 90% alike
+        digits = re.findall(r"\d+", ref)  # and clearly closer than any other such name
+        same = most_alike(ref, [(r["name"].casefold(), r) for r in every if re.findall(r"\d+", r["name"]) == digits], 2)
         if same and same[0][0] >= 0.9 and (len(same) == 1 or same[1][0] <= same[0][0] - 0.05):
             rows = [same[0][1]]
     if not rows:
-        closest = ", ".join(f"{r['id']} ({r['name']})" for _, r in alike[:5])
+        alike = most_alike(ref, [(r["name"].casefold() if is_name else r["id"], r) for r in every], 5)
+        closest = ", ".join(f"{r['id']} ({r['name']})" for _, r in alike)
         raise ToolError(f"no project {ref}; closest projects: {closest or 'none (there are no projects)'}")
     return rows[0]
 
 
-def _alike(conn: psycopg.Connection, columns: str, ref: str, is_name: bool) -> list[tuple[float, dict[str, Any]]]:
-    """Every project, the most alike first (difflib ratio of `ref` to its name, or to its id when `ref` is one).
-    All of them, not ROW_LIMIT: a company has thousands of projects at most."""
-    every = _rows(conn, f"{columns} ORDER BY id", {}, limit=None)
-
-    def score(r: dict[str, Any]) -> float:
-        return difflib.SequenceMatcher(None, ref, r["name"].casefold() if is_name else r["id"]).ratio()
-
-    return sorted(((score(r), r) for r in every), key=lambda x: -x[0])
+def most_alike(ref: str, candidates: Sequence[tuple[str, T]], k: int) -> list[tuple[float, T]]:
+    """The `k` (text, item) candidates whose text is most alike to `ref` (difflib ratio), best first, ties in the
+    given order: what sorting them all would give. As `difflib.get_close_matches` does, a candidate is scored only
+    when its cheap upper bounds (`real_quick_ratio`, `quick_ratio`) beat the k-th best so far."""
+    best: list[tuple[float, int, T]] = []  # a min-heap of (score, -position, item): its root is the k-th best
+    matcher = difflib.SequenceMatcher(None, ref)
+    for i, (text, item) in enumerate(candidates):
+        matcher.set_seq2(text)
+        full = len(best) == k
+        if full and (matcher.real_quick_ratio() <= best[0][0] or matcher.quick_ratio() <= best[0][0]):
+            continue  # at best a tie with an earlier candidate, which comes first
+        entry = (matcher.ratio(), -i, item)
+        if not full:
+            heapq.heappush(best, entry)
+        elif entry[:2] > best[0][:2]:
+            heapq.heapreplace(best, entry)
+    return [(score, item) for score, _, item in sorted(best, key=lambda e: (-e[0], -e[1]))]
 
 
 def as_of_date(conn: psycopg.Connection) -> dt.date:

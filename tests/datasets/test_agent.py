@@ -4,6 +4,7 @@ behind the model server, FibreFlow's tools on the seeded records; the bound on r
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import openai
@@ -118,3 +119,26 @@ def test_an_answer_with_a_number_the_records_did_not_give_is_withheld(seeded_url
     plain = Loop.start(SYSTEM, "What is a PON splitter?")
     plain.take({"content": "A passive device that splits one fibre 1:32."}, lambda n, a: None)  # type: ignore[arg-type,return-value]
     assert plain.answered and plain.answer.endswith("1:32.")  # no call: nothing to hold it to
+
+
+def test_a_tool_error_grounds_no_number(seeded_url: str) -> None:
+    """A tool's error is not data: an answer made up after one (a count beside the error's list of closest
+    projects) is withheld, though the error's text holds the number."""
+    question = "How many poles are planned on Nowhere Park?"
+    with psycopg.connect(seeded_url, autocommit=True) as conn:
+        said = iter([{"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "pole_counts",
+                      "arguments": json.dumps({"project_id": "Nowhere Park"})}}]}, None])  # fmt: skip
+        error = ""
+
+        def reply(messages: Any, tools: Any, choice: Any) -> dict[str, Any]:
+            nonlocal error
+            turn = next(said)
+            if turn is not None:
+                return turn
+            error = messages[-1]["content"]
+            number = re.findall(r"Phase (\d+)", error)[0]  # a number only the error holds
+            return {"content": f"Nowhere Park has {number} planned poles."}
+
+        loop = ask(question, reply, lambda n, a: run_tool(conn, n, a), system=SYSTEM)
+    assert error.startswith("error: no project nowhere park; closest projects: PRJ-")
+    assert not loop.answered and loop.answer == WITHHELD and loop.unsupported != []

@@ -136,6 +136,22 @@ def test_a_misspelt_name_resolves_among_thousands_of_projects(conn: Any) -> None
         run_tool(conn, "project_status", {"project_id": "Gravel Ridge Estate 999"})
 
 
+def test_the_most_alike_are_what_sorting_every_candidate_gives() -> None:
+    """The pruned search (scores only where difflib's upper bounds beat the k-th best) against scoring and sorting
+    all: the same candidates, scores and order, ties included (short words of few letters tie often)."""
+    import random
+
+    rng = random.Random(0)
+    for trial in range(300):
+        words = ["".join(rng.choice("abcde ") for _ in range(rng.randint(0, 9))) for _ in range(rng.randint(0, 40))]
+        ref = "".join(rng.choice("abcde ") for _ in range(rng.randint(0, 9)))
+        everything = sorted(
+            ((difflib.SequenceMatcher(None, ref, w).ratio(), i) for i, w in enumerate(words)), key=lambda x: -x[0]
+        )
+        k = 1 + trial % 6
+        assert tools.most_alike(ref, [(w, i) for i, w in enumerate(words)], k) == everything[:k], (ref, words, k)
+
+
 def test_a_name_two_projects_share_is_an_error_not_the_first_of_them(conn: Any) -> None:
     """At scale, names repeat: a shared name lists the projects that bear it instead of answering for one."""
     (a, name), (b, _) = conn.execute("SELECT id, name FROM projects ORDER BY id LIMIT 2").fetchall()
