@@ -260,36 +260,39 @@ def resolve_project(conn: psycopg.Connection, ref: str) -> dict[str, Any]:
         raise ToolError(f"{ref!r} names more than one project: {named}; use its id")
     if rows:
         return rows[0]
-    every = _rows(conn, f"{columns} ORDER BY id", {}, limit=None)  # all: a company has thousands of projects at most
+    every = conn.execute("SELECT id, name FROM projects ORDER BY id").fetchall()  # all: thousands at most
     if is_name:  # the one name it misspells: the same numbers ("Phase 4" never means "Phase 3"), at least 90% alike
         digits = re.findall(r"\d+", ref)  # and clearly closer than any other such name
-        same = most_alike(ref, [(r["name"].casefold(), r) for r in every if re.findall(r"\d+", r["name"]) == digits], 2)
+        same = most_alike(ref, [(n.casefold(), i) for i, n in every if re.findall(r"\d+", n) == digits], 2)
         if same and same[0][0] >= 0.9 and (len(same) == 1 or same[1][0] <= same[0][0] - 0.05):
-            rows = [same[0][1]]
-    if not rows:
-        alike = most_alike(ref, [(r["name"].casefold() if is_name else r["id"], r) for r in every], 5)
-        closest = ", ".join(f"{r['id']} ({r['name']})" for _, r in alike)
-        raise ToolError(f"no project {ref}; closest projects: {closest or 'none (there are no projects)'}")
-    return rows[0]
+            return _rows(conn, f"{columns} WHERE id = %(p)s", {"p": same[0][1]})[0]
+    alike = most_alike(ref, [(n.casefold() if is_name else i, (i, n)) for i, n in every], 5)
+    closest = ", ".join(f"{i} ({n})" for _, (i, n) in alike)
+    raise ToolError(f"no project {ref}; closest projects: {closest or 'none (there are no projects)'}")
 
 
 def most_alike(ref: str, candidates: Sequence[tuple[str, T]], k: int) -> list[tuple[float, T]]:
     """The `k` (text, item) candidates whose text is most alike to `ref` (difflib ratio), best first, ties in the
-    given order: what sorting them all would give. As `difflib.get_close_matches` does, a candidate is scored only
-    when its cheap upper bounds (`real_quick_ratio`, `quick_ratio`) beat the k-th best so far."""
-    best: list[tuple[float, int, T]] = []  # a min-heap of (score, -position, item): its root is the k-th best
-    matcher = difflib.SequenceMatcher(None, ref)
-    for i, (text, item) in enumerate(candidates):
-        matcher.set_seq2(text)
-        full = len(best) == k
-        if full and (matcher.real_quick_ratio() <= best[0][0] or matcher.quick_ratio() <= best[0][0]):
-            continue  # at best a tie with an earlier candidate, which comes first
-        entry = (matcher.ratio(), -i, item)
-        if not full:
+    given order: what scoring and sorting them all would give. The ratio is costly; its cheap upper bound,
+    `quick_ratio` (the same either way round, so counted against `ref` once), orders the candidates, and scoring
+    stops where the bound falls below the k-th best score."""
+    bound = difflib.SequenceMatcher(None, "", ref)  # ref as the second sequence: its character counts kept
+    exact = difflib.SequenceMatcher(None, ref)  # the ratio as SequenceMatcher(None, ref, text) gives it
+    bounds = []
+    for i, (text, _) in enumerate(candidates):
+        bound.set_seq1(text)
+        bounds.append((-bound.quick_ratio(), i))
+    best: list[tuple[float, int]] = []  # a min-heap of (score, -position): its root is the k-th best
+    for negative, i in sorted(bounds):
+        if len(best) == k and -negative < best[0][0]:
+            break  # an equal bound may still tie, and an earlier candidate wins a tie
+        exact.set_seq2(candidates[i][0])
+        entry = (exact.ratio(), -i)
+        if len(best) < k:
             heapq.heappush(best, entry)
-        elif entry[:2] > best[0][:2]:
+        elif entry > best[0]:
             heapq.heapreplace(best, entry)
-    return [(score, item) for score, _, item in sorted(best, key=lambda e: (-e[0], -e[1]))]
+    return [(score, candidates[-j][1]) for score, j in sorted(best, key=lambda e: (-e[0], -e[1]))]
 
 
 def as_of_date(conn: psycopg.Connection) -> dt.date:

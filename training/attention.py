@@ -4,7 +4,7 @@ A packed row holds several examples whose `position_ids` restart at 0. transform
 with a block-diagonal mask over the whole row, so it computes (and differentiates) every query against every key
 of the row and throws the cross-example blocks away. Here the row is cut where the positions restart and each
 example runs through SDPA on its own with `is_causal`, which lets PyTorch's flash kernels skip the masked half too.
-Same result (up to float rounding); on 2 CPU cores a 1,024-token row of three chats trains ~1.4x faster.
+Same result (up to float rounding); on 2 CPU cores the demo's rows train 1.27x faster (benchmarks/bench_train.py).
 
 Anything that is not a packed training row (a padding mask, a KV cache while generating) goes to plain `sdpa`
 unchanged, so a model loaded this way generates as usual.

@@ -137,8 +137,9 @@ def test_a_misspelt_name_resolves_among_thousands_of_projects(conn: Any) -> None
 
 
 def test_the_most_alike_are_what_sorting_every_candidate_gives() -> None:
-    """The pruned search (scores only where difflib's upper bounds beat the k-th best) against scoring and sorting
-    all: the same candidates, scores and order, ties included (short words of few letters tie often)."""
+    """The pruned search (candidates scored in the order of difflib's upper bound, stopping below the k-th best)
+    against scoring and sorting all: the same candidates, scores and order, ties included (short words of few
+    letters tie often)."""
     import random
 
     rng = random.Random(0)
