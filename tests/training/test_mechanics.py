@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fibreflow.training.attention import PACKED_SDPA
 from fibreflow.training.config import TrainConfig
 from fibreflow.training.models import add_lora, load_base, make_4bit_trainable
 
@@ -126,3 +127,10 @@ def test_loaded_4bit_model_never_repacks(tiny_llama: Path) -> None:
     with torch.no_grad():
         model(**_batch())
     assert _packed_layers(model) == 0
+
+
+@pytest.mark.parametrize(("packing", "attention"), [(True, PACKED_SDPA), (False, "sdpa")])
+def test_packed_training_attends_per_example(tiny_llama: Path, packing: bool, attention: str) -> None:
+    cfg = _cfg(tiny_llama, None)
+    cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"packing": packing})})
+    assert load_base(str(tiny_llama), cfg).config._attn_implementation == attention
