@@ -145,7 +145,7 @@ def plain_model(base: str, cfg: Any, gc: bool) -> Any:
         base, dtype=torch_dtype(cfg.dtype), quantization_config=bnb_config(cfg.quantization)
     )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-    return get_peft_model(model, lora_config(cfg.lora))
+    return get_peft_model(model, lora_config(cfg.lora, model.config.num_hidden_layers))
 
 
 def trainer_for(kind: str, model: Any, args: Any, data: list, collate: Any, clock: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fibreflow.core.config import Strict, load_config, project_root, torch_dtype
 from fibreflow.core.errors import ConfigError
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -67,6 +67,14 @@ class Lora(Strict):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
+    from_layer: NonNegativeInt = 0  # adapters on decoder layers from this one up (0: all): the backward pass stops
+    # at the lowest adapted layer, so the layers below it cost a forward pass only
+
+    @model_validator(mode="after")
+    def _layers_need_module_names(self) -> Lora:
+        if self.from_layer and isinstance(self.target_modules, str):
+            raise ValueError("from_layer needs target_modules as a list of module names (peft), not 'all-linear'")
+        return self
 
 
 class DataSection(Strict):
@@ -190,15 +198,20 @@ def bnb_config(q: Quantization | None) -> BitsAndBytesConfig | None:
     )
 
 
-def lora_config(lora: Lora) -> LoraConfig:
-    """Our lora section -> peft `LoraConfig` for causal-LM fine-tuning."""
+def lora_config(lora: Lora, num_layers: int) -> LoraConfig:
+    """Our lora section -> peft `LoraConfig` for causal-LM fine-tuning of a model with `num_layers` decoder layers."""
     from peft import LoraConfig
 
+    if lora.from_layer >= num_layers:
+        raise ConfigError(
+            f"lora.from_layer: {lora.from_layer}, but the model has {num_layers} layers (0-{num_layers - 1})"
+        )
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         bias=lora.bias,
+        layers_to_transform=list(range(lora.from_layer, num_layers)) if lora.from_layer else None,
         task_type="CAUSAL_LM",
     )

@@ -154,6 +154,6 @@ def add_lora(model: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     elif gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, lora_config(cfg.lora))
+    peft_model = get_peft_model(model, lora_config(cfg.lora, model.config.num_hidden_layers))
     peft_model.train()
     return peft_model

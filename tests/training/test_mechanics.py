@@ -88,7 +88,7 @@ def _nf4_lora(tiny: Path) -> torch.nn.Module:
     cfg = _cfg(tiny, NF4, "bfloat16")
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(tiny), quantization_config=bnb_config(cfg.quantization))
-    return get_peft_model(base, lora_config(cfg.lora))
+    return get_peft_model(base, lora_config(cfg.lora, base.config.num_hidden_layers))
 
 
 def _rel_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -134,3 +134,29 @@ def test_packed_training_attends_per_example(tiny_llama: Path, packing: bool, at
     cfg = _cfg(tiny_llama, None)
     cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"packing": packing})})
     assert load_base(str(tiny_llama), cfg).config._attn_implementation == attention
+
+
+def test_lora_from_a_layer_up_stops_the_backward_pass_there(tiny_llama: Path) -> None:
+    cfg = _cfg(tiny_llama, NF4, "bfloat16")
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"from_layer": 1, "target_modules": ["q_proj"]})})
+    model = add_lora(load_base(str(tiny_llama), cfg), cfg)
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {"1"}
+    needs_grad: list[bool] = []
+    layers = model.get_base_model().model.layers
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: needs_grad.append(out[0].requires_grad)) for layer in layers
+    ]
+    model(**_batch()).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert needs_grad == [False, True]  # layer 0 builds no autograd graph: nothing below layer 1 is differentiated
+
+
+def test_lora_from_a_layer_the_model_lacks_is_refused(tiny_llama: Path) -> None:
+    from fibreflow.core.errors import ConfigError
+
+    cfg = _cfg(tiny_llama, None)
+    cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"from_layer": 2, "target_modules": ["q_proj"]})})
+    with pytest.raises(ConfigError, match=r"lora\.from_layer: 2, but the model has 2 layers"):
+        add_lora(load_base(str(tiny_llama), cfg), cfg)

@@ -58,10 +58,11 @@ def test_no_quantization_means_no_bitsandbytes(quant: Quantization | None) -> No
                 "bias": "lora_only",
             },
         ),
+        (Lora(target_modules=["q_proj"], from_layer=28), {"layers_to_transform": [28, 29]}),
     ],
 )
 def test_lora_converts_to_peft(lora: Lora, expected: dict) -> None:
-    cfg = lora_config(lora)
+    cfg = lora_config(lora, num_layers=30)
     assert cfg.task_type == "CAUSAL_LM"
     for key, value in expected.items():
         assert getattr(cfg, key) == value, key
@@ -76,6 +77,7 @@ def test_lora_converts_to_peft(lora: Lora, expected: dict) -> None:
         ({"quantization.quant_type": "nf3"}, r"quantization\.quant_type"),
         ({"lora.dropout": 1.5}, r"lora\.dropout"),
         ({"checkpoint.every_steps": 7}, "multiple of eval.every_steps"),
+        ({"lora.from_layer": 15, "lora.target_modules": "all-linear"}, "from_layer needs target_modules as a list"),
     ],
 )
 def test_bad_train_config_names_the_key(overrides: dict, named: str) -> None:
