@@ -5,8 +5,9 @@
 Every variant trains SmolLM2-135M with the demo config's LoRA on the same training rows (the glossary and the
 assistant mixture), in its own process (so peak RSS is its own). Packed: the demo's chats of several questions in
 rows of up to 1,024 tokens; padded (ours or the plain recipe): one question an example, 4 a step. tokens/s counts
-real tokens (no padding). MFU = 4 x non-embedding params x tokens/s / the bf16 matmul peak measured here (frozen
-base: forward 2N + input gradients 2N, no weight gradients). Prints one table, baseline ratios included.
+real tokens (no padding). MFU = FLOPs per token x tokens/s / the bf16 matmul peak measured here: a frozen base's
+forward 2N plus input gradients 2N of its N non-embedding parameters at and above the lowest adapted layer (no
+weight gradients; nothing below `lora.from_layer` is differentiated). Prints one table, baseline ratios included.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import sys
 import time
 from typing import Any
 
-VARIANTS = {
-    # name: (trainer, quantized, packed, gradient checkpointing)
-    "plain Trainer+peft, NF4 (recipe defaults: GC on)": ("plain", True, False, True),
-    "plain Trainer+peft, NF4, GC off": ("plain", True, False, False),
-    "ours NF4 packed (demo)": ("ours", True, True, False),
-    "ours NF4 packed, sdpa's block-diagonal mask": ("ours", True, True, False),
-    "ours NF4 packed + GC": ("ours", True, True, True),
-    "ours NF4 padded": ("ours", True, False, False),
-    "ours bf16 LoRA packed": ("ours", False, True, False),
+VARIANTS: dict[str, tuple[str, bool, bool, bool, dict[str, Any]]] = {
+    # name: (trainer, quantized, packed, gradient checkpointing, other overrides of the demo config)
+    "plain Trainer+peft, NF4 (recipe defaults: GC on)": ("plain", True, False, True, {}),
+    "plain Trainer+peft, NF4, GC off": ("plain", True, False, False, {}),
+    "ours NF4 packed (demo)": ("ours", True, True, False, {}),
+    "ours NF4 packed, LoRA on layers 15-29 only": ("ours", True, True, False, {"lora.from_layer": 15}),
+    "ours NF4 packed, sdpa's block-diagonal mask": ("ours", True, True, False, {}),
+    "ours NF4 packed + GC": ("ours", True, True, True, {}),
+    "ours NF4 padded": ("ours", True, False, False, {}),
+    "ours bf16 LoRA packed": ("ours", False, True, False, {}),
 }
 PADDED_BATCH = 4  # questions per step when not packing (~1,000 real tokens, as in a packed step of the demo's: one
 # row of up to 1,024 tokens)
@@ -58,8 +60,8 @@ def run_variant(name: str, steps: int, warmup: int) -> dict[str, Any]:
     from fibreflow.training.train import load_rows
     from transformers import TrainerCallback, TrainingArguments, set_seed
 
-    kind, quantized, packed, gc = VARIANTS[name]
-    overrides: dict[str, Any] = {"optim.packing": packed, "optim.gradient_checkpointing": gc}
+    kind, quantized, packed, gc, other = VARIANTS[name]
+    overrides: dict[str, Any] = {"optim.packing": packed, "optim.gradient_checkpointing": gc, **other}
     if not quantized:
         overrides["quantization"] = None
     cfg = load_train_config(default_train_config(), overrides)
@@ -108,18 +110,22 @@ def run_variant(name: str, steps: int, warmup: int) -> dict[str, Any]:
     return {
         "tokens_per_s": measured_tokens / seconds,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-        "flops_per_token": 4 * logical_params(model),
+        "flops_per_token": 2 * logical_params(model) + 2 * logical_params(model, cfg.lora.from_layer),
     }
 
 
-def logical_params(model: Any) -> int:
-    """Base parameters outside embeddings and output head; a 4-bit weight counts by its logical shape, not its
-    packed bytes (shared with the GPU script)."""
+def logical_params(model: Any, from_layer: int = 0) -> int:
+    """Base parameters outside embeddings and output head (of the decoder layers from `from_layer` up, and the
+    final norm); a 4-bit weight counts by its logical shape, not its packed bytes (shared with the GPU script)."""
     import math
+    import re
 
     total = 0
     for name, p in model.named_parameters():
         if "embed" in name or "lora_" in name or "lm_head" in name:
+            continue
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if layer is not None and int(layer.group(1)) < from_layer:
             continue
         state = getattr(p, "quant_state", None)
         total += math.prod(state.shape) if state is not None else p.numel()
