@@ -68,7 +68,8 @@ class Lora(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
     from_layer: NonNegativeInt = 0  # adapters on decoder layers from this one up (0: all): the backward pass stops
-    # at the lowest adapted layer, so the layers below it cost a forward pass only
+    # at the lowest adapted layer, so the layers below it cost a forward pass only. Not with gradient
+    # checkpointing: peft then makes the embeddings' output require grad, and the backward reaches every layer
 
     @model_validator(mode="after")
     def _layers_need_module_names(self) -> Lora:
