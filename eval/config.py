@@ -19,6 +19,7 @@ class Generation(Strict):
     batch_size: PositiveInt = 32
     max_new_tokens: PositiveInt = 64
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 where native, else float32
+    merge_adapters: bool = False  # a local adapter scored merged into its dequantized base, in `dtype`
 
 
 class Rag(Strict):

@@ -3,18 +3,26 @@
 Every weight spec of `fibreflow.training.weights` (base, latest, run ids, runs:/, models:/, folders), plus:
 endpoint:<name>                         an OpenAI-compatible server from eval.yaml's `endpoints`
 vllm:<any weight spec>                  the same weights through vLLM's offline engine
+
+With `generation.merge_adapters` a local adapter is scored folded into its dequantized base in `generation.dtype`
+(training/merge.py, written once under var/eval/merged): the form the model server serves @champion in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from typing import Any
 
+from fibreflow.core.config import dtype_name, resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.generators import EndpointGenerator, Generator, LocalGenerator, VllmGenerator
-from fibreflow.training.weights import load_local, weights
+from fibreflow.training.weights import Weights, load_local, weights
+
+MERGED_DIR = "var/eval/merged"  # <identity hash>-<dtype>: one folder per merged adapter, reused once written
 
 
 def identify(spec: str, cfg: EvalConfig) -> dict[str, str]:
@@ -24,7 +32,24 @@ def identify(spec: str, cfg: EvalConfig) -> dict[str, str]:
         return {"kind": "endpoint", "base_url": ep.base_url, "model": ep.model}
     if spec.startswith("vllm:"):
         return weights(spec.removeprefix("vllm:"), cfg.base_model).tags() | {"backend": "vllm"}
-    return weights(spec, cfg.base_model).tags()
+    w = weights(spec, cfg.base_model)
+    return w.tags() | ({"merged": dtype_name(cfg.generation.dtype)} if _merges(w, cfg) else {})
+
+
+def _merges(w: Weights, cfg: EvalConfig) -> bool:
+    return cfg.generation.merge_adapters and w.adapter is not None
+
+
+def _local_weights(spec: str, cfg: EvalConfig) -> Weights:
+    """The weights a local generator loads: as named, or with the adapter merged (`generation.merge_adapters`)."""
+    from fibreflow.training.merge import merge
+
+    w = weights(spec, cfg.base_model)
+    if not _merges(w, cfg):
+        return w
+    dtype = dtype_name(cfg.generation.dtype)
+    key = hashlib.sha256(json.dumps(w.tags(), sort_keys=True).encode()).hexdigest()[:16]
+    return Weights(str(merge(w, resolve_path(MERGED_DIR) / f"{key}-{dtype}", dtype)), None, w.identity)
 
 
 def _endpoint(spec: str, cfg: EvalConfig) -> Any:
@@ -49,5 +74,5 @@ def generator(spec: str, cfg: EvalConfig, progress: bool = False) -> Generator:
         w = weights(spec.removeprefix("vllm:"), cfg.base_model)
         engine = {"quantization": "bitsandbytes"} if w.quantization else {}  # vLLM loads the base 4-bit, as trained
         return VllmGenerator(spec, w.base, w.adapter, g.max_new_tokens, engine_args=engine)
-    model, tok = load_local(weights(spec, cfg.base_model), g.dtype)
+    model, tok = load_local(_local_weights(spec, cfg), g.dtype)
     return LocalGenerator(spec, model, tok, g.batch_size, g.max_new_tokens, progress)

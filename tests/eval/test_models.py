@@ -26,8 +26,8 @@ def test_bad_specs_say_what_is_wrong(spec: str, message: str, store: str, projec
         generator(spec, load_eval_config())
 
 
-@pytest.mark.integration
-def test_a_qlora_run_is_identified_and_generated_4bit(tiny_llama: Path, store: str) -> None:
+def _qlora_run(tiny: Path, compute_dtype: str) -> str:
+    """A training run's id whose logged adapter (random, not zero) was made for `tiny` in NF4."""
     import mlflow
     import torch
     from fibreflow.training.publish import log_adapter
@@ -35,13 +35,44 @@ def test_a_qlora_run_is_identified_and_generated_4bit(tiny_llama: Path, store: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(1)
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
-    nf4 = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
-           "quant_storage": "bfloat16"}  # fmt: skip
+    nf4 = {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": compute_dtype,
+           "quant_storage": compute_dtype}  # fmt: skip
     mlflow.set_experiment("fibreflow-train")
     with mlflow.start_run() as run:
-        log_adapter(peft.eval(), AutoTokenizer.from_pretrained(tiny_llama), str(tiny_llama), nf4)
-    cfg = load_eval_config()
-    assert identify(run.info.run_id, cfg) | {"kind": "run", "quantization": "nf4"} == identify(run.info.run_id, cfg)
-    assert generator(run.info.run_id, cfg).settings["quantized_4bit"] is True
+        log_adapter(peft.eval(), AutoTokenizer.from_pretrained(tiny), str(tiny), nf4)
+    return run.info.run_id
+
+
+@pytest.mark.integration
+def test_a_qlora_run_is_identified_and_generated_4bit(tiny_llama: Path, store: str) -> None:
+    run_id = _qlora_run(tiny_llama, "bfloat16")
+    cfg = load_eval_config({"generation.merge_adapters": False})
+    assert identify(run_id, cfg) | {"kind": "run", "quantization": "nf4"} == identify(run_id, cfg)
+    assert "merged" not in identify(run_id, cfg)
+    assert generator(run_id, cfg).settings["quantized_4bit"] is True
+
+
+@pytest.mark.integration
+def test_a_qlora_run_is_scored_merged_as_the_model_server_serves_its_champion(
+    tiny_llama: Path, store: str, project_tmp: Path
+) -> None:
+    import torch
+
+    run_id = _qlora_run(tiny_llama, "float32")
+    as_trained = load_eval_config({"generation.dtype": "float32"})
+    merged_cfg = load_eval_config({"generation.dtype": "float32", "generation.merge_adapters": True})
+    assert identify(run_id, merged_cfg) == identify(run_id, as_trained) | {"merged": "float32"}
+    merged = generator(run_id, merged_cfg)
+    assert merged.settings["quantized_4bit"] is False and not hasattr(merged.model, "peft_config")
+    [folder] = (project_tmp / "var/eval/merged").iterdir()
+    ids = torch.tensor([[1, 42, 314, 2718, 99, 7]])
+    with torch.no_grad():
+        unmerged = generator(run_id, as_trained).model(ids).logits
+        base = generator(str(tiny_llama), as_trained).model(ids).logits
+        gap = (merged.model(ids).logits - unmerged).abs().max()
+    assert gap < 1e-2 and gap < (base - unmerged).abs().max() / 10  # the adapter is in the merged weights
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    generator(run_id, merged_cfg)
+    assert (folder / "config.json").stat().st_mtime_ns == stamp  # merged once, reused after
