@@ -26,7 +26,6 @@ VARIANTS: dict[str, tuple[str, bool, bool, bool, dict[str, Any]]] = {
     "plain Trainer+peft, NF4, GC off": ("plain", True, False, False, {}),
     "ours NF4 packed (demo)": ("ours", True, True, False, {}),
     "ours NF4 packed, LoRA on layers 15-29 only": ("ours", True, True, False, {"lora.from_layer": 15}),
-    "ours NF4 packed, no fp32 upcast": ("ours", True, True, False, {"upcast": False}),
     "ours NF4 packed, sdpa's block-diagonal mask": ("ours", True, True, False, {}),
     "ours NF4 packed + GC": ("ours", True, True, True, {}),
     "ours NF4 padded": ("ours", True, False, False, {}),

@@ -137,10 +137,6 @@ class TrainConfig(Strict):
     model: str
     model_path: str | None = None  # overrides the catalogue entry's source (a local folder or hub id)
     dtype: Dtype = "auto"  # dtype of the unquantized parts (and of the whole base without 4-bit)
-    # True: peft's QLoRA recipe, adapters (and on a 4-bit base the norms and embeddings) in float32, every layer
-    # casting its input to float32 and back. False: they stay in the compute dtype (bfloat16 where native): no casts,
-    # ~1.17x the tokens/s on 2 AVX512/AMX cores, AdamW updating bfloat16 adapters (the last low-rate steps round off)
-    upcast: bool = True
     quantization: Quantization | None = Quantization()
     lora: Lora = Lora()
     data: DataSection = DataSection()

@@ -143,13 +143,11 @@ def load_base(path: str, cfg: TrainConfig) -> PreTrainedModel:
 
 
 def add_lora(model: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
-    """QLoRA preparation (for 4-bit bases, with `upcast`) and LoRA adapters; only the adapters are trainable.
-    Without `upcast` every weight that is not 4-bit, the adapters included, is in the compute dtype."""
+    """QLoRA preparation (for 4-bit bases) and LoRA adapters; only the adapters are trainable."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     gc = cfg.optim.gradient_checkpointing
-    quantized = getattr(model, "is_loaded_in_4bit", False)
-    if quantized and cfg.upcast:
+    if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
@@ -157,10 +155,5 @@ def add_lora(model: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(cfg.lora, model.config.num_hidden_layers))
-    if not cfg.upcast:
-        dtype = torch_dtype(cfg.quantization.compute_dtype if quantized and cfg.quantization else cfg.dtype)
-        for param in peft_model.parameters():
-            if param.dtype.is_floating_point and type(param).__name__ != "Params4bit":  # 4-bit: packed, as peft
-                param.data = param.data.to(dtype)
     peft_model.train()
     return peft_model
