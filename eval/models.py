@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from fibreflow.core.config import dtype_name, resolve_path
@@ -22,7 +23,7 @@ from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.generators import EndpointGenerator, Generator, LocalGenerator, VllmGenerator
 from fibreflow.training.weights import Weights, load_local, weights
 
-MERGED_DIR = "var/eval/merged"  # <identity hash>-<dtype>: one folder per merged adapter, reused once written
+MERGED_DIR = "var/eval/merged"  # <hash of identity and adapter weights>-<dtype>: merged once, reused after
 
 
 def identify(spec: str, cfg: EvalConfig) -> dict[str, str]:
@@ -47,9 +48,13 @@ def _local_weights(spec: str, cfg: EvalConfig) -> Weights:
     w = weights(spec, cfg.base_model)
     if not _merges(w, cfg):
         return w
+    assert w.adapter is not None
+    key = hashlib.sha256(json.dumps(w.tags(), sort_keys=True).encode())
+    for file in sorted(Path(w.adapter).glob("adapter_model.*")):  # an adapter folder rewritten in place: merged anew
+        key.update(file.read_bytes())
     dtype = dtype_name(cfg.generation.dtype)
-    key = hashlib.sha256(json.dumps(w.tags(), sort_keys=True).encode()).hexdigest()[:16]
-    return Weights(str(merge(w, resolve_path(MERGED_DIR) / f"{key}-{dtype}", dtype)), None, w.identity)
+    folder = merge(w, resolve_path(MERGED_DIR) / f"{key.hexdigest()[:16]}-{dtype}", dtype)
+    return Weights(str(folder), None, w.identity)
 
 
 def _endpoint(spec: str, cfg: EvalConfig) -> Any:

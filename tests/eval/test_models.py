@@ -76,3 +76,21 @@ def test_a_qlora_run_is_scored_merged_as_the_model_server_serves_its_champion(
     stamp = (folder / "config.json").stat().st_mtime_ns
     generator(run_id, merged_cfg)
     assert (folder / "config.json").stat().st_mtime_ns == stamp  # merged once, reused after
+
+
+@pytest.mark.integration
+def test_an_adapter_folder_rewritten_in_place_is_merged_anew(tiny_llama: Path, project_tmp: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_eval_config({"generation.dtype": "float32", "generation.merge_adapters": True})
+    adapter, answers = project_tmp / "adapter", []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora).save_pretrained(adapter)
+        with torch.no_grad():
+            answers.append(generator(str(adapter), cfg).model(torch.tensor([[1, 42, 314]])).logits)
+    assert len(list((project_tmp / "var/eval/merged").iterdir())) == 2
+    assert not torch.allclose(answers[0], answers[1])
