@@ -3,6 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
+# A C++ compiler: torch.compile's inductor builds its CPU kernels with it (the demo fine-tune's `optim.compile`).
+if ! command -v "${CXX:-g++}" >/dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "installing Debian's g++ for torch.compile" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null
+  else
+    echo "no g++: the demo fine-tune will run without torch.compile (slower); apt-get install g++ to compile" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

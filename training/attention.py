@@ -37,6 +37,7 @@ def segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, [*starts[1:], n], strict=True))
 
 
+@torch.compiler.disable  # under `optim.compile`: data-dependent cuts, run eagerly between the layers' graphs
 def packed_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

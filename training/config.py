@@ -103,6 +103,7 @@ class Optim(Strict):
     chat_turns: PositiveInt = 1  # training questions per chat: the system turn and tool block once per chat, not
     # once per question (training.data.chats); validation rows stay single questions
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile (inductor; needs a C++ compiler on CPU): the element-wise ops fused
     seed: int = 42
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,3 +159,29 @@ def add_lora(model: PreTrainedModel, cfg: TrainConfig) -> PeftModel:
     peft_model = get_peft_model(model, lora_config(cfg.lora, model.config.num_hidden_layers))
     peft_model.train()
     return peft_model
+
+
+def compile_layers(model: Any) -> Callable[[], None] | None:
+    """`torch.compile` each decoder layer's forward (inductor, dynamic shapes: packed rows vary in length), which
+    fuses the element-wise work around the matmuls (LoRA's casts, scaling and adds, norms, SiLU, rotary). The
+    layers share one compiled graph; the packed attention runs eagerly between graphs (`training.attention`).
+    Returns the function that restores the eager forwards (for generation after training), or None when this
+    machine cannot compile: on CPU inductor needs a C++ compiler (`$CXX`, default g++)."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ConfigError(f"optim.compile: {type(model).__name__} has no transformers decoder layers to compile")
+    cxx = os.environ.get("CXX", "g++")
+    if not torch.cuda.is_available() and shutil.which(cxx) is None:
+        print(f"optim.compile: no C++ compiler ({cxx}) on this machine, so training runs uncompiled", file=sys.stderr)
+        return None
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+
+    def restore() -> None:
+        for layer in layers:
+            del layer.forward  # the class's own forward again
+
+    return restore

@@ -23,7 +23,7 @@ from fibreflow.datasets.config import load_data_config
 from fibreflow.datasets.manifest import read_manifest
 from fibreflow.training.config import TrainConfig, load_train_config
 from fibreflow.training.data import Collator, check_examples, count_tokens, prepare
-from fibreflow.training.models import add_lora, load_base, load_tokenizer, resolve_base
+from fibreflow.training.models import add_lora, compile_layers, load_base, load_tokenizer, resolve_base
 from fibreflow.training.weights import write_quantization
 
 
@@ -274,6 +274,7 @@ def _fit(
 
     set_seed(o.seed)  # LoRA's initial weights come from the global RNG: seed it, or no two runs start alike
     model = add_lora(load_base(prep.base, cfg), cfg)
+    eager = compile_layers(model) if o.compile else None
     callbacks: list[Any] = [MlflowMetrics(), *extra]
     if cfg.eval.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold))
@@ -288,6 +289,8 @@ def _fit(
         callbacks=callbacks,
     )
     train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if eager is not None:
+        eager()
     result: dict[str, Any] = {
         "run_dir": str(out),
         "run_id": run.info.run_id if run is not None else None,

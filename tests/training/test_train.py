@@ -33,11 +33,14 @@ def test_train_logs_everything_and_the_adapter_loads_back(train_home: Path, tiny
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = main(write_config(train_home, tiny_llama, merge=True), progress=False, after=[check])
+    # compiled as the demo trains (`optim.compile`): eval steps, checkpoints, then generation after training
+    config = write_config(train_home, tiny_llama, merge=True, optim={"compile": True})
+    result = main(config, progress=False, after=[check])
     assert result["global_step"] == 12
     run = mlflow.MlflowClient().get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr"] == "0.005" and run.data.params["lora.r"] == "4"
+    assert run.data.params["optim.compile"] == "True"
     assert run.data.params["base_model_path"] == str(tiny_llama)
     for key in ("base_model", "git_sha", "config_hash", "dataset_version", "world_size"):
         assert run.data.tags.get(key), key
