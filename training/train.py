@@ -274,7 +274,7 @@ def _fit(
 
     set_seed(o.seed)  # LoRA's initial weights come from the global RNG: seed it, or no two runs start alike
     model = add_lora(load_base(prep.base, cfg), cfg)
-    eager = compile_layers(model) if o.compile else None
+    restore_eager = compile_layers(model) if o.compile else None  # None: uncompiled
     callbacks: list[Any] = [MlflowMetrics(), *extra]
     if cfg.eval.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold))
@@ -289,8 +289,8 @@ def _fit(
         callbacks=callbacks,
     )
     train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if eager is not None:
-        eager()
+    if restore_eager is not None:  # generation after training (hooks, log_model) runs the eager forwards
+        restore_eager()
     result: dict[str, Any] = {
         "run_dir": str(out),
         "run_id": run.info.run_id if run is not None else None,
