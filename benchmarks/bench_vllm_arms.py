@@ -85,17 +85,17 @@ def main() -> None:
     from fibreflow.eval.run import test_set_path
     from fibreflow.eval.testset import load_test_set
     from fibreflow.serving.config import MERGED_DIR
-    from fibreflow.training.merge import merge
+    from fibreflow.training.merge import merged_folder
     from fibreflow.training.weights import weights
 
     setup_mlflow("fibreflow-serving")
     cfg = load_eval_config()
     w = weights("models:/fibreflow-assistant@champion")
     version = w.identity["version"]
-    merged = merge(w, resolve_path(MERGED_DIR) / f"fibreflow-assistant-v{version}-bfloat16", "bfloat16")
+    name = f"fibreflow-assistant-v{version}"
+    merged = merged_folder(w, resolve_path(MERGED_DIR), "bfloat16", label=name)
     samples = [s for s in load_test_set(test_set_path(cfg)) if "terminology" in s.tags][:32]
     system = load_data_config().system_prompt
-    name = f"fibreflow-assistant-v{version}"
     rows = arm("merged", [str(merged), "--served-model-name", name], name, samples, system, args.seconds)
     lora = [w.base, "--enable-lora", "--max-lora-rank", "64", "--lora-modules", f"{name}={w.adapter}"]
     rows += arm("LoRA", lora, name, samples, system, args.seconds)

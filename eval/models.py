@@ -10,11 +10,8 @@ With `generation.merge_adapters` a local adapter is scored folded into its dequa
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from fibreflow.core.config import dtype_name, resolve_path
@@ -23,7 +20,7 @@ from fibreflow.eval.config import EvalConfig
 from fibreflow.eval.generators import EndpointGenerator, Generator, LocalGenerator, VllmGenerator
 from fibreflow.training.weights import Weights, load_local, weights
 
-MERGED_DIR = "var/eval/merged"  # <hash of identity and adapter weights>-<dtype>: merged once, reused after
+MERGED_DIR = "var/eval/merged"  # <hash of the base and the adapter's files>-<dtype>: merged once, reused after
 
 
 def identify(spec: str, cfg: EvalConfig) -> dict[str, str]:
@@ -43,17 +40,12 @@ def _merges(w: Weights, cfg: EvalConfig) -> bool:
 
 def _local_weights(spec: str, cfg: EvalConfig) -> Weights:
     """The weights a local generator loads: as named, or with the adapter merged (`generation.merge_adapters`)."""
-    from fibreflow.training.merge import merge
+    from fibreflow.training.merge import merged_folder
 
     w = weights(spec, cfg.base_model)
     if not _merges(w, cfg):
         return w
-    assert w.adapter is not None
-    key = hashlib.sha256(json.dumps(w.tags(), sort_keys=True).encode())
-    for file in sorted(Path(w.adapter).glob("adapter_model.*")):  # an adapter folder rewritten in place: merged anew
-        key.update(file.read_bytes())
-    dtype = dtype_name(cfg.generation.dtype)
-    folder = merge(w, resolve_path(MERGED_DIR) / f"{key.hexdigest()[:16]}-{dtype}", dtype)
+    folder = merged_folder(w, resolve_path(MERGED_DIR), dtype_name(cfg.generation.dtype))
     return Weights(str(folder), None, w.identity)
 
 

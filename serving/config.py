@@ -7,7 +7,7 @@ from typing import Any, Literal
 from fibreflow.core.config import Strict, load_config
 from pydantic import Field, PositiveInt, model_validator
 
-MERGED_DIR = "var/serving/merged"  # <served name>-<dtype>: one folder per merged version, reused once written
+MERGED_DIR = "var/serving/merged"  # <served name>-<hash of its base and adapter>-<dtype>: merged once, reused after
 
 
 class ModelServer(Strict):

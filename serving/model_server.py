@@ -377,12 +377,12 @@ def build_engine(
 def _merged_engine(cfg: ServingConfig, name: str, w: Weights, metrics: ModelMetrics) -> Engine:
     """Version `name` merged (written once under var/serving/merged, reused after) on an engine of its own."""
     from fibreflow.core.config import dtype_name, resolve_path
-    from fibreflow.training.merge import merge
+    from fibreflow.training.merge import merged_folder
     from fibreflow.training.weights import load_local
 
     ms = cfg.model_server
     dtype = dtype_name(ms.dtype)
-    folder = merge(w, resolve_path(MERGED_DIR) / f"{name}-{dtype}", dtype)
+    folder = merged_folder(w, resolve_path(MERGED_DIR), dtype, label=name)
     net, tok = load_local(Weights(str(folder), None, {"kind": "merged", "version": name}), dtype)
     max_context = int(getattr(net.config, "max_position_embeddings", 2048))
     return Engine(net, tok, base_name=name, max_context=max_context, max_batch=ms.max_batch,

@@ -177,7 +177,7 @@ class MergedArms:
         """The URL serving `version` of `alias` merged (started if needed); None for aliases served as LoRA."""
         import threading
 
-        from fibreflow.training.merge import merge
+        from fibreflow.training.merge import merged_folder
         from fibreflow.training.weights import weights
 
         if alias not in self.cfg.vllm.merged_aliases:
@@ -187,7 +187,7 @@ class MergedArms:
         v, name = self.cfg.vllm, served_name(self.cfg.registered_model, version)
         w = weights(f"models:/{self.cfg.registered_model}/{version}")
         dtype = dtype_name(v.merged_dtype)
-        folder = merge(w, resolve_path(MERGED_DIR) / f"{name}-{dtype}", dtype)
+        folder = merged_folder(w, resolve_path(MERGED_DIR), dtype, label=name)
         port, self._next_port = self._next_port, self._next_port + 1
         url = f"http://{v.host}:{port}/v1"
         cmd = merged_command(self.cfg, folder, name, port, v.max_model_len)

@@ -9,10 +9,12 @@ LoRA delta. Written to a temp folder and swapped in: never half-written.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from fibreflow.core.config import atomic_folder
-from fibreflow.training.weights import Weights, load_local
+from fibreflow.training.weights import Weights, load_local, quantization_record
 
 
 def dequantized_base(w: Weights) -> tuple[object, object]:
@@ -33,6 +35,18 @@ def dequantized_base(w: Weights) -> tuple[object, object]:
                     q = seen[name].weight
                     module.weight.copy_(dequantize_4bit(q.data, q.quant_state).to(torch.float32))
     return model, load_tokenizer(w.base)
+
+
+def merged_folder(w: Weights, root: Path, dtype: str, label: str = "") -> Path:
+    """`w` merged once into `root/[<label>-]<key>-<dtype>` and reused after. The key is what the merge is made of
+    (the base, its 4-bit settings, the adapter's files), so an adapter rewritten in place, or another registry's
+    version of the same number, is merged anew instead of being served stale."""
+    if w.adapter is None:
+        raise ValueError(f"{w.base}: nothing to merge (no adapter)")
+    key = hashlib.sha256(json.dumps([w.base, quantization_record(w.quantization)]).encode())
+    for file in sorted(Path(w.adapter).glob("adapter_*")):  # adapter_config.json, adapter_model.safetensors
+        key.update(file.name.encode() + file.read_bytes())
+    return merge(w, root / f"{label + '-' if label else ''}{key.hexdigest()[:16]}-{dtype}", dtype)
 
 
 def merge(w: Weights, dest: Path, dtype: str = "float32", *, reuse: bool = True) -> Path:

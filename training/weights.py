@@ -17,6 +17,7 @@ from at run time), written to a temp folder and renamed: never half-written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -142,11 +143,9 @@ def _registered(uri: str) -> tuple[str, str, dict[str, str]]:
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"{uri}: no such registered model version ({str(exc).splitlines()[0]})") from None
     version = str(mv.version)
-    return (
-        name,
-        version,
-        {"kind": "registered", "registered_model": name, "version": version, "run_id": mv.run_id or ""},
-    )
+    identity = {"kind": "registered", "registered_model": name, "version": version, "run_id": mv.run_id or "",
+                "source": mv.source or ""}  # fmt: skip
+    return name, version, identity
 
 
 def weights(spec: str, base_model: str | None = None) -> Weights:
@@ -165,7 +164,9 @@ def weights(spec: str, base_model: str | None = None) -> Weights:
         return _logged_adapter(spec, key, {"kind": "run", "run_id": run_id})
     if spec.startswith("models:/"):
         name, version, identity = _registered(spec)
-        return _logged_adapter(f"models:/{name}/{version}", f"{name}-v{version}", identity)
+        # keyed by what the version is, not only its number: another store's (or a reset store's) v1 is another model
+        digest = hashlib.sha256(f"{identity['run_id']}|{identity['source']}".encode()).hexdigest()[:12]
+        return _logged_adapter(f"models:/{name}/{version}", f"{name}-v{version}-{digest}", identity)
     folder = Path(spec)
     if (folder / "adapter_config.json").is_file():
         base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]

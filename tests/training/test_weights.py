@@ -9,13 +9,13 @@ import pytest
 from fibreflow.training.weights import QUANTIZATION_FILE, load_local, weights
 
 
-def _adapter(tiny: Path, out: Path):
+def _adapter(tiny: Path, out: Path, seed: int = 1):
     """A LoRA adapter on the tiny Llama with non-zero B (so it changes the logits), saved to `out`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     tok = AutoTokenizer.from_pretrained(tiny)
@@ -68,6 +68,36 @@ def test_every_spec_form_loads_the_same_adapter(
     assert weights("models:/fibreflow-assistant/1").adapter == registered.adapter
     # a full model folder is the model itself
     assert weights(str(tiny_llama)).adapter is None
+
+
+@pytest.mark.integration
+def test_another_registry_s_version_of_the_same_number_is_another_model(
+    tiny_llama: Path, tmp_path: Path, project_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One project home, two tracking stores (staging and production, or a store reset): each store's v1 loads its
+    own adapter and is merged into its own folder, never the other's downloaded or merged copy."""
+    import mlflow
+    import torch
+    from fibreflow.training.merge import merged_folder
+    from fibreflow.training.publish import log_adapter
+
+    seen = []
+    for seed in (1, 2):
+        uri = f"sqlite:///{project_tmp / f'mlflow-{seed}.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        peft, tok = _adapter(tiny_llama, tmp_path / f"adapter-{seed}", seed)
+        mlflow.set_experiment("fibreflow-train")
+        with mlflow.start_run():
+            info = log_adapter(peft, tok, str(tiny_llama), None)
+        mlflow.register_model(info.model_uri, "fibreflow-assistant")
+        w = weights("models:/fibreflow-assistant/1")
+        model, _ = load_local(w, "float32")
+        assert torch.allclose(_logits(model, tok), _logits(peft, tok), atol=1e-5), f"store {seed}"
+        merged = merged_folder(w, project_tmp / "merged", "float32", label="fibreflow-assistant-v1")
+        assert merged_folder(w, project_tmp / "merged", "float32", label="fibreflow-assistant-v1") == merged
+        seen.append((w.adapter, merged))
+    assert seen[0][0] != seen[1][0] and seen[0][1] != seen[1][1]
 
 
 @pytest.mark.integration
