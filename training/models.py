@@ -177,6 +177,9 @@ def compile_layers(model: Any) -> Callable[[], None] | None:
     if not torch.cuda.is_available() and shutil.which(cxx) is None:
         print(f"optim.compile: no C++ compiler ({cxx}) on this machine, so training runs uncompiled", file=sys.stderr)
         return None
+    # compiled afresh for each model: the graphs of earlier ones (the trials of `fibreflow tune`, one process) count
+    # against dynamo's recompile limit (8), past which later models run eagerly with nothing but a warning
+    torch._dynamo.reset()
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
 
