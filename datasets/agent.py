@@ -42,9 +42,11 @@ class Called:
     arguments: dict[str, Any] | str  # as normalised by the tool (PRJ-0003), or the model's text if not JSON
     record_ids: list[str]
     error: str | None = None
+    written: str = ""  # the arguments as the model wrote them (what it left out, what it spelled its own way)
 
     def json(self) -> dict[str, Any]:
-        return {"name": self.name, "arguments": self.arguments, "record_ids": self.record_ids, "error": self.error}
+        return {"name": self.name, "arguments": self.arguments, "written": self.written,
+                "record_ids": self.record_ids, "error": self.error}  # fmt: skip
 
 
 @dataclass
@@ -114,12 +116,12 @@ def _run(name: str, arguments: str, run: RunTool) -> tuple[Called, str]:
             raise ValueError
     except ValueError:
         error = f"{name}: the arguments are not a JSON object"
-        return Called(name, arguments, [], error), ERROR + error
+        return Called(name, arguments, [], error, arguments), ERROR + error
     try:
         result = run(name, args)
     except ToolError as exc:
-        return Called(name, args, [], str(exc)), ERROR + str(exc)
-    return Called(name, result.arguments, result.record_ids), result.content()
+        return Called(name, args, [], str(exc), arguments), ERROR + str(exc)
+    return Called(name, result.arguments, result.record_ids, written=arguments), result.content()
 
 
 def ask(question: str, complete: Complete, run: RunTool, *, system: str, max_steps: int = 3) -> Loop:

@@ -63,6 +63,8 @@ def test_every_loop_ends_with_an_answer_within_max_steps(seeded_url: str) -> Non
     assert errors[0] == "pole_counts: the arguments are not a JSON object"
     assert errors[1].startswith("no tool 'drop_table'") and errors[2] is None
     assert loop.calls[2].arguments == {"project_id": "PRJ-0001"} and loop.record_ids == ["PRJ-0001"]
+    # the trace keeps what the model wrote beside what ran
+    assert [c["written"] for c in loop.json()["tool_calls"]] == ["{oops", "{}", '{"project_id": "prj-1"}']
     tool_turns = [m["content"] for m in loop.messages if m["role"] == "tool"]
     assert tool_turns[0].startswith("error: ") and json.loads(tool_turns[2])["project"]["id"] == "PRJ-0001"
     assert Loop.start(SYSTEM, "q").tool_choice == "auto"
