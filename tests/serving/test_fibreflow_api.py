@@ -117,7 +117,8 @@ def test_project_summary_and_health_rest_on_computed_facts_and_are_cached(
     assert sum(facts["tasks_by_status"].values()) == n_tasks and facts["project"]["id"] == project
     assert facts["as_of"] == "2026-10-31"  # the demo data's date, not today's
     assert out["tool_calls"][0] == {"name": "project_status", "arguments": {"project_id": project},
-                                    "record_ids": [project], "error": None}  # fmt: skip
+                                    "written": json.dumps({"project_id": project}), "record_ids": [project],
+                                    "error": None}  # fmt: skip
     trained = conversation(load_data_config().system_prompt, f"Summarise project {project} for me.",
                            "project_status", {"project_id": project}, status, "")[:4]  # fmt: skip
     sent = bodies[0]["messages"]

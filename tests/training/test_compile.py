@@ -79,23 +79,20 @@ def test_a_model_without_decoder_layers_is_refused() -> None:
         compile_layers(types.SimpleNamespace(modules=lambda: [torch.nn.Linear(2, 2)]))
 
 
-def test_each_model_in_one_process_is_compiled_afresh(
-    tiny_llama: Path, tmp_path: Path, write_config, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_each_model_in_one_process_is_compiled_afresh(tiny_llama: Path, tmp_path: Path, write_config) -> None:
     """`fibreflow tune` trains its trials one after another in one process, each a new model with LoRA settings of
     its own: every trial's layers still compile, instead of the earlier trials' graphs using up dynamo's recompile
     limit (8; here 2, to need fewer trials) and sending the later ones to eager with nothing but a warning."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    for trial in range(3):
-        cfg = load_train_config(
-            write_config(tmp_path, tiny_llama, optim={"packing": True}, lora={"dropout": 0.05 * trial})
-        )
-        model = add_lora(load_base(str(tiny_llama), cfg), cfg)
-        restore = compile_layers(model)
-        assert restore is not None
-        before = counters["stats"]["unique_graphs"]
-        _loss_and_grads(model)
-        assert counters["stats"]["unique_graphs"] > before, f"trial {trial} ran eagerly"
-        restore()
+    with torch._dynamo.config.patch(recompile_limit=2):  # not monkeypatch: its undo deletes the setting
+        for trial in range(3):
+            lora = {"dropout": 0.05 * trial}
+            cfg = load_train_config(write_config(tmp_path, tiny_llama, optim={"packing": True}, lora=lora))
+            model = add_lora(load_base(str(tiny_llama), cfg), cfg)
+            restore = compile_layers(model)
+            assert restore is not None
+            before = counters["stats"]["unique_graphs"]
+            _loss_and_grads(model)
+            assert counters["stats"]["unique_graphs"] > before, f"trial {trial} ran eagerly"
+            restore()
