@@ -116,11 +116,11 @@ def _run(name: str, arguments: str, run: RunTool) -> tuple[Called, str]:
             raise ValueError
     except ValueError:
         error = f"{name}: the arguments are not a JSON object"
-        return Called(name, arguments, [], error, arguments), ERROR + error
+        return Called(name, arguments, [], error, written=arguments), ERROR + error
     try:
         result = run(name, args)
     except ToolError as exc:
-        return Called(name, args, [], str(exc), arguments), ERROR + str(exc)
+        return Called(name, args, [], str(exc), written=arguments), ERROR + str(exc)
     return Called(name, result.arguments, result.record_ids, written=arguments), result.content()
 
 
