@@ -5,8 +5,10 @@ step first prefills the requests that arrived (up to `max_batch` rows in all) an
 running batch, then decodes one token for every row. A request joins at the next step and leaves as soon as it is
 done, so nobody waits for a whole batch to end. Each row has its own adapter (peft's mixed-batch LoRA:
 `adapter_names`), sampling settings, token budget and stop strings; tokens go back to each request as they are
-produced. A request whose client went away is cancelled: dropped from the queue, or its row leaves the batch.
-Adapters are loaded and unloaded at run time (between steps), like vLLM's `/v1/load_lora_adapter`.
+produced. A row may carry a grammar (serving/grammar.py): its tokens are then picked only among those the grammar
+allows, and a grammar that fails ends that row alone. A request whose client went away is cancelled: dropped from
+the queue, or its row leaves the batch. Adapters are loaded and unloaded at run time (between steps), like vLLM's
+`/v1/load_lora_adapter`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from fibreflow.core.chat import ChatFormatError, chat_ids
 from fibreflow.core.errors import FibreFlowError
+from fibreflow.serving.grammar import Constraint, GrammarError, Grammars
 from fibreflow.serving.metrics import ModelMetrics
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -78,6 +81,7 @@ class _Request:
     pos: int = 0  # position of the next token fed (prompt and generated tokens in the cache)
     next_input: int = 0  # the token it generated last, fed at the next step
     generator: Any = None  # its random stream when sampling
+    constraint: Constraint | None = None  # the grammar its answer must follow
 
     def emit(self, item: str | Finished | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -122,6 +126,7 @@ class Engine:
         self._closing = False  # close(): no more requests; the running ones finish
         self.metrics = metrics or ModelMetrics()
         self.metrics.watch_queue(self._queue)
+        self.grammars = Grammars(tok, int(getattr(model.config, "vocab_size", len(tok))), self.eos)
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -177,14 +182,26 @@ class Engine:
             )
         return BASE if model == self.base_name else model
 
+    def constraint(self, grammar: str) -> Constraint:
+        """A constraint for one request from `grammar` (Lark text; serving/grammar.py); a GrammarError says what is
+        wrong with it."""
+        return self.grammars.constraint(grammar)
+
     async def stream(
-        self, model: str, ids: list[int], max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
+        self,
+        model: str,
+        ids: list[int],
+        max_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str] = (),
+        constraint: Constraint | None = None,
     ) -> AsyncIterator[str | Finished]:
-        """Text deltas as they are generated, then one `Finished`."""
+        """Text deltas as they are generated (within `constraint`'s grammar when given), then one `Finished`."""
         adapter = self.check(model, ids, max_tokens)
         out: asyncio.Queue[str | Finished | BaseException] = asyncio.Queue()
         stops = tuple(s for s in stop if s)
-        req = _Request(ids, model, adapter, max_tokens, sampling, stops, asyncio.get_running_loop(), out)
+        req = _Request(ids, model, adapter, max_tokens, sampling, stops, asyncio.get_running_loop(), out,
+                       constraint=constraint)  # fmt: skip
         self._queue.put(req)
         try:
             while True:
@@ -199,10 +216,16 @@ class Engine:
                 req.cancelled = True
 
     async def complete(
-        self, model: str, ids: list[int], max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
+        self,
+        model: str,
+        ids: list[int],
+        max_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str] = (),
+        constraint: Constraint | None = None,
     ) -> tuple[str, Finished]:
         parts: list[str] = []
-        async for item in self.stream(model, ids, max_tokens, sampling, stop):
+        async for item in self.stream(model, ids, max_tokens, sampling, stop, constraint):
             if isinstance(item, Finished):
                 return "".join(parts), item
             parts.append(item)
@@ -313,7 +336,7 @@ class _Batch:
         logits, cache = self._forward(new, ids, mask, positions, DynamicCache())
         for req, row in zip(new, logits, strict=True):
             req.pos = len(req.ids)
-            self._emit(req, _pick(row, req.sampling, req.generator))
+            self._next(req, row)
         self._merge(new, cache, mask)
 
     def _decode(self) -> None:
@@ -328,7 +351,7 @@ class _Batch:
         rows = list(self.rows)
         for req, row in zip(rows, logits, strict=True):
             req.pos += 1
-            self._emit(req, _pick(row, req.sampling, req.generator))
+            self._next(req, row)
 
     def _merge(self, new: list[_Request], cache: Any, mask: Any) -> None:
         """Join the new rows' cache to the running one: both left-padded to the longer length, stacked by row."""
@@ -350,6 +373,22 @@ class _Batch:
         self.cache = DynamicCache(layers)
         self.mask = torch.cat([left(self.mask, 1), left(mask, 1)])
         self.rows += new
+
+    def _next(self, req: _Request, logits: Any) -> None:
+        """The row's next token (among those its grammar allows, if it has one) to its client. A grammar that fails
+        ends its own row with the error; the other rows go on."""
+        if req.constraint is None:
+            self._emit(req, _pick(logits, req.sampling, req.generator))
+            return
+        try:
+            token = _pick(req.constraint.mask(logits), req.sampling, req.generator)
+            req.constraint.accept(token)
+        except GrammarError as exc:
+            req.done = True
+            req.emit(EngineError(f"constrained generation failed: {exc}"))
+            _ended(self.e.metrics, req, "error")
+            return
+        self._emit(req, token)
 
     def _emit(self, req: _Request, token: int) -> None:
         e = self.e

@@ -10,7 +10,9 @@ per batch, time to first token and per output token, tokens generated. With an e
 Like vLLM with `--api-key`, every /v1 route needs the shared upstream token (`Authorization: Bearer ...`) when one
 is set; adapters are loaded at run time only from the project's artifact store (`var/models/artifacts`, where
 registered versions are downloaded), never from any folder a caller names. A client that goes away stops its
-generation; input that cannot be served gets a 400 naming the field, never a 500.
+generation; input that cannot be served gets a 400 naming the field, never a 500. A forced tool call (`tool_choice`
+"required" or named) and a JSON `response_format` are kept by constrained decoding (serving/grammar.py), as vLLM
+keeps them: the answer parses as promised, with arguments valid against the tool's parameters.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from fibreflow.core.chat import CALL_START, held_back, parse_tool_calls
+from fibreflow.core.chat import held_back, parse_tool_calls
 from fibreflow.serving.config import MERGED_DIR, ServingConfig, served_name
 from fibreflow.serving.embeddings import EmbeddingsRequest, check_request, embeddings_response
 from fibreflow.serving.engine import Engine, EngineError, Finished, Sampling, TooLong, UnknownModel
+from fibreflow.serving.grammar import GrammarError, json_grammar, tool_calls_grammar
 from fibreflow.serving.metrics import ModelMetrics
 from fibreflow.serving.protocol import (
     SSE_DONE,
@@ -74,8 +77,6 @@ def _refuse_unsupported(req: ChatRequest | CompletionRequest) -> None:
     for key in UNSUPPORTED:
         if fields.get(key) not in (None, False, [], {}):
             raise ApiError(400, f"{key} is not supported by the local model server (vLLM supports it)", param=key)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise ApiError(400, "response_format other than text needs vLLM", param="response_format")
     for i, m in enumerate(getattr(req, "messages", [])):
         if isinstance(m.content, list) and any(p.type != "text" for p in m.content):
             raise ApiError(400, "only text content parts: this is a text model", param=f"messages.{i}.content")
@@ -199,6 +200,7 @@ def create_model_app(
         obj: str,
         chunk: Callable[[str, str | None, bool], dict[str, Any] | None],
         whole: Callable[..., dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
     ) -> Any:
         _refuse_unsupported(req)
         max_tokens = budget(req, ids)
@@ -209,8 +211,14 @@ def create_model_app(
             raise ApiError(404, str(exc), param="model", code="model_not_found") from None
         except TooLong as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        constraint = None
+        if (grammar := grammar_for(req, tools or [])) is not None:
+            try:
+                constraint = await asyncio.to_thread(engine.constraint, grammar[0])
+            except GrammarError as exc:
+                raise ApiError(400, f"cannot constrain the answer to it: {exc}", param=grammar[1]) from None
         if not req.stream:
-            generation = engine.complete(req.model, ids, max_tokens, sampling(req), req.stops)
+            generation = engine.complete(req.model, ids, max_tokens, sampling(req), req.stops, constraint)
             try:
                 text, fin = await unless_client_goes(request.receive, generation)
             except ClientGone:
@@ -219,7 +227,7 @@ def create_model_app(
 
         async def events() -> AsyncIterator[bytes]:
             yield sse(chunk("", None, True) or {})
-            async for item in engine.stream(req.model, ids, max_tokens, sampling(req), req.stops):
+            async for item in engine.stream(req.model, ids, max_tokens, sampling(req), req.stops, constraint):
                 if isinstance(item, Finished):
                     yield sse(chunk("", item.reason, False) or {})
                     if req.include_usage:
@@ -237,10 +245,8 @@ def create_model_app(
             ids = eng.chat_ids([m.chat() for m in req.messages], tools)
         except EngineError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        start = forced_start(req.tool_choice)
-        ids += eng.text_ids(start) if start else []
         rid = new_id("chatcmpl")
-        calls = ToolCallStream(start) if tools else None
+        calls = ToolCallStream() if tools else None
 
         def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any] | None:
             if first:
@@ -250,14 +256,14 @@ def create_model_app(
 
         def whole(rid: str, model: str, text: str, finish: str, prompt: int, completion: int) -> dict[str, Any]:
             body = chat_response(rid, model, text, finish, prompt, completion)
-            content, found = parse_tool_calls(start + text) if tools else (text, [])
+            content, found = parse_tool_calls(text) if tools else (text, [])
             if found:
                 body["choices"][0]["message"] = {"role": "assistant", "content": content,
                                                  "tool_calls": [c.openai() for c in found]}  # fmt: skip
                 body["choices"][0]["finish_reason"] = "tool_calls"
             return body
 
-        return await serve(req, request, ids, rid, "chat.completion.chunk", chunk, whole)
+        return await serve(req, request, ids, rid, "chat.completion.chunk", chunk, whole, tools)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
@@ -276,21 +282,30 @@ def create_model_app(
     return app
 
 
-def forced_start(choice: Any) -> str:
-    """The start of an answer that `tool_choice` forces: a call ("required"), a call of one tool (named)."""
-    if choice == "required":
-        return CALL_START + '{"name": "'
-    if isinstance(choice, NamedToolChoice):
-        return CALL_START + f'{{"name": "{choice.function.name}", "arguments":'  # the space is the next token's
-    return ""
+def grammar_for(req: ChatRequest | CompletionRequest, tools: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(the grammar the answer must follow, the field that asks for it): calls of the offered `tools` for
+    tool_choice "required" or a named tool, JSON for a JSON response_format; None when the answer is free."""
+    choice, fmt = req.tool_choice, req.response_format
+    if tools and choice == "required":
+        return tool_calls_grammar(tools), "tools"
+    if tools and isinstance(choice, NamedToolChoice):
+        return tool_calls_grammar(tools, choice.function.name), "tools"
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_grammar(), "response_format"
+    schema = (fmt.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise ApiError(400, "json_schema needs its schema: {name, schema: {...}}", param="response_format.json_schema")
+    return json_grammar(schema), "response_format.json_schema"
 
 
 class ToolCallStream:
     """A streamed answer with tools offered: text streams as content until a `<tool_call>` tag may begin; the
     calls leave whole in the last chunk (finish_reason "tool_calls"), or, when they do not parse, as content."""
 
-    def __init__(self, start: str) -> None:
-        self.text, self.sent = start, 0
+    def __init__(self) -> None:
+        self.text, self.sent = "", 0
 
     def step(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
         self.text += text

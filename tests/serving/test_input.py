@@ -85,7 +85,10 @@ def test_input_the_model_server_cannot_serve_is_refused_by_it_not_retried(
     image = [{"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]
     for change, param in (
         ({"messages": [{"role": "user", "content": image}]}, "messages.0.content"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
+            "response_format.json_schema",
+        ),
         ({"prompt": []}, "prompt"),
     ):
         path = "completions" if "prompt" in change else "chat/completions"

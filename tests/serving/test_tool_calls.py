@@ -107,7 +107,7 @@ def test_without_tools_a_plain_question_gets_a_plain_answer(tool_server: str) ->
 
 
 def test_the_stream_splitter_on_text_that_only_looks_like_a_call() -> None:
-    s = ToolCallStream("")
+    s = ToolCallStream()
     pieces = [s.step(t, None)[0].get("content", "") for t in ("a <", "tool", " b", "<tool_call>{oops")]
     assert "".join(pieces) == "a <tool b"
     delta, finish = s.step("", "stop")
