@@ -1,10 +1,13 @@
 """Chats as token ids, with tools: one rendering for training, evaluation, the model server and vLLM.
 
-A tokenizer whose own chat template knows tools renders them itself. A ChatML one without (the bundled SmolLM2)
-renders through `chatml_tools.jinja`: identical to its own template for plain chats, plus a Hermes-style tool
-format (compact tool signatures in the system turn, calls as `<tool_call>{"name", "arguments"}</tool_call>`, results
-in `tool` turns) that vLLM's `hermes` tool-call parser reads too. `tool_calls` parses a model's answer back into
-OpenAI tool calls.
+Every model writes its calls in one format, Hermes-style `<tool_call>{"name", "arguments"}</tool_call>`, which
+`parse_tool_calls` and vLLM's `hermes` tool-call parser read. A tokenizer whose own chat template writes calls so
+(Qwen2.5, Hermes) renders them itself. A ChatML one without a tool format (the bundled SmolLM2) renders through
+`chatml_tools.jinja`: identical to its own template for plain chats, plus the tools as compact signatures in the
+system turn and results in `tool` turns. Any other (no tool format: Llama 3.0; calls in another format: Llama 3.1,
+Mistral) renders through `hermes_tools.jinja` put in front of its own template: the conversation rewritten into
+plain turns, tools in the system turn, calls in the assistant's text, results in a user turn of `<tool_response>`
+blocks, so plain chats render exactly as before.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from typing import Any
 from fibreflow.core.errors import FibreFlowError
 
 TOOLS_TEMPLATE = Path(__file__).with_name("chatml_tools.jinja")
+HERMES_PRELUDE = Path(__file__).with_name("hermes_tools.jinja")
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
 _CALLS = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
 
 class ChatFormatError(FibreFlowError):
-    """A conversation the model's chat template cannot render (roles, order, tools it has no format for)."""
+    """A conversation the model's chat template cannot render (roles, order)."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +48,14 @@ class ToolCall:
 
 
 def template_for(tok: Any) -> str | None:
-    """The template to render with: None for the tokenizer's own (it knows tools, or is not ChatML), ours for a
-    ChatML template without a tool format."""
-    own = tok.chat_template or ""
-    if "tools" in own or "<|im_start|>" not in own:
+    """The template to render with: None for the tokenizer's own where it writes Hermes calls already (or is not a
+    single template), ours for a ChatML one without a tool format, else the Hermes prelude before its own."""
+    own = tok.chat_template
+    if not isinstance(own, str) or not own or CALL_START in own:
         return None
-    return TOOLS_TEMPLATE.read_text()
+    if "<|im_start|>" in own and "tools" not in own:
+        return TOOLS_TEMPLATE.read_text()
+    return HERMES_PRELUDE.read_text().rstrip("\n") + own
 
 
 def chat_ids(
@@ -60,16 +66,11 @@ def chat_ids(
     generation_prompt: bool = True,
 ) -> list[int]:
     """Token ids of `messages` (OpenAI shape: tool_calls and tool turns too), with `tools` offered."""
-    template = template_for(tok)
-    own = tok.chat_template or ""
-    needs_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
-    if needs_tools and template is None and "tools" not in own:
-        raise ChatFormatError("this model's chat template has no tool format (tools, tool_calls, tool turns)")
     try:
         enc = tok.apply_chat_template(
             list(messages),
             tools=list(tools) if tools else None,
-            chat_template=template,
+            chat_template=template_for(tok),
             tokenize=True,
             add_generation_prompt=generation_prompt,
             return_dict=True,

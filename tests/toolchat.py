@@ -18,6 +18,14 @@ PLAIN_ANSWER = "A BOQ is the bill of quantities of a project."
 SEARCH_QUESTION = "Which tasks are blocked?"
 SEARCH_ARGS = {"query": "blocked tasks"}
 
+# Meta-Llama-3-8B-Instruct's own template (configs/models.yaml's production default): no tool format
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
 
 def tools() -> list[dict[str, Any]]:
     from fibreflow.datasets.tools import TOOLS
@@ -39,15 +47,23 @@ def answered() -> list[dict[str, Any]]:
     return [*asked(), call_turn(), {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(RESULT)}]
 
 
-def train_tool_llama(tiny: Path, out: Path, steps: int = 60) -> Path:
+def train_tool_llama(tiny: Path, out: Path, steps: int = 60, llama3: bool = False) -> Path:
     """The tiny Llama, all weights trained until it reproduces the conversations greedily: question -> the call
     (tools offered), the call's result -> the answer, a plain question (no tools) -> a plain answer, a question for
-    the record search -> its call."""
+    the record search -> its call. With `llama3`, its tokenizer is made Llama 3's: its chat template (no tool format)
+    and special tokens, `<|eot_id|>` ending each turn and the generation."""
     import torch
     from fibreflow.training.data import IGNORE, tokenize_chat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny)
+    if llama3:  # Llama 3's tokenizer keeps "\n\n" one token before any text, SmolLM2's not before "<" (test_data.py)
+        from tokenizers import AddedToken
+
+        tok.add_special_tokens({"eos_token": "<|eot_id|>"})
+        tok.add_tokens(["<|start_header_id|>", "<|end_header_id|>"], special_tokens=True)
+        tok.add_tokens([AddedToken("\n\n", normalized=False)])
+        tok.chat_template = LLAMA3
     chats = [
         ([*asked(), call_turn()], tools()),
         ([*answered(), {"role": "assistant", "content": ANSWER}], tools()),
@@ -57,6 +73,9 @@ def train_tool_llama(tiny: Path, out: Path, steps: int = 60) -> Path:
     rows = [tokenize_chat(tok, m, 1024, t) for m, t in chats]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny)
+    if llama3:
+        model.resize_token_embeddings(len(tok))
+        model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):

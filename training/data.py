@@ -41,11 +41,17 @@ def tokenize_chat(
     for k, m in enumerate(messages):
         if m["role"] != "assistant" or m.get("weight") == 0:  # weight 0: context to answer after, not to learn
             continue
-        start = len(chat_ids(tok, messages[:k], tools, generation_prompt=True))
+        prompt = chat_ids(tok, messages[:k], tools, generation_prompt=True)
+        start = len(prompt)
         upto = chat_ids(tok, messages[: k + 1], tools, generation_prompt=False)
         end = len(upto)
         if ids[:end] != upto or start > end:
             raise DatasetBuildError("the chat template does not render a conversation as a prefix of its continuation")
+        if ids[:start] != prompt:  # the model would be asked with tokens it never saw before an answer
+            raise DatasetBuildError(
+                "the generation prompt does not tokenize as it does before the answer: with this chat template and "
+                f"tokenizer, {tok.decode(prompt[-3:])!r} at its end merges differently with the answer's first tokens"
+            )
         labels[start:end] = ids[start:end]
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fibreflow.core.chat import ChatFormatError, chat_ids, held_back, parse_tool_calls, template_for
-from toolchat import ARGS, QUESTION, RESULT, answered, asked, call_turn, tools
+from fibreflow.core.chat import CALL_START, ChatFormatError, chat_ids, held_back, parse_tool_calls, template_for
+from toolchat import ARGS, LLAMA3, QUESTION, RESULT, answered, asked, call_turn, tools
 from transformers import AutoTokenizer
 
 PLAIN = [
@@ -51,13 +51,64 @@ def test_tools_calls_and_results_render_in_the_hermes_format(tok: Any) -> None:
     assert whole[: len(chat_ids(tok, asked(), tools()))] == chat_ids(tok, asked(), tools())
 
 
-def test_a_template_without_any_tool_format_refuses_tools(tok: Any) -> None:
-    plain = AutoTokenizer.from_pretrained(tok.name_or_path)
-    plain.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
-    assert template_for(plain) is None
-    assert chat_ids(plain, [{"role": "user", "content": "hi"}], generation_prompt=False)  # plain chats still work
-    with pytest.raises(ChatFormatError, match="no tool format"):
-        chat_ids(plain, asked(), tools())
+# Mistral-7B-Instruct-v0.2's: user and assistant turns only, strictly alternating
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+def with_template(tok: Any, template: str) -> Any:
+    other = AutoTokenizer.from_pretrained(tok.name_or_path)
+    other.chat_template = template
+    return other
+
+
+@pytest.mark.parametrize("messages", PLAIN)
+def test_a_template_without_hermes_calls_renders_plain_chats_as_before(
+    tok: Any, messages: list[dict[str, Any]]
+) -> None:
+    llama = with_template(tok, LLAMA3)
+    assert template_for(llama) is not None
+    for gen in (True, False):
+        own = llama.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=True)
+        assert chat_ids(llama, messages, generation_prompt=gen) == list(own["input_ids"])
+
+
+def test_llama3_renders_tools_calls_and_results_in_the_hermes_format_in_its_own_turns(tok: Any) -> None:
+    llama = with_template(tok, LLAMA3)
+    second = {"role": "tool", "tool_call_id": "call_2", "content": '{"total": 3}'}
+    text = llama.decode(chat_ids(llama, [*answered(), second], tools()))
+    head = "<|start_header_id|>system<|end_header_id|>\n\n"
+    system = text[text.index(head) + len(head) : text.index("<|eot_id|>")]
+    assert system.startswith(asked()[0]["content"] + "\n\nTools (? = optional; call as <tool_call>{json}</tool_call>):")
+    assert "\n- pole_counts(project_id, status?)\n" in system and system.endswith("k?)")
+    call = '<tool_call>{"name": "pole_counts", "arguments": ' + json.dumps(ARGS) + "}</tool_call>"
+    assert f"<|start_header_id|>assistant<|end_header_id|>\n\n{call}<|eot_id|>" in text
+    results = f"<tool_response>\n{json.dumps(RESULT)}\n</tool_response>\n<tool_response>\n" + '{"total": 3}'
+    assert f"<|start_header_id|>user<|end_header_id|>\n\n{results}\n</tool_response><|eot_id|>" in text
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert "tool<|end_header_id|>" not in text  # no turn in a role the template does not know
+    # no system turn of the user's: the tool lines get one of their own
+    alone = llama.decode(chat_ids(llama, asked()[1:], tools()))
+    assert alone.count("<|start_header_id|>system") == 1 and f"{head}Tools (" in alone
+    # the generated call parses back
+    assert parse_tool_calls(call)[1][0].name == "pole_counts"
+
+
+def test_a_template_writing_hermes_calls_itself_is_used_as_it_is(tok: Any) -> None:
+    hermes = with_template(tok, "{% for m in messages %}{{ m.content }}{% endfor %}{# calls: " + CALL_START + " #}")
+    assert template_for(hermes) is None
+
+
+def test_a_template_that_refuses_the_rewritten_turns_says_so(tok: Any) -> None:
+    mistral = with_template(tok, MISTRAL)
+    assert chat_ids(mistral, asked()[1:], generation_prompt=False)  # a plain user turn renders
+    with pytest.raises(ChatFormatError, match="roles must alternate"):  # its template has no system turn
+        chat_ids(mistral, asked()[1:], tools())
 
 
 def test_parsing_answers_into_tool_calls() -> None:

@@ -135,3 +135,36 @@ def test_langchain_binds_the_tools_and_calls_them_through_the_router(
     for chunk in agent.stream([SystemMessage(SYSTEM), HumanMessage(QUESTION)]):
         streamed = chunk if streamed is None else streamed + chunk
     assert streamed is not None and streamed.tool_calls[0]["args"] == ARGS
+
+
+@pytest.mark.integration
+def test_a_llama3_model_calls_the_tools_in_the_hermes_format(llama3_tool_llama: Path, run_app: Any) -> None:
+    """A model whose chat template has no tool format (Meta-Llama-3-Instruct's), trained on chats rendered through
+    the Hermes prelude: its calls come back as OpenAI tool_calls (streamed and not), a forced call follows the
+    named tool's schema, and the tool's result gets the answer."""
+    from fibreflow.datasets.tools import TOOLS
+    from fibreflow.serving.engine import Engine
+    from fibreflow.serving.model_server import create_model_app
+    from fibreflow.training.models import load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama3_tool_llama).eval()
+    engine = Engine(model, load_tokenizer(str(llama3_tool_llama)), base_name="tiny", max_context=1024)
+    try:
+        url = run_app(create_model_app(engine, default_max_tokens=64))
+        out = client(url).chat.completions.create(model="tiny", messages=asked(), tools=tools(), temperature=0)
+        (call,) = out.choices[0].message.tool_calls
+        assert out.choices[0].finish_reason == "tool_calls" and call.function.name == "pole_counts"
+        assert json.loads(call.function.arguments) == ARGS
+        content, calls, finish = streamed(url, messages=asked(), tools=tools())
+        assert finish == "tool_calls" and content == "" and json.loads(calls[0]["arguments"]) == ARGS
+        named = {"type": "function", "function": {"name": "search_records"}}
+        forced = client(url).chat.completions.create(
+            model="tiny", messages=asked(), tools=tools(), tool_choice=named, temperature=0, max_tokens=120
+        )
+        (call,) = forced.choices[0].message.tool_calls
+        TOOLS["search_records"].args.model_validate(json.loads(call.function.arguments))
+        answer = client(url).chat.completions.create(model="tiny", messages=answered(), tools=tools(), temperature=0)
+        assert answer.choices[0].message.content == ANSWER and answer.choices[0].finish_reason == "stop"
+    finally:
+        engine.close()

@@ -69,6 +69,32 @@ def test_the_command_serves_every_alias_as_a_lora_module(
     assert bad.exit_code == 2 and "--backend must be local, vllm or none" in bad.output
 
 
+def test_a_model_without_hermes_calls_gets_its_own_template_behind_the_prelude(
+    tiny_home: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """vLLM renders a Llama 3 chat as training and the model server do: its own template behind the Hermes
+    prelude, written once under var/serving/templates and passed with --chat-template."""
+    import shutil
+
+    from fibreflow.core.chat import HERMES_PRELUDE
+    from toolchat import LLAMA3
+    from transformers import AutoTokenizer
+
+    cfg = load_serving_config()
+    llama = shutil.copytree(tiny_llama, tmp_path / "llama3")
+    tok = AutoTokenizer.from_pretrained(llama)
+    tok.chat_template = LLAMA3
+    tok.save_pretrained(llama)
+    cmd = vllm_command(cfg, {}, str(llama), 8002)
+    template = Path(cmd[cmd.index("--chat-template") + 1])
+    assert template.is_relative_to(tiny_home / "var/serving/templates")
+    assert template.read_text() == HERMES_PRELUDE.read_text().rstrip("\n") + LLAMA3
+    assert vllm_command(cfg, {}, str(llama), 8002) == cmd  # the same file the next time
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}{# <tool_call> #}"  # writes Hermes itself
+    tok.save_pretrained(llama)
+    assert "--chat-template" not in vllm_command(cfg, {}, str(llama), 8002)
+
+
 VLLM_PY = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
 
 

@@ -121,6 +121,19 @@ def test_tool_conversations_learn_the_call_and_the_answer_not_the_result(tok) ->
     check_examples([{"messages": messages[:3]}], "train")  # a call alone is something to learn
 
 
+def test_a_generation_prompt_that_tokenizes_otherwise_before_the_answer_is_refused(tok) -> None:
+    """Llama 3's template on SmolLM2's tokenizer: the prompt ends in "\\n\\n", one token, but before an answer that
+    starts with "<" the same characters are two; a model trained so would be asked with a token it never saw there
+    (it answered with noise). The dataset stage says so instead."""
+    from toolchat import LLAMA3
+    from transformers import AutoTokenizer
+
+    llama = AutoTokenizer.from_pretrained(tok.name_or_path)
+    llama.chat_template = LLAMA3
+    with pytest.raises(DatasetBuildError, match="generation prompt does not tokenize"):
+        tokenize_chat(llama, [*CHAT[:2], {"role": "assistant", "content": "<tool_call>{}</tool_call>"}], 512)
+
+
 def shifted_back(shift_labels: list[int]) -> list[int]:
     return [IGNORE, *shift_labels[:-1]]
 
