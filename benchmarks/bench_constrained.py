@@ -1,12 +1,13 @@
 """The cost of constrained decoding on the local model server's engine: forced tool calls against free answers.
 
-    python benchmarks/bench_constrained.py [--users 1 8] [--max-tokens 160]    # ~4 min on 2 cores
+    python benchmarks/bench_constrained.py [--users 1 8] [--max-tokens 160] [--champion]    # ~4 min on 2 cores
 
-The bundled SmolLM2-135M-Instruct (bf16, no adapter) on the model server's engine, FibreFlow's six tools offered,
-16 questions about the records, greedy. Each question is asked free (tool_choice "auto": whatever the model writes)
-and forced (tool_choice "required": the tool-call grammar masks every step, serving/grammar.py). At 1 and 8
-concurrent requests: ms per generated token, the grammar's share of it, and how many answers are valid calls
-(an offered tool, arguments that pass its validation).
+The bundled SmolLM2-135M-Instruct (bf16, no adapter) on the model server's engine, or with --champion the
+registry's @champion as `fibreflow serve-model` serves it (merged); FibreFlow's six tools offered, the assistant's
+system prompt, 16 questions about the records, greedy. Each question is asked free (tool_choice "auto": whatever
+the model writes) and forced (tool_choice "required": the tool-call grammar masks every step, serving/grammar.py).
+At 1 and 8 concurrent requests: ms per generated token, the grammar's share of it, and how many answers are valid
+calls (an offered tool, arguments that pass its validation).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ async def run(engine: Any, prompts: list[list[int]], grammar: str | None, users:
                     mask_s += time.perf_counter() - t
 
                 constraint.mask, constraint.accept = timed_mask, timed_accept  # type: ignore[method-assign]
-            text, _ = await engine.complete("base", ids, max_tokens, Sampling(), (), constraint)
+            text, _ = await engine.complete(engine.base_name, ids, max_tokens, Sampling(), (), constraint)
             texts.append(text)
 
     tokens0, t0 = engine.tokens, time.perf_counter()
@@ -91,17 +92,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--users", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--champion", action="store_true", help="the registry's @champion, merged, as served")
     args = ap.parse_args()
 
+    from fibreflow.datasets.config import load_data_config
     from fibreflow.datasets.tools import TOOLS
     from fibreflow.serving.engine import Engine
     from fibreflow.serving.grammar import tool_calls_grammar
-    from fibreflow.training.weights import load_local, weights
 
-    net, tok = load_local(weights("smollm2-135m-instruct"), "bfloat16")
-    engine = Engine(net, tok, base_name="base", max_context=2048, max_batch=16)
+    if args.champion:
+        from fibreflow.serving.config import load_serving_config
+        from fibreflow.serving.model_server import build_engine
+
+        base_engine, merged = build_engine(load_serving_config())
+        if not merged:
+            raise SystemExit("no @champion in the registry: run the main job first")
+        base_engine.close()
+        engine = next(iter(merged.values()))  # model_server.merged_aliases: [champion]
+    else:
+        from fibreflow.training.weights import load_local, weights
+
+        net, tok = load_local(weights("smollm2-135m-instruct"), "bfloat16")
+        engine = Engine(net, tok, base_name="base", max_context=2048, max_batch=16)
+    print(f"model: {engine.base_name}", flush=True)
     tools = [t.schema() for t in TOOLS.values()]
-    system = "You are FibreFlow's fibre-construction assistant."
+    system = load_data_config().system_prompt
     prompts = [engine.chat_ids([{"role": "system", "content": system}, {"role": "user", "content": q}], tools)
                for q in QUESTIONS]  # fmt: skip
     asyncio.run(run(engine, prompts[:2], None, 2, 8))  # warm-up
