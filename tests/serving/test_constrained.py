@@ -82,10 +82,10 @@ def test_json_response_formats(tool_upstream: str) -> None:
     assert isinstance(reply["answer"], str) and len(reply["answer"]) <= 30
     any_object = client(tool_upstream).chat.completions.create(
         model="tiny", messages=asked(PLAIN_QUESTION), response_format={"type": "json_object"}, max_tokens=60,
-        temperature=0.9, seed=3,
+        temperature=0,
     )  # fmt: skip
-    if any_object.choices[0].finish_reason == "stop":  # a sampled object may run past its budget
-        assert isinstance(json.loads(any_object.choices[0].message.content or ""), dict)
+    assert any_object.choices[0].finish_reason == "stop"  # left free, this model answers in words
+    assert isinstance(json.loads(any_object.choices[0].message.content or ""), dict)
 
 
 @pytest.mark.integration
